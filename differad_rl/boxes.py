@@ -1,0 +1,150 @@
+"""Vectorised box geometry and the dual-consistency localization reward (DCLR) formula.
+
+Boxes are ``(x1, y1, x2, y2)`` in the last dimension, continuous geometry (area ``(x2-x1)(y2-y1)``,
+no "+1 pixel" convention). Functions are elementwise over broadcastable batch shapes unless named
+``pairwise_*``. Tensors keep their floating dtype and device; integer tensors, numpy arrays and
+lists are upcast to float64 tensors. These are the raw formulas for *valid* boxes; the zero-box and
+degenerate-prediction rules of the method live in :mod:`differad_rl.rewards`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+CENTER_NORMS: tuple[str, ...] = ("paper", "enclosing")
+
+
+def as_boxes(boxes: Any, *, name: str = "boxes") -> Tensor:
+    """``boxes`` as a floating tensor shaped ``(..., 4)`` (integers and non-tensors → float64)."""
+    if isinstance(boxes, Tensor):
+        t = boxes if boxes.is_floating_point() else boxes.to(torch.float64)
+    else:
+        t = torch.as_tensor(boxes, dtype=torch.float64)
+    if t.shape[-1:] != (4,):
+        raise ValueError(f"{name} must have shape (..., 4), got shape {tuple(t.shape)}")
+    return t
+
+
+def box_area(boxes: Any) -> Tensor:
+    """Area ``max(x2 - x1, 0) · max(y2 - y1, 0)``, shape ``boxes.shape[:-1]``."""
+    b = as_boxes(boxes)
+    return (b[..., 2] - b[..., 0]).clamp(min=0) * (b[..., 3] - b[..., 1]).clamp(min=0)
+
+
+def _pair(p: Any, g: Any) -> tuple[Tensor, Tensor]:
+    pt, gt = as_boxes(p, name="pred"), as_boxes(g, name="gt")
+    dtype = torch.promote_types(pt.dtype, gt.dtype)
+    return pt.to(dtype), gt.to(dtype)
+
+
+def box_iou(p: Any, g: Any) -> Tensor:
+    """Elementwise intersection over union; 0 where the union is empty.
+
+    ``IoU = |p ∩ g| / (|p| + |g| − |p ∩ g|)``. Shapes broadcast: ``(..., 4), (..., 4) -> (...)``.
+    """
+    p, g = _pair(p, g)
+    iw = (torch.minimum(p[..., 2], g[..., 2]) - torch.maximum(p[..., 0], g[..., 0])).clamp(min=0)
+    ih = (torch.minimum(p[..., 3], g[..., 3]) - torch.maximum(p[..., 1], g[..., 1])).clamp(min=0)
+    inter = iw * ih
+    union = box_area(p) + box_area(g) - inter
+    return torch.where(union > 0, inter / torch.where(union > 0, union, 1), torch.zeros_like(union))
+
+
+def _check_center_norm(center_norm: str) -> None:
+    if center_norm not in CENTER_NORMS:
+        raise ValueError(f"center_norm={center_norm!r} is not known; expected one of {CENTER_NORMS}")
+
+
+def center_consistency(p: Any, g: Any, eps: float = 1e-6, center_norm: str = "paper") -> Tensor:
+    """Centre consistency ``s_c = 1 − min(1, d / (D + ε))`` in ``[0, 1]``.
+
+    ``d`` is the distance between the box centres. ``D`` is ``max(diag_p, diag_g, 1)`` with
+    ``center_norm="paper"`` (DifferAD-R1), or ``max(diag_e, 1)`` with ``"enclosing"``, where ``diag_e``
+    is the diagonal of the smallest box enclosing both (as DIoU). The paper's form saturates at 0
+    once the centres are further apart than the larger box's diagonal; the enclosing form keeps a
+    position signal at every distance (``d ≤ diag_e`` always).
+    """
+    _check_center_norm(center_norm)
+    p, g = _pair(p, g)
+    d = torch.hypot(
+        (p[..., 0] + p[..., 2] - g[..., 0] - g[..., 2]) / 2,
+        (p[..., 1] + p[..., 3] - g[..., 1] - g[..., 3]) / 2,
+    )
+    if center_norm == "paper":
+        diag_p = torch.hypot(p[..., 2] - p[..., 0], p[..., 3] - p[..., 1])
+        diag_g = torch.hypot(g[..., 2] - g[..., 0], g[..., 3] - g[..., 1])
+        norm = torch.maximum(diag_p, diag_g)
+    else:
+        norm = torch.hypot(
+            torch.maximum(p[..., 2], g[..., 2]) - torch.minimum(p[..., 0], g[..., 0]),
+            torch.maximum(p[..., 3], g[..., 3]) - torch.minimum(p[..., 1], g[..., 1]),
+        )
+    norm = norm.clamp(min=1.0) + eps
+    return 1 - (d / norm).clamp(max=1.0)
+
+
+def area_consistency(p: Any, g: Any, eps: float = 1e-6) -> Tensor:
+    """Area consistency ``s_a = 1 − min(1, |A_p − A_g| / (A_g + ε))`` in ``[0, 1]``."""
+    p, g = _pair(p, g)
+    ag = box_area(g)
+    return 1 - ((box_area(p) - ag).abs() / (ag + eps)).clamp(max=1.0)
+
+
+def consistency_score(
+    p: Any,
+    g: Any,
+    w_center: float = 0.6,
+    w_area: float = 0.4,
+    eps: float = 1e-6,
+    center_norm: str = "paper",
+) -> Tensor:
+    """``S = (w_c · s_c + w_a · s_a) / (w_c + w_a)``: the centre/area part of DCLR, in ``[0, 1]``."""
+    total = w_center + w_area
+    return (
+        w_center * center_consistency(p, g, eps, center_norm) + w_area * area_consistency(p, g, eps)
+    ) / total
+
+
+def dclr(
+    p: Any,
+    g: Any,
+    w_center: float = 0.6,
+    w_area: float = 0.4,
+    eps: float = 1e-6,
+    center_norm: str = "paper",
+) -> Tensor:
+    """Dual-consistency localization reward for valid boxes: ``R = IoU + (1 − IoU) · S``.
+
+    ``S`` is :func:`consistency_score`. ``R ≥ IoU``, ``R ∈ [0, 1]`` and ``R = 1`` when the boxes
+    coincide. Note: ``R = 1`` also when the boxes share centre and area but differ in shape (e.g. a
+    box and its transpose), since then ``S = 1``; the formula is the paper's and is kept as is.
+    """
+    iou = box_iou(p, g)
+    return iou + (1 - iou) * consistency_score(p, g, w_center, w_area, eps, center_norm)
+
+
+def is_zero_box(boxes: Any) -> Tensor:
+    """``True`` where the box is exactly ``(0, 0, 0, 0)`` (the method's "normal target" answer)."""
+    return (as_boxes(boxes) == 0).all(dim=-1)
+
+
+def is_degenerate(boxes: Any) -> Tensor:
+    """``True`` where ``x2 ≤ x1`` or ``y2 ≤ y1`` (or a value is NaN): the box has no area."""
+    b = as_boxes(boxes)
+    return ~((b[..., 2] > b[..., 0]) & (b[..., 3] > b[..., 1]))
+
+
+def pairwise_dclr(
+    p: Any,
+    g: Any,
+    w_center: float = 0.6,
+    w_area: float = 0.4,
+    eps: float = 1e-6,
+    center_norm: str = "paper",
+) -> Tensor:
+    """DCLR of every prediction against every ground-truth box: ``(P, 4), (N, 4) -> (P, N)``."""
+    pt, gt = _pair(p, g)
+    return dclr(pt[:, None, :], gt[None, :, :], w_center, w_area, eps, center_norm)
