@@ -1,0 +1,259 @@
+"""Supported veRL / transformers versions and the one version-checked patch of veRL.
+
+Supported: veRL ``>=0.9.1,<0.10`` (:data:`SUPPORTED_VERL`), with the transformers range veRL 0.9.1
+itself pins (:data:`SUPPORTED_TRANSFORMERS`; 5.6.0 is excluded by veRL). :func:`check_versions`
+raises :class:`UnsupportedVersionError` (an ``ImportError``) naming the package, the installed and
+the supported version.
+
+The localization bridge
+-----------------------
+veRL 0.9's V1 trainer (``verl.trainer.ppo.v1.trainer_base.PPOTrainer._compute_advantage``) fetches
+only ``uid``, ``response_mask`` and ``rm_scores`` from the TransferQueue before it calls the
+advantage estimator, so the per-sample **localization** reward that
+:func:`differad_rl.integrations.verl.reward.compute_score` returns (it lands in each trajectory's
+``extra_fields["reward_extra_info"]``, exactly where veRL's own DAPO ``filter_groups.metric`` reads
+it) never reaches the estimator. :func:`install_localization_bridge` wraps that one method: when
+``algorithm.adv_estimator == "differad"`` it reads the localization of the batch's trajectories
+from the TransferQueue (same keys, same order as the method's own fetch) and provides it to the
+estimator for the duration of the call (:func:`differad_rl.integrations.verl.estimator.provide_localization`).
+For every other estimator the wrapper is a pass-through. veRL's code is not copied or edited.
+
+The wrap is installed lazily: ``trainer_base`` costs ~2 s to import and is only needed in the
+trainer process, so :func:`install_localization_bridge` patches it now if it is already imported
+and otherwise the moment it is imported (a one-module post-import hook on ``sys.meta_path``).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.abc
+import importlib.machinery
+import importlib.metadata
+import inspect
+import logging
+import sys
+import types
+from typing import Any, Callable
+
+import numpy as np
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
+
+__all__ = [
+    "SUPPORTED_VERL",
+    "SUPPORTED_TRANSFORMERS",
+    "UnsupportedVersionError",
+    "check_versions",
+    "install_localization_bridge",
+    "localization_from_extra_fields",
+    "BRIDGE_TARGET",
+]
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_VERL = SpecifierSet(">=0.9.1,<0.10")
+"""veRL releases this adapter is written and tested against."""
+
+SUPPORTED_TRANSFORMERS = SpecifierSet(">=5.5.3,<5.11,!=5.6.0")
+"""The transformers range veRL 0.9.1 pins (and TRL 1.16 accepts): one environment serves both."""
+
+BRIDGE_TARGET = "verl.trainer.ppo.v1.trainer_base"
+"""Module whose ``PPOTrainer._compute_advantage`` the localization bridge wraps."""
+
+_BRIDGE_MARK = "__differad_localization_bridge__"
+
+
+class UnsupportedVersionError(ImportError):
+    """An installed veRL or transformers outside the supported range."""
+
+
+def _installed(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def check_versions(*, verl_version: str | None = None, transformers_version: str | None = None) -> None:
+    """Raise :class:`UnsupportedVersionError` unless veRL and transformers are in the supported range.
+
+    Args:
+        verl_version: version string to check instead of the installed ``verl`` (for tests).
+        transformers_version: same for ``transformers``.
+
+    Raises:
+        UnsupportedVersionError: a package is missing or outside :data:`SUPPORTED_VERL` /
+            :data:`SUPPORTED_TRANSFORMERS`; the message names the package, the installed version,
+            the supported range and how to fix it.
+    """
+    checks = (
+        ("verl", verl_version or _installed("verl"), SUPPORTED_VERL, 'pip install "differad-rl[verl]"'),
+        (
+            "transformers",
+            transformers_version or _installed("transformers"),
+            SUPPORTED_TRANSFORMERS,
+            'pip install "transformers>=5.5.3,<5.11,!=5.6.0"',
+        ),
+    )
+    for name, version, spec, fix in checks:
+        if version is None:
+            raise UnsupportedVersionError(f"differad_rl.integrations.verl needs {name}{spec}, which is not installed; {fix}")
+        if Version(version) not in spec:
+            raise UnsupportedVersionError(
+                f"differad_rl.integrations.verl supports {name}{spec}, found {name}=={version}; {fix}"
+            )
+
+
+# ----------------------------------------------------------------------------------------------
+# localization bridge
+
+
+def localization_from_extra_fields(extra_fields: Any, key: str = "localization") -> np.ndarray | None:
+    """Per-trajectory ``reward_extra_info[key]`` from TransferQueue ``extra_fields`` values.
+
+    Args:
+        extra_fields: iterable of the ``extra_fields`` values of a batch (dicts, or tensordict
+            ``NonTensorData`` wrappers around dicts), in batch order.
+        key: the reward's extra-info key.
+
+    Returns:
+        ``(N,)`` float64 array, or ``None`` if any trajectory lacks the key (the caller decides).
+    """
+    values = []
+    for item in extra_fields:
+        fields = getattr(item, "data", item)
+        info = fields.get("reward_extra_info", {}) if isinstance(fields, dict) else {}
+        if not isinstance(info, dict) or key not in info:
+            return None
+        values.append(float(info[key]))
+    return np.asarray(values, dtype=np.float64)
+
+
+def _fetch_localization(tq: Any, batch: Any, key: str) -> np.ndarray:
+    """Localization of ``batch.keys`` from the TransferQueue, in ``batch.keys`` order.
+
+    Trajectories scored in the agent loop (the default, rule-based reward) carry it in
+    ``extra_fields.reward_extra_info``; the colocated reward-model path writes each extra key as a
+    top-level field. Raises ``RuntimeError`` naming the key when neither has it.
+    """
+    data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=["extra_fields"])
+    loc = localization_from_extra_fields(list(data["extra_fields"]), key)
+    if loc is not None:
+        return loc
+    try:
+        data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=[key])
+        values = data[key]
+        loc = np.asarray([float(getattr(v, "data", v)) for v in values], dtype=np.float64)
+    except Exception as err:  # noqa: BLE001 - re-raised with the reason below
+        raise RuntimeError(
+            f"algorithm.adv_estimator=differad needs the per-sample reward extra info {key!r}, but the "
+            f"trajectories carry none (neither extra_fields.reward_extra_info[{key!r}] nor a field {key!r}). "
+            "Use reward.custom_reward_function.path=pkg://differad_rl.integrations.verl.reward "
+            "(name=compute_score), or set +algorithm.differad.localization_key to the key your reward "
+            "returns, or +algorithm.differad.weight_source=score."
+        ) from err
+    return loc
+
+
+def _wrap_compute_advantage(original: Callable[..., Any], tq: Any) -> Callable[..., Any]:
+    from differad_rl.integrations.verl.estimator import ESTIMATOR_NAME, DifferadConfig, provide_localization
+
+    @functools.wraps(original)
+    def _compute_advantage(self: Any, batch: Any, metrics: dict) -> Any:
+        algorithm = self.config.algorithm
+        if str(algorithm.adv_estimator) != ESTIMATOR_NAME:
+            return original(self, batch, metrics)
+        cfg = DifferadConfig.from_algorithm_config(algorithm)
+        if cfg.weight_source != "localization":
+            return original(self, batch, metrics)
+        loc = _fetch_localization(tq, batch, cfg.localization_key)
+        with provide_localization(loc):
+            return original(self, batch, metrics)
+
+    setattr(_compute_advantage, _BRIDGE_MARK, True)
+    return _compute_advantage
+
+
+def _patch_trainer_base(module: types.ModuleType) -> None:
+    trainer = getattr(module, "PPOTrainer", None)
+    method = getattr(trainer, "_compute_advantage", None)
+    if method is None:
+        raise UnsupportedVersionError(
+            f"{module.__name__}.PPOTrainer._compute_advantage not found: the localization bridge supports veRL{SUPPORTED_VERL}"
+        )
+    if getattr(method, _BRIDGE_MARK, False):
+        return
+    params = list(inspect.signature(method).parameters)
+    if params != ["self", "batch", "metrics"]:
+        raise UnsupportedVersionError(
+            f"PPOTrainer._compute_advantage{tuple(params)} differs from veRL 0.9's (self, batch, metrics); "
+            f"the localization bridge supports veRL{SUPPORTED_VERL}"
+        )
+    trainer._compute_advantage = _wrap_compute_advantage(method, module.tq)
+
+
+class _PostImportPatch(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Runs ``patch(module)`` right after the module ``fullname`` has executed (once)."""
+
+    def __init__(self, fullname: str, patch: Callable[[types.ModuleType], None]) -> None:
+        self.fullname = fullname
+        self.patch = patch
+        self._loader: importlib.abc.Loader | None = None
+
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> importlib.machinery.ModuleSpec | None:
+        if fullname != self.fullname:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        if spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        self._loader = spec.loader
+        spec.loader = self
+        return spec
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType | None:
+        assert self._loader is not None
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        assert self._loader is not None
+        self._loader.exec_module(module)
+        module.__spec__.loader = self._loader
+        if self in sys.meta_path:
+            sys.meta_path.remove(self)
+        self.patch(module)
+
+
+def install_localization_bridge() -> bool:
+    """Make ``differad``'s localization reward reach the estimator in veRL's V1 trainer.
+
+    Idempotent. Patches ``PPOTrainer._compute_advantage`` now if :data:`BRIDGE_TARGET` is
+    imported, else registers a post-import hook that patches it when it is.
+
+    Returns:
+        ``True`` if the method is patched now, ``False`` if the patch is pending (hook installed).
+
+    Raises:
+        UnsupportedVersionError: veRL outside :data:`SUPPORTED_VERL`, or the method's signature is
+            not the one this bridge wraps.
+    """
+    check_versions()
+    module = sys.modules.get(BRIDGE_TARGET)
+    if module is not None and getattr(module, "PPOTrainer", None) is not None:
+        _patch_trainer_base(module)
+        return True
+    if not any(isinstance(f, _PostImportPatch) and f.fullname == BRIDGE_TARGET for f in sys.meta_path):
+        sys.meta_path.insert(0, _PostImportPatch(BRIDGE_TARGET, _patch_trainer_base))
+    return False
+
+
+def bridge_installed() -> bool:
+    """Whether ``PPOTrainer._compute_advantage`` is currently wrapped (imports trainer_base)."""
+    module = importlib.import_module(BRIDGE_TARGET)
+    return bool(getattr(module.PPOTrainer._compute_advantage, _BRIDGE_MARK, False))

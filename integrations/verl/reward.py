@@ -1,0 +1,291 @@
+"""DifferAD-R1 reward for veRL 0.9's reward loop: ``compute_score`` → ``{score, localization, format, iou}``.
+
+Configure (0.9 ``reward.*`` keys; veRL silently ignores the legacy top-level
+``custom_reward_function.*``)::
+
+    reward.custom_reward_function.path=pkg://differad_rl.integrations.verl.reward
+    reward.custom_reward_function.name=compute_score
+    +reward.custom_reward_function.reward_kwargs.center_norm=enclosing   # options, see RewardOptions
+
+Per sample (DESIGN §3), with ``p`` the first box of the first ``<answer>`` and ``g`` the ground truth
+in the model's coordinate space::
+
+    localization = DCLR(p, g)      (zero-box and degenerate-box rules; multi_box=True: Hungarian)
+    iou          = IoU(p, g)       (same rules)
+    format       = 1 if <think>…</think><answer>one box</answer> else 0
+    score        = localization_weight · localization + format_weight · format
+
+Every sample returns the same four keys (veRL requires it); a model's output never raises (bad
+output scores 0). The values come from the core (:func:`differad_rl.rewards.localization_scores`,
+:func:`differad_rl.rewards.multi_box_score`, :func:`differad_rl.parsing.is_well_formatted`).
+
+Ground truth and coordinate spaces (veRL passes no images): ``ground_truth`` holds the box(es) —
+a box ``[x1, y1, x2, y2]``, a list of boxes, ``[]`` or the zero box for a normal target, a JSON
+string of those, a box string such as ``"(x1,y1),(x2,y2)"``, or a dict ``{"boxes": ..., <metadata>}``.
+The metadata is looked up in the ``ground_truth`` dict, then ``extra_info``, then the reward kwargs:
+
+- ``space``: the model's coordinate space (``differad_rl.coords.SPACES``, e.g. ``"qwen2_5_vl"``);
+- ``width``, ``height``: size of the ORIGINAL target image (pixels);
+- ``gt_space``: ``"pixel"`` (ground truth in original target pixels) or ``"model"`` (already in
+  the model's space). Unset: ``"pixel"`` when ``space`` or an image size is given, else ``"model"``
+  — with neither given the ground truth is taken as already in the model's space;
+- ``min_pixels``, ``max_pixels``: the processor's pixel budget (Qwen2.5-VL's resize).
+
+A ground truth in pixels without ``space``, or without an image size where the space needs one,
+raises ``ValueError`` naming the field (a data/config mistake, not a model output).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from differad_rl.coords import DEFAULT_FACTOR, DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, SPACES, to_model_space
+from differad_rl.parsing import answer_span, is_well_formatted, parse_box, parse_boxes
+from differad_rl.rewards import DCLRConfig, localization_scores, multi_box_score
+
+__all__ = ["RewardOptions", "REWARD_KEYS", "compute_score", "ground_truth_boxes"]
+
+REWARD_KEYS = ("score", "localization", "format", "iou")
+"""Keys of every :func:`compute_score` result, in this order."""
+
+# Passed by veRL's naive reward manager when a reward-model router is configured; not ours.
+_VERL_PASSTHROUGH = frozenset({"reward_router_address", "reward_model_tokenizer"})
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardOptions:
+    """Options of :func:`compute_score` (``reward.custom_reward_function.reward_kwargs``).
+
+    Attributes:
+        localization_weight: weight of the localization reward in ``score`` (default 1).
+        format_weight: weight of the format reward in ``score`` (default 1; TRL sums reward
+            functions with weight 1 each).
+        w_center, w_area, eps, center_norm: DCLR parameters (:class:`differad_rl.rewards.DCLRConfig`).
+        multi_box: ``True`` scores all predicted vs all ground-truth boxes (Hungarian, DESIGN §3);
+            ``False`` (paper) the first predicted box vs the first (largest) ground-truth box.
+        require_answer: boxes only count inside ``<answer>…</answer>`` (default ``True``).
+        space, gt_space, min_pixels, max_pixels: defaults for the per-sample metadata (module
+            docstring); the ground truth / extra_info override them.
+        factor: the processor's resize factor (patch size × merge size; 28 for Qwen2/2.5-VL).
+    """
+
+    localization_weight: float = 1.0
+    format_weight: float = 1.0
+    w_center: float = 0.6
+    w_area: float = 0.4
+    eps: float = 1e-6
+    center_norm: Literal["paper", "enclosing"] = "paper"
+    multi_box: bool = False
+    require_answer: bool = True
+    space: str | None = None
+    gt_space: Literal["pixel", "model"] | None = None
+    min_pixels: int = DEFAULT_MIN_PIXELS
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    factor: int = DEFAULT_FACTOR
+
+    def __post_init__(self) -> None:
+        for name in ("localization_weight", "format_weight"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"reward_kwargs.{name} must be a finite number >= 0, got {value!r}")
+        for name in ("multi_box", "require_answer"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"reward_kwargs.{name} must be true or false, got {getattr(self, name)!r}")
+        _check_space(self.space, "reward_kwargs.space")
+        _check_gt_space(self.gt_space, "reward_kwargs.gt_space")
+        self.dclr  # validates w_center / w_area / eps / center_norm (raises ValueError)
+
+    @functools.cached_property
+    def dclr(self) -> DCLRConfig:
+        return DCLRConfig(w_center=self.w_center, w_area=self.w_area, eps=self.eps, center_norm=self.center_norm)
+
+    @classmethod
+    def known_options(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+
+def _check_space(space: Any, field: str) -> None:
+    if space is not None and space not in SPACES:
+        raise ValueError(f"{field} must be one of {', '.join(SPACES)}, got {space!r}")
+
+
+def _check_gt_space(gt_space: Any, field: str) -> None:
+    if gt_space not in (None, "pixel", "model"):
+        raise ValueError(f"{field} must be 'pixel' or 'model', got {gt_space!r}")
+
+
+@functools.lru_cache(maxsize=64)
+def _options(items: tuple[tuple[str, Any], ...]) -> RewardOptions:
+    unknown = sorted(k for k, _ in items if k not in RewardOptions.known_options())
+    if unknown:
+        raise ValueError(
+            f"unknown reward_kwargs {', '.join(unknown)}; known: {', '.join(RewardOptions.known_options())}"
+        )
+    return RewardOptions(**dict(items))
+
+
+def _options_from_kwargs(kwargs: Mapping[str, Any]) -> RewardOptions:
+    items = tuple(sorted((k, v) for k, v in kwargs.items() if k not in _VERL_PASSTHROUGH))
+    try:
+        return _options(items)
+    except TypeError:  # an unhashable value (e.g. a list): validate without the cache
+        return _options.__wrapped__(items)
+
+
+def _as_boxes(value: Any, field: str) -> np.ndarray:
+    """Ground-truth boxes → ``(N, 4)`` float64; ``[]`` and the zero box → ``(0, 4)`` (normal)."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith(("[", "{")):
+            try:
+                return _as_boxes(json.loads(text), field)
+            except json.JSONDecodeError:
+                pass
+        parsed = parse_boxes(text, require_answer=False)
+        if not parsed and text:
+            raise ValueError(f"{field} must hold boxes, e.g. '(x1,y1),(x2,y2)' or '[[x1,y1,x2,y2]]'; got {value!r}")
+        return _as_boxes([list(b) for b in parsed], field)
+    if isinstance(value, Mapping):
+        return _as_boxes(value.get("boxes", value.get("box", [])), field)
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().numpy()
+    try:
+        if isinstance(value, (list, tuple)) or (isinstance(value, np.ndarray) and value.dtype == object):
+            items = list(value)
+            if not items:
+                arr = np.zeros((0, 4), dtype=np.float64)
+            elif all(np.isscalar(x) for x in items):
+                arr = np.asarray(items, dtype=np.float64).reshape(1, -1)
+            else:
+                arr = np.stack([np.asarray(x, dtype=np.float64).reshape(-1) for x in items])
+        else:
+            arr = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{field} must hold boxes [x1, y1, x2, y2], got {value!r}") from err
+    if arr.size == 0:
+        return np.zeros((0, 4), dtype=np.float64)
+    if arr.ndim == 1:
+        arr = arr.reshape(1, -1)
+    if arr.ndim != 2 or arr.shape[1] != 4 or not np.isfinite(arr).all():
+        raise ValueError(f"{field} must hold finite boxes [x1, y1, x2, y2], got {value!r}")
+    nonzero = np.any(arr != 0, axis=1)
+    return arr[nonzero]
+
+
+def _lookup(key: str, *sources: Mapping[str, Any] | None) -> Any:
+    for source in sources:
+        if source is not None and key in source and source[key] is not None:
+            value = source[key]
+            return value.item() if isinstance(value, np.generic) else value
+    return None
+
+
+def ground_truth_boxes(
+    ground_truth: Any, extra_info: Mapping[str, Any] | None = None, options: RewardOptions | None = None
+) -> np.ndarray:
+    """The ground-truth boxes of one sample in the model's coordinate space, ``(N, 4)`` float64.
+
+    ``N = 0`` means a normal target (zero box). Metadata precedence: ``ground_truth`` dict, then
+    ``extra_info``, then ``options`` (module docstring).
+
+    Raises:
+        ValueError: malformed boxes; unknown ``space``/``gt_space``; ``gt_space="pixel"`` without
+            ``space``, or without ``width``/``height`` when the space needs them.
+    """
+    options = options or RewardOptions()
+    gt_meta = ground_truth if isinstance(ground_truth, Mapping) else None
+    info = extra_info if isinstance(extra_info, Mapping) else None
+    boxes = _as_boxes(ground_truth, "ground_truth")
+
+    space = _lookup("space", gt_meta, info) or options.space
+    _check_space(space, "space")
+    gt_space = _lookup("gt_space", gt_meta, info) or options.gt_space
+    _check_gt_space(gt_space, "gt_space")
+    width, height = _lookup("width", gt_meta, info), _lookup("height", gt_meta, info)
+    if gt_space is None:
+        gt_space = "pixel" if (space is not None or width is not None or height is not None) else "model"
+    if gt_space == "model" or boxes.shape[0] == 0:
+        return boxes
+    if space is None:
+        raise ValueError(
+            "the ground truth is in original image pixels (gt_space='pixel' or an image size given) but the "
+            "model's coordinate space is missing: set extra_info['space'] or reward_kwargs.space "
+            f"to one of {', '.join(SPACES)}"
+        )
+    if space == "pixel":
+        return boxes
+    if width is None or height is None:
+        missing = [name for name, v in (("width", width), ("height", height)) if v is None]
+        raise ValueError(
+            f"missing image size: extra_info (or ground_truth) needs {' and '.join(missing)} of the original "
+            f"target image to convert the ground truth from pixels to space {space!r}"
+        )
+    if float(width) <= 0 or float(height) <= 0:
+        raise ValueError(f"image size must be positive, got width={width!r}, height={height!r}")
+    min_pixels = _lookup("min_pixels", gt_meta, info) or options.min_pixels
+    max_pixels = _lookup("max_pixels", gt_meta, info) or options.max_pixels
+    out = to_model_space(
+        boxes,
+        int(width),
+        int(height),
+        space,
+        min_pixels=int(min_pixels),
+        max_pixels=int(max_pixels),
+        factor=options.factor,
+        round=False,  # as the core's rewards: continuous ground truth, integer predictions
+    )
+    return np.asarray(out, dtype=np.float64).reshape(-1, 4)
+
+
+def compute_score(
+    data_source: Any = None,
+    solution_str: str | None = None,
+    ground_truth: Any = None,
+    extra_info: Mapping[str, Any] | None = None,
+    **kwargs: Any,
+) -> dict[str, float]:
+    """Score one completion for veRL's reward loop.
+
+    Args:
+        data_source: the row's ``data_source`` (unused; any dataset).
+        solution_str: the decoded completion; ``None``/non-string scores 0.
+        ground_truth: the row's ``reward_model.ground_truth`` (module docstring).
+        extra_info: the row's ``extra_info`` (space, width, height, ...); veRL adds ``num_turns``
+            and ``rollout_reward_scores``, which are ignored.
+        **kwargs: :class:`RewardOptions` (``reward.custom_reward_function.reward_kwargs``).
+
+    Returns:
+        ``{"score", "localization", "format", "iou"}`` floats (:data:`REWARD_KEYS`), the same keys
+        for every sample; localization/format/iou in [0, 1].
+
+    Raises:
+        ValueError: an unknown/invalid option, a malformed ground truth or missing metadata
+            (never because of the completion).
+    """
+    del data_source
+    options = _options_from_kwargs(kwargs)
+    gt = ground_truth_boxes(ground_truth, extra_info, options)
+    text = solution_str if isinstance(solution_str, str) else ""
+
+    fmt = 1.0 if is_well_formatted(text) else 0.0
+    box = parse_box(text, require_answer=options.require_answer)
+    pred = torch.tensor([box if box is not None else (0.0, 0.0, 0.0, 0.0)], dtype=torch.float64)
+    valid = torch.tensor([box is not None])
+    first_gt = torch.tensor(gt[:1] if gt.shape[0] else np.zeros((1, 4)), dtype=torch.float64)
+    iou = float(localization_scores(pred, valid, first_gt, kind="iou", config=options.dclr)[0])
+    if options.multi_box:
+        has_answer = answer_span(text) is not None or not options.require_answer
+        preds = parse_boxes(text, require_answer=options.require_answer) if has_answer else None
+        loc = float(multi_box_score(preds, [tuple(b) for b in gt.tolist()], options.dclr))
+    else:
+        loc = float(localization_scores(pred, valid, first_gt, kind="dclr", config=options.dclr)[0])
+    score = options.localization_weight * loc + options.format_weight * fmt
+    return {"score": float(score), "localization": loc, "format": fmt, "iou": iou}
