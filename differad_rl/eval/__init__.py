@@ -1,0 +1,52 @@
+"""Evaluation of dual-image anomaly localization (DESIGN §8).
+
+* :mod:`~differad_rl.eval.metrics` — mIoU, Acc@τ, F1@τ: functional API + :class:`LocalizationMetric`;
+* :mod:`~differad_rl.eval.protocol` — prediction files, family formats/spaces, :func:`evaluate`;
+* :mod:`~differad_rl.eval.report` — metrics JSON, per-sample JSONL, PNG sheets and HTML report;
+* :mod:`~differad_rl.eval.anomaly_maps` — anomaly map → box (calibrated threshold, largest component);
+* :mod:`~differad_rl.eval.baseline` — the classic no-model baseline;
+* :mod:`~differad_rl.eval.cli` — ``differad-rl eval`` / ``differad-rl baseline``.
+
+Names are re-exported lazily so ``import differad_rl.eval`` (and the CLI) stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "LocalizationMetric": "metrics",
+    "localization_metrics": "metrics",
+    "sample_ious": "metrics",
+    "mean_iou": "metrics",
+    "accuracy_at": "metrics",
+    "f1_at": "metrics",
+    "EvalConfig": "protocol",
+    "EvalResult": "protocol",
+    "FAMILIES": "protocol",
+    "evaluate": "protocol",
+    "evaluate_outputs": "protocol",
+    "evaluate_records": "protocol",
+    "read_predictions": "protocol",
+    "write_report": "report",
+    "anomaly_maps_to_boxes": "anomaly_maps",
+    "best_f1_threshold": "anomaly_maps",
+    "calibration_split": "anomaly_maps",
+    "maps_to_boxes": "anomaly_maps",
+    "BaselineConfig": "baseline",
+    "run_baseline": "baseline",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'differad_rl.eval' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"differad_rl.eval.{module}"), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

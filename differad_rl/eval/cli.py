@@ -1,0 +1,149 @@
+"""``differad-rl eval`` and ``differad-rl baseline`` (registered by :mod:`differad_rl.cli`).
+
+Heavy modules (NumPy, SciPy, matplotlib, PIL) are imported inside the command functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+__all__ = ["register"]
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="output folder (metrics.json, samples.jsonl, report)")
+    p.add_argument("--iou-threshold", type=float, default=0.3, help="τ of Acc@τ and F1@τ (default 0.3)")
+    p.add_argument("--num-cases", type=int, default=8, help="worst/best cases drawn in the report")
+    p.add_argument("--no-report", action="store_true", help="skip the PNG/HTML visual report")
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``eval`` and ``baseline`` commands to an ``argparse`` sub-parser set."""
+    from differad_rl.eval.protocol import FAMILIES
+
+    p = subparsers.add_parser(
+        "eval",
+        help="score a prediction JSONL against pair records (mIoU, Acc@0.3, F1@0.3) and write a report",
+        description="Evaluate model outputs with the DifferAD-R1 protocol (DESIGN §8).",
+    )
+    p.add_argument("--pred", required=True, help='prediction JSONL: {"id", "output"} or {"id", "box"} per line')
+    p.add_argument("--gt", required=True, help="pair records JSONL (differad_rl.data.records schema)")
+    p.add_argument("--family", default="qwen2_5_vl", choices=sorted(FAMILIES), help="output format / default space")
+    p.add_argument(
+        "--space",
+        default=None,
+        choices=["pixel", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"],
+        help="coordinate space of the boxes (default: the family's)",
+    )
+    p.add_argument("--reasoning", action="store_true", help="require <answer>…</answer> (reasoning models)")
+    p.add_argument("--min-pixels", type=int, default=3136, help="Qwen2.5-VL smart_resize min_pixels")
+    p.add_argument("--max-pixels", type=int, default=1003520, help="Qwen2.5-VL smart_resize max_pixels")
+    p.add_argument(
+        "--allow-missing", action="store_true", help="ground-truth ids without a prediction score 0 instead of failing"
+    )
+    _add_common(p)
+    p.set_defaults(func=_cmd_eval)
+
+    b = subparsers.add_parser(
+        "baseline",
+        help="run the classic no-model baseline (align, blur, difference, calibrated threshold) and evaluate it",
+        description="Classic baseline: align, blur, |difference|, threshold calibrated on a seeded split, "
+        "largest component → box. Writes preds.jsonl and the evaluation report.",
+    )
+    b.add_argument("--pairs", required=True, help="pair records JSONL")
+    b.add_argument("--split", default="test", help="split to evaluate (default test; all records if absent)")
+    b.add_argument(
+        "--calib-split",
+        default="train",
+        help="split the calibration set is drawn from (default train; else part of the evaluated split)",
+    )
+    b.add_argument("--calib-fraction", type=float, default=0.3, help="calibration share (default 0.3)")
+    b.add_argument("--seed", type=int, default=0, help="seed of the calibration split")
+    b.add_argument("--work-size", type=int, default=256, help="longest side of the working resolution")
+    b.add_argument("--sigma", type=float, default=2.0, help="Gaussian blur sigma (working pixels)")
+    b.add_argument("--max-shift", type=int, default=8, help="alignment search radius (working pixels)")
+    b.add_argument("--workers", type=int, default=2, help="threads computing anomaly maps")
+    _add_common(b)
+    b.set_defaults(func=_cmd_baseline)
+
+
+def _print_summary(metrics: dict[str, Any]) -> None:
+    from differad_rl.eval.report import jsonable
+
+    short = {k: metrics[k] for k in ("overall", "anomalous", "normal")}
+    short["per_category"] = {
+        name: {m: v[m] for m in ("n", "miou", "acc", "f1")} for name, v in metrics["per_category"].items()
+    }
+    print(json.dumps(jsonable(short), indent=2))
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from differad_rl.eval.protocol import EvalConfig, evaluate
+    from differad_rl.eval.report import write_report
+
+    cfg = EvalConfig(
+        family=args.family,
+        space=args.space,
+        reasoning=args.reasoning,
+        iou_threshold=args.iou_threshold,
+        min_pixels=args.min_pixels,
+        max_pixels=args.max_pixels,
+        allow_missing=args.allow_missing,
+    )
+    result = evaluate(args.pred, args.gt, config=cfg)
+    paths = write_report(result, args.out, num_cases=args.num_cases, visual=not args.no_report)
+    _print_summary(result.metrics)
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def _cmd_baseline(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+    from pathlib import Path
+
+    import numpy as np
+
+    from differad_rl.data.atomic import atomic_write_text
+    from differad_rl.data.records import load_pairs, write_pairs
+    from differad_rl.eval.baseline import BaselineConfig, baseline_splits, run_baseline
+    from differad_rl.eval.protocol import EvalConfig, Predictions, evaluate_records
+    from differad_rl.eval.report import jsonable, write_metrics_json, write_report
+
+    cfg = BaselineConfig(
+        work_size=args.work_size,
+        sigma=args.sigma,
+        max_shift=args.max_shift,
+        calibration_fraction=args.calib_fraction,
+        seed=args.seed,
+        workers=args.workers,
+    )
+    records = load_pairs(args.pairs)
+    evaluated, calibration = baseline_splits(records, args.split, args.calib_split, args.calib_fraction, args.seed)
+    result = run_baseline(evaluated, calibration, cfg)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps({"id": r.id, "box": b.tolist()}) for r, b in zip(evaluated, result.boxes, strict=True)]
+    atomic_write_text(out / "preds.jsonl", "\n".join(lines) + "\n")
+    write_pairs(evaluated, out / "pairs_eval.jsonl")
+    preds = Predictions(
+        ids=[r.id for r in evaluated],
+        outputs=[None] * len(evaluated),
+        boxes=result.boxes,
+        given=np.ones(len(evaluated), dtype=bool),
+    )
+    ev = evaluate_records(preds, evaluated, EvalConfig(family="pixel", iou_threshold=args.iou_threshold))
+    write_report(ev, out, num_cases=args.num_cases, visual=not args.no_report)
+    info = {
+        "threshold": result.threshold,
+        "calibration_pixel_f1": result.calibration_f1,
+        "calibration_ids": result.calibration_ids,
+        "evaluated": len(evaluated),
+        "config": asdict(cfg),
+    }
+    write_metrics_json(info, out / "baseline.json")
+    _print_summary(ev.metrics)
+    print(json.dumps(jsonable({k: info[k] for k in ("threshold", "calibration_pixel_f1", "evaluated")})))
+    print(f"wrote {out / 'preds.jsonl'}, {out / 'metrics.json'}, report in {out}")
+    return 0
