@@ -37,6 +37,58 @@ def _demo_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _csv(value: str | None) -> tuple[str, ...]:
+    return tuple(v.strip() for v in value.split(",") if v.strip()) if value else ()
+
+
+def _build_pairs(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from differad_rl.data.pairing import PairingConfig, build_pair_dir, default_textures
+    from differad_rl.data.readers import IMAGE_EXTENSIONS, read_layout
+
+    try:
+        cfg = PairingConfig(
+            normal_ratio=args.normal_ratio,
+            box_mode=args.box_mode,
+            min_component_area=args.min_component_area,
+            seed=args.seed,
+            split=args.split,
+            test_categories=_csv(args.test_categories),
+            test_fraction=args.test_fraction,
+            copy_images=args.copy_images or args.max_side is not None,
+            max_side=args.max_side,
+            synthetic=_csv(args.synthetic),
+            synthetic_per_category=args.synthetic_per_category,
+        )
+        textures: list[Path | str]
+        if args.texture_dir:
+            tdir = Path(args.texture_dir)
+            if not tdir.is_dir():
+                raise FileNotFoundError(f"texture folder not found: {tdir}")
+            textures = sorted(p for p in tdir.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+            if not textures:
+                raise ValueError(f"no images in texture folder {tdir}")
+        else:
+            textures = list(default_textures())
+        samples = read_layout(args.layout, args.root, _csv(args.categories) or None)
+        path = build_pair_dir(
+            samples, args.out, cfg, textures=textures, workers=args.workers, progress=not args.quiet,
+            hf_dataset=args.hf_dataset,
+        )
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"differad-rl build-pairs: error: {exc}", file=sys.stderr)
+        return 2
+    from differad_rl.data.records import load_pairs
+
+    recs = load_pairs(path)
+    n_test = sum(r.split == "test" for r in recs)
+    n_normal = sum(r.is_normal for r in recs)
+    cats = len({r.category for r in recs})
+    print(f"{path}: {len(recs)} pairs over {cats} categories ({len(recs) - n_test} train, {n_test} test; {n_normal} normal)")
+    return 0
+
+
 def register(subparsers: Any) -> None:
     """Add the data subcommands to ``subparsers`` (an ``argparse`` sub-parser action)."""
     p = subparsers.add_parser(
@@ -55,3 +107,32 @@ def register(subparsers: Any) -> None:
     p.add_argument("--force", action="store_true", help="rebuild even if a matching set exists")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_demo_data)
+
+    b = subparsers.add_parser(
+        "build-pairs",
+        help="build reference/target pairs from MVTec AD, VisA, MVTec LOCO or a generic folder",
+        description="Read a dataset layout, pair every anomalous (and some normal) target with a seeded "
+        "normal reference of its category, turn masks into boxes and write pairs.jsonl atomically.",
+    )
+    b.add_argument("--layout", required=True, choices=["mvtec", "visa", "loco", "folder"])
+    b.add_argument("--root", required=True, help="dataset root folder")
+    b.add_argument("--out", required=True, help="output folder (pairs.jsonl, build.json, images/)")
+    b.add_argument("--categories", default=None, help="comma-separated categories (default: all)")
+    b.add_argument("--normal-ratio", type=float, default=0.25, help="share of normal targets (default 0.25)")
+    b.add_argument("--box-mode", choices=["all", "largest"], default="all", help="one box per component or the largest")
+    b.add_argument("--min-component-area", type=int, default=1, help="ignore smaller mask components (pixels)")
+    b.add_argument("--split", choices=["category", "pair", "none"], default="category",
+                   help="open-set by category (default), by pair, or all train")
+    b.add_argument("--test-categories", default=None, help="comma-separated held-out categories (split=category)")
+    b.add_argument("--test-fraction", type=float, default=0.25, help="share of test categories / pairs (default 0.25)")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--copy-images", action="store_true", help="write PNG copies into OUT/images")
+    b.add_argument("--max-side", type=int, default=None, help="resize copies to this longer side (implies --copy-images)")
+    b.add_argument("--synthetic", default=None, help="add synthetic anomalies: perlin,cutpaste")
+    b.add_argument("--synthetic-per-category", type=int, default=0, help="synthetic pairs per category and kind")
+    b.add_argument("--texture-dir", default=None,
+                   help="foreign textures for perlin (default: images bundled with scikit-image)")
+    b.add_argument("--hf-dataset", action="store_true", help="also save a Hugging Face Dataset to OUT/hf_dataset")
+    b.add_argument("--workers", type=int, default=None, help="image worker processes (default min(4, CPUs))")
+    b.add_argument("--quiet", action="store_true", help="no progress bar")
+    b.set_defaults(func=_build_pairs)
