@@ -1,0 +1,305 @@
+"""DifferADGRPOTrainer on the REAL TRL 1.16 GRPOTrainer and the tiny offline Qwen2.5-VL (no mocks of TRL).
+
+Generation steps are called directly (``_generate_and_score_completions`` on a hand-built generation
+batch, as ``_prepare_inputs`` does) so the tests see the exact batch TRL would train on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+
+import pytest
+import torch
+
+pytest.importorskip("trl")
+
+from transformers import set_seed  # noqa: E402
+from trl import GRPOConfig, GRPOTrainer  # noqa: E402
+
+from differad_rl.groups import degenerate_groups, difficulty_weights  # noqa: E402
+from differad_rl.integrations.tiny_qwen_vl import tiny_model_for  # noqa: E402
+from differad_rl.integrations.trl import compat  # noqa: E402
+from differad_rl.integrations.trl.config import DifferADGRPOConfig  # noqa: E402
+from differad_rl.integrations.trl.trainer import DifferADGRPOTrainer, splice_rows, trl_advantages  # noqa: E402
+
+from tests.trl_mp_worker import (  # noqa: E402
+    G,
+    ScriptedReward,
+    expand_groups,
+    make_prompt_rows,
+    make_trainer,
+    mp_kinds,
+    run_scripted_step,
+    text_format_reward,
+    text_loc_reward,
+)
+
+
+@pytest.fixture(scope="module")
+def model_path():
+    return tiny_model_for("qwen2_5_vl")
+
+
+class SpyTrainer(DifferADGRPOTrainer):
+    """Records what every scoring call saw and every regenerated sub-batch (no TRL behaviour changed)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.scored_completions: list[list] = []
+        self.sub_outputs: list[dict] = []
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        self.scored_completions.append(list(completions))
+        return super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+
+    def _generate_captured(self, sub_inputs, mode):
+        result = super()._generate_captured(sub_inputs, mode)
+        self.sub_outputs.append(result[0])
+        return result
+
+
+def _step(trainer, batch, seed=0):
+    trainer.model.train()
+    torch.manual_seed(seed)
+    return trainer._generate_and_score_completions(batch)
+
+
+def _last(trainer, name):
+    return trainer._metrics["train"][f"differad/{name}"][-1]
+
+
+TEXT_REWARDS = [text_loc_reward, text_format_reward]
+
+
+# ------------------------------------------------------------------------------------------ compat
+def test_version_guard_and_internals():
+    assert compat.check_trl_version() .startswith("1.16")
+    with pytest.raises(ImportError, match=r"1\.15\.2.*|.*1\.15\.2") as err:
+        compat.check_trl_version("1.15.2")
+    assert ">=1.16.0,<1.17" in str(err.value)
+    with pytest.raises(ImportError, match="1.17.0"):
+        compat.check_trl_version("1.17.0")
+    compat.check_trl_internals()  # the real GRPOTrainer still has what we override
+    for name, params in compat.OVERRIDDEN_TRL_METHODS.items():
+        assert tuple(inspect.signature(getattr(GRPOTrainer, name)).parameters) == params
+        assert name in DifferADGRPOTrainer.__dict__  # and we really override each listed method
+
+    class Changed(GRPOTrainer):
+        def _calculate_rewards(self, inputs, prompts, completions):  # a signature from "another release"
+            return None
+
+    with pytest.raises(ImportError, match="_calculate_rewards"):
+        compat.check_trl_internals(Changed)
+    with pytest.raises(NotImplementedError, match="pixel_attention_mask"):
+        compat.check_output_keys({"prompt_ids": None, "pixel_attention_mask": None})
+
+
+# ------------------------------------------------------------------------------------------ config
+def test_config_defaults_are_off_and_validated(tmp_path):
+    cfg = DifferADGRPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[])
+    assert (cfg.difficulty_weighting, cfg.resample_rounds, cfg.localization_reward) == (False, 0, None)
+    assert (cfg.difficulty_tau, cfg.difficulty_scope, cfg.degenerate_tol) == (0.3, "group", 1e-6)
+    assert not cfg.differad_active
+    bad = {
+        "difficulty_tau": 1.5,
+        "difficulty_scope": "device",
+        "resample_rounds": -1,
+        "degenerate_tol": -1.0,
+        "localization_reward": "",
+        "difficulty_weighting": "yes",
+    }
+    for field, value in bad.items():
+        with pytest.raises(ValueError, match=field):
+            DifferADGRPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], **{field: value})
+    with pytest.raises(ValueError, match="resample_rounds"):
+        DifferADGRPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], resample_rounds=1.5)
+    paper = DifferADGRPOConfig.paper(str(tmp_path), bf16=False, use_cpu=True, report_to=[])
+    assert (paper.num_generations, paper.beta, paper.epsilon, paper.epsilon_high) == (8, 0.04, 0.2, 0.28)
+    assert paper.difficulty_weighting and paper.resample_rounds == 1 and paper.mask_truncated_completions
+    assert {f.name for f in dataclasses.fields(DifferADGRPOConfig)} > {f.name for f in dataclasses.fields(GRPOConfig)}
+
+
+def test_unknown_localization_reward_lists_known(model_path, tmp_path):
+    rows = make_prompt_rows(["easy"] * 2)
+    with pytest.raises(ValueError, match=r"nope.*text_loc_reward.*text_format_reward"):
+        make_trainer(DifferADGRPOTrainer, model_path, TEXT_REWARDS, rows, 8, tmp_path,
+                     difficulty_weighting=True, localization_reward="nope")
+    with pytest.raises(ValueError, match="ambiguous"):
+        make_trainer(DifferADGRPOTrainer, model_path, TEXT_REWARDS, rows, 8, tmp_path, resample_rounds=1)
+    # one reward function: it is the localization reward; features off: no name needed
+    make_trainer(DifferADGRPOTrainer, model_path, [text_loc_reward], rows, 8, tmp_path, difficulty_weighting=True)
+    make_trainer(DifferADGRPOTrainer, model_path, TEXT_REWARDS, rows, 8, tmp_path)
+
+
+# ----------------------------------------------------------------------------------- equivalence
+def test_everything_off_equals_plain_grpo(model_path, tmp_path):
+    rows = make_prompt_rows(["easy", "hard", "easy", "hard"])
+    batch = expand_groups(rows)
+    plain = make_trainer(GRPOTrainer, model_path, TEXT_REWARDS, rows, 16, tmp_path / "plain")
+    ours = make_trainer(DifferADGRPOTrainer, model_path, TEXT_REWARDS, rows, 16, tmp_path / "ours")
+    a, b = _step(plain, batch), _step(ours, batch)
+    assert set(a) == set(b)
+    for key in a:
+        if isinstance(a[key], torch.Tensor):
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+        else:
+            assert a[key] == b[key], key
+    # and the losses of a full 2-step training run
+    set_seed(0)
+    plain.train()
+    set_seed(0)
+    ours.train()
+    la = [h["loss"] for h in plain.state.log_history if "loss" in h]
+    lb = [h["loss"] for h in ours.state.log_history if "loss" in h]
+    assert len(la) == 2 and la == lb
+    assert not any(k.startswith("differad/") for h in ours.state.log_history for k in h)
+
+
+@pytest.mark.parametrize(
+    "scale,aggregation",
+    [("group", "sum_then_normalize"), ("batch", "sum_then_normalize"), ("none", "sum_then_normalize"),
+     ("group", "normalize_then_sum")],
+)
+def test_trl_advantages_match_trl(model_path, tmp_path, scale, aggregation):
+    rows = make_prompt_rows(["easy", "hard", "easy"])
+    trainer = make_trainer(DifferADGRPOTrainer, model_path, TEXT_REWARDS, rows, 12, tmp_path,
+                           scale_rewards=scale, multi_objective_aggregation=aggregation, reward_weights=[1.0, 0.5])
+    out = _step(trainer, expand_groups(rows))
+    adv, _ = trl_advantages(trainer._last_rewards_per_func, trainer.reward_weights, G, scale, aggregation)
+    torch.testing.assert_close(out["advantages"], adv, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("scope", ["group", "batch"])
+def test_weights_times_trl_advantages(model_path, tmp_path, scope):
+    rows = make_prompt_rows(["easy", "hard", "easy", "hard"])
+    batch = expand_groups(rows)
+    plain = make_trainer(GRPOTrainer, model_path, TEXT_REWARDS, rows, 16, tmp_path / "plain")
+    ours = make_trainer(DifferADGRPOTrainer, model_path, TEXT_REWARDS, rows, 16, tmp_path / "ours",
+                        difficulty_weighting=True, difficulty_scope=scope, localization_reward="text_loc_reward")
+    a, b = _step(plain, batch), _step(ours, batch)
+    torch.testing.assert_close(a["completion_ids"], b["completion_ids"], rtol=0, atol=0)
+    loc = ours._last_rewards_per_func[:, 0]
+    w = difficulty_weights(loc, G, tau=0.3, scope=scope)
+    torch.testing.assert_close(b["advantages"], w * a["advantages"])
+    assert torch.all(w >= 1.0) and torch.all(w <= 2.07)
+    # hard groups (all 0: α = 0, β = 1) get the largest weight (e + √2) / 2
+    if scope == "group":
+        hard = torch.tensor([r["kind"] == "hard" for r in batch])
+        torch.testing.assert_close(w[hard], torch.full_like(w[hard], (torch.e + 2**0.5) / 2))
+    assert _last(ours, "weight_mean") == pytest.approx(w.mean().item())
+    assert _last(ours, "weight_max") == pytest.approx(w.max().item())
+    assert _last(ours, "degenerate_before") == pytest.approx(0.5)
+
+
+# ------------------------------------------------------------------------------------ resampling
+def test_resampling_regenerates_only_degenerate_groups(model_path, tmp_path):
+    rows = make_prompt_rows(["easy", "hard", "easy", "hard"])
+    batch = expand_groups(rows)
+    hard = torch.tensor([r["kind"] == "hard" for r in batch])
+    trainer = make_trainer(SpyTrainer, model_path, TEXT_REWARDS, rows, 16, tmp_path, resample_rounds=3,
+                           localization_reward="text_loc_reward")
+    out = _step(trainer, batch)
+    # hard groups are always degenerate: exactly K rounds, 2 groups each round
+    assert _last(trainer, "rounds_used") == 3
+    assert _last(trainer, "groups_resampled") == 2
+    assert _last(trainer, "regenerations") == 6
+    assert _last(trainer, "degenerate_before") == pytest.approx(0.5)
+    assert _last(trainer, "degenerate_after") == pytest.approx(0.5)
+    assert len(trainer.scored_completions) == 4  # the batch + 3 rounds
+    assert all(len(c) == int(hard.sum()) for c in trainer.scored_completions[1:])  # only their rows
+    # final batch: easy rows from the first generation, hard rows from the last round, in order
+    texts = trainer.processing_class.batch_decode(out["completion_ids"], skip_special_tokens=True)
+    first = [c[0]["content"] for c in trainer.scored_completions[0]]
+    last = iter(c[0]["content"] for c in trainer.scored_completions[-1])
+    expected = [next(last) if h else f for f, h in zip(first, hard.tolist())]
+    assert texts == expected
+    # advantages recomputed with TRL's semantics from the spliced rewards; loss tokens recounted
+    rpf = trainer._last_rewards_per_func
+    adv, _ = trl_advantages(rpf, trainer.reward_weights, G, trainer.scale_rewards)
+    torch.testing.assert_close(out["advantages"], adv)
+    last_fmt = torch.tensor(text_format_reward(trainer.scored_completions[-1]))
+    torch.testing.assert_close(rpf[hard, 1], last_fmt)
+    assert int(out["num_items_in_batch"]) == int(out["completion_mask"].sum())
+    assert out["pixel_values"].size(0) == int(out["image_grid_thw"].prod(-1).sum())
+    assert out["num_images"] == [2] * len(batch)
+    # the TRL reward metric of the step is the post-resampling one
+    assert trainer._metrics["train"]["reward"][-1] == pytest.approx(
+        (rpf * trainer.reward_weights).sum(1).mean().item(), rel=1e-6
+    )
+
+
+def test_resampling_statistics_with_recovering_groups(model_path, tmp_path):
+    rows = make_prompt_rows(["always", "once", "easy", "easy"])
+    trainer = make_trainer(DifferADGRPOTrainer, model_path, [ScriptedReward(True), ScriptedReward(False)], rows, 16,
+                           tmp_path, resample_rounds=2, difficulty_weighting=True,
+                           localization_reward="scripted_loc_reward")
+    res = run_scripted_step(trainer, rows, rank=0, world=1)
+    m = res["metrics"]
+    assert (m["differad/rounds_used"], m["differad/groups_resampled"], m["differad/regenerations"]) == (2, 2, 3)
+    assert (m["differad/degenerate_before"], m["differad/degenerate_after"]) == (0.5, 0.25)
+    loc = torch.tensor(res["rewards_per_func"])[:, 0]
+    assert degenerate_groups(loc, G).tolist() == [True, False, False, False]
+
+
+def test_no_degenerate_group_means_no_round(model_path, tmp_path):
+    rows = make_prompt_rows(["easy", "easy", "easy"])
+    batch = expand_groups(rows)
+    plain = make_trainer(GRPOTrainer, model_path, TEXT_REWARDS, rows, 12, tmp_path / "plain")
+    trainer = make_trainer(SpyTrainer, model_path, TEXT_REWARDS, rows, 12, tmp_path / "ours", resample_rounds=4,
+                           localization_reward="text_loc_reward")
+    a, b = _step(plain, batch), _step(trainer, batch)
+    assert _last(trainer, "rounds_used") == 0 and _last(trainer, "regenerations") == 0
+    assert _last(trainer, "degenerate_before") == 0.0 and trainer.sub_outputs == []
+    torch.testing.assert_close(a["advantages"], b["advantages"], rtol=0, atol=0)
+
+
+def test_spliced_rows_have_the_logps_of_their_sub_batch(model_path, tmp_path):
+    # hard prompts are the short ones: the sub-batch has a narrower prompt width than the batch
+    rows = make_prompt_rows(["hard", "easy", "easy", "hard"])
+    batch = expand_groups(rows)
+    hard = torch.tensor([r["kind"] == "hard" for r in batch])
+    trainer = make_trainer(SpyTrainer, model_path, TEXT_REWARDS, rows, 16, tmp_path, resample_rounds=1,
+                           localization_reward="text_loc_reward")
+    out = _step(trainer, batch)
+    sub = trainer.sub_outputs[-1]
+    assert sub["prompt_ids"].size(1) < out["prompt_ids"].size(1)
+
+    def logps(o):
+        ids = torch.cat([o["prompt_ids"], o["completion_ids"]], 1)
+        mask = torch.cat([o["prompt_mask"], o["completion_mask"]], 1)
+        with torch.no_grad():
+            lp, _, _ = trainer._get_per_token_logps_and_entropies(
+                trainer.model, ids, mask, o["completion_ids"].size(1), pixel_values=o["pixel_values"],
+                image_grid_thw=o["image_grid_thw"], num_images=o["num_images"],
+                mm_token_type_ids=o.get("mm_token_type_ids"),
+            )
+        return lp * o["completion_mask"]
+
+    trainer.model.eval()
+    full, own = logps(out)[hard], logps(sub)[: int(hard.sum())]
+    width = own.size(1)
+    torch.testing.assert_close(full[:, :width], own, rtol=1e-4, atol=1e-5)
+    assert torch.all(full[:, width:] == 0)
+    assert (own != 0).any()
+
+
+def test_splice_rows_rejects_unknown_keys():
+    dst = {"prompt_ids": torch.zeros(2, 3, dtype=torch.long), "surprise": torch.zeros(2)}
+    with pytest.raises(NotImplementedError, match="surprise"):
+        splice_rows(dst, dict(dst), torch.tensor([0]), pad_token_id=0)
+
+
+def test_train_with_weights_and_resampling_logs_metrics(model_path, tmp_path):
+    rows = make_prompt_rows(["easy", "hard", "easy", "hard"])
+    trainer = make_trainer(DifferADGRPOTrainer, model_path, TEXT_REWARDS, rows, 8, tmp_path, resample_rounds=1,
+                           difficulty_weighting=True, localization_reward="text_loc_reward")
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 2
+    for h in logs:
+        for name in ("weight_mean", "weight_max", "degenerate_before", "degenerate_after", "groups_resampled",
+                     "rounds_used", "regenerations"):
+            assert f"differad/{name}" in h, name
+        assert 1.0 <= h["differad/weight_mean"] <= h["differad/weight_max"] <= 2.07
+        assert torch.isfinite(torch.tensor(h["loss"]))
