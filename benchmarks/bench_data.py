@@ -1,0 +1,107 @@
+"""Pair-building throughput (pairs/s) next to the pure image I/O it cannot beat.
+
+Run: ``pytest benchmarks/bench_data.py --benchmark-enable`` (group ``pairs-*``). For each group the
+``io_only`` entry reads (decodes) and, for the copy group, re-encodes exactly the distinct images a
+build touches, in one process, with the same PIL calls; the builder's time over that is its
+overhead (planning, masks → boxes, records, atomic writes). ``extra_info`` holds pairs/s.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from differad_rl.data.pairing import PairingConfig, build_pair_dir, plan_pairs
+from differad_rl.data.readers import read_mvtec
+
+SIDE = 256
+CATS = ("a", "b", "c")
+
+
+def _make_tree(root: Path) -> Path:
+    rng = np.random.default_rng(0)
+    for c in CATS:
+        for split, defect, n in (("train", "good", 20), ("test", "good", 6), ("test", "scratch", 12)):
+            for i in range(n):
+                arr = (rng.random((SIDE, SIDE, 3)) * 60 + 100).astype(np.uint8)
+                arr = np.asarray(Image.fromarray(arr).resize((SIDE, SIDE)))  # PNG-compressible texture
+                p = root / c / split / defect / f"{i:03d}.png"
+                p.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(arr).save(p)
+                if defect != "good":
+                    m = np.zeros((SIDE, SIDE), np.uint8)
+                    y, x = rng.integers(0, SIDE - 40, size=2)
+                    m[y : y + 30, x : x + 20] = 255
+                    mp = root / c / "ground_truth" / defect / f"{i:03d}_mask.png"
+                    mp.parent.mkdir(parents=True, exist_ok=True)
+                    Image.fromarray(m).save(mp)
+    return root
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory) -> Path:
+    return _make_tree(tmp_path_factory.mktemp("bench") / "mvtec")
+
+
+def _distinct_images(samples, cfg) -> tuple[int, list[Path], list[Path]]:
+    plans = plan_pairs(samples, cfg)
+    images = sorted({p.reference.path for p in plans} | {p.target.path for p in plans})
+    masks = sorted({m for p in plans for m in p.target.mask_paths})
+    return len(plans), images, masks
+
+
+def _io_only(images: list[Path], masks: list[Path], out: Path | None) -> None:
+    for i, p in enumerate(images):
+        with Image.open(p) as im:
+            im.load()
+            rgb = im.convert("RGB")
+        if out is not None:
+            rgb.save(out / f"{i}.png", format="PNG", compress_level=6)
+    for p in masks:
+        with Image.open(p) as im:
+            np.asarray(im).astype(bool)
+
+
+@pytest.mark.parametrize("copy", [False, True], ids=["verify", "copy"])
+@pytest.mark.parametrize("who", ["io_only", "build_w1", "build_w2"])
+def test_pair_building(benchmark, tree: Path, tmp_path: Path, copy: bool, who: str):
+    samples = read_mvtec(tree)
+    cfg = PairingConfig(split="none", copy_images=copy)
+    n_pairs, images, masks = _distinct_images(samples, cfg)
+    benchmark.group = f"pairs-{'copy' if copy else 'verify'}"
+    out = tmp_path / "out"
+
+    if who == "io_only":
+        def run():
+            shutil.rmtree(out, ignore_errors=True)
+            out.mkdir()
+            _io_only(images, masks, out if copy else None)
+    else:
+        workers = int(who[-1])
+
+        def run():
+            shutil.rmtree(out, ignore_errors=True)
+            build_pair_dir(samples, out, cfg, workers=workers, progress=False)
+
+    benchmark.pedantic(run, rounds=3, iterations=1, warmup_rounds=1)
+    benchmark.extra_info.update(
+        n_pairs=n_pairs, n_images=len(images), n_masks=len(masks),
+        pairs_per_s=n_pairs / benchmark.stats.stats.mean,
+    )
+
+
+def test_demo_build(benchmark, tmp_path: Path):
+    from differad_rl.data.demo import build_demo_pairs
+
+    benchmark.group = "demo"
+    out = tmp_path / "demo"
+
+    def run():
+        build_demo_pairs(out, n_pairs=160, size=128, progress=False, force=True)
+
+    benchmark.pedantic(run, rounds=2, iterations=1)
+    benchmark.extra_info["pairs_per_s"] = 160 / benchmark.stats.stats.mean
