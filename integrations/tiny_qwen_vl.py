@@ -67,7 +67,7 @@ Family = Literal["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
 FAMILIES: tuple[str, ...] = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 #: Bump when the build recipe changes: cached folders with another version are rebuilt.
-BUILD_VERSION = 1
+BUILD_VERSION = 3
 MANIFEST = "tiny_build.json"
 
 #: Qwen's special tokens, in Qwen's order (ids differ: our vocabulary is tiny).
@@ -247,7 +247,7 @@ def _model_config(family: str, tokenizer: PreTrainedTokenizerFast) -> Any:
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=4096,
-        bos_token_id=ids["<|endoftext|>"],
+        bos_token_id=None,  # like Qwen's chat models: no BOS is prepended
         eos_token_id=ids["<|im_end|>"],
         pad_token_id=ids["<|endoftext|>"],
         tie_word_embeddings=False,
@@ -360,12 +360,14 @@ def build_tiny_qwen_vl(
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = _MODELS[family](config)
-        model.generation_config.eos_token_id = [
-            tokenizer.convert_tokens_to_ids("<|im_end|>"),
-            tokenizer.convert_tokens_to_ids("<|endoftext|>"),
-        ]
-        model.generation_config.pad_token_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-        model.generation_config.bos_token_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+        # generation stops at <|im_end|> (the tokenizer's eos), pads with <|endoftext|>; no BOS.
+        # Set on the top-level config too, so trainers find nothing to "align" (and warn about).
+        model.config.eos_token_id = tokenizer.eos_token_id
+        model.config.pad_token_id = tokenizer.pad_token_id
+        model.config.bos_token_id = None
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.generation_config.bos_token_id = None
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         tmp_manifest = tmp / (MANIFEST + ".part")
@@ -418,6 +420,12 @@ def load_tiny_qwen_vl(
     """
     processor = load_tiny_processor(path)
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
+    # transformers keeps these ids on the text sub-config only; trainers read the top-level ones
+    # (and warn when they differ from the tokenizer's), so mirror them there.
+    tok = processor.tokenizer
+    model.config.eos_token_id = tok.eos_token_id
+    model.config.pad_token_id = tok.pad_token_id
+    model.config.bos_token_id = tok.bos_token_id
     return model, processor
 
 
