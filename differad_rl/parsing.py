@@ -175,9 +175,10 @@ def parse_boxes_batch(
         m = search(text, lo, hi) or bare(text, lo, hi)
         if m is None:
             continue
-        g = [x for x in m.groups() if x is not None]
+        # The matched alternative's four numbers are the last four groups it set.
+        last = m.lastindex
         rows.append(i)
-        values.extend(g)
+        values.extend(m.group(last - 3, last - 2, last - 1, last))
     if rows:
         vals = np.array(values, dtype=np.float64).reshape(-1, 4)
         out[rows] = vals

@@ -1,0 +1,37 @@
+"""Side-by-side benchmark reporting: ratios between a benchmark and its peer, printed after the run.
+
+A benchmark declares its peer with ``benchmark.extra_info.update(peer="<test name of the peer>",
+target="<what the ratio must satisfy>", ratio_min=<float> or ratio_max=<float>)``; the ratio is
+``median(peer) / median(this)`` (> 1 means this one is faster). Run with
+``pytest benchmarks/ --benchmark-enable``.
+"""
+
+from __future__ import annotations
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    session = getattr(config, "_benchmarksession", None)
+    if session is None or not getattr(session, "benchmarks", None):
+        return
+    by_name = {b.name: b for b in session.benchmarks}
+    lines = []
+    for bench in session.benchmarks:
+        info = bench.extra_info or {}
+        peer = by_name.get(info.get("peer", ""))
+        if peer is None or bench.stats is None or peer.stats is None:
+            continue
+        ratio = peer.stats.median / bench.stats.median
+        ok = True
+        if "ratio_min" in info:
+            ok = ratio >= info["ratio_min"]
+        if "ratio_max" in info:
+            ok = ok and ratio <= info["ratio_max"]
+        lines.append(
+            f"{'PASS' if ok else 'MISS'}  {bench.name}  vs  {peer.name}: "
+            f"{ratio:.2f}x faster (median {bench.stats.median * 1e3:.2f} ms vs {peer.stats.median * 1e3:.2f} ms)"
+            f"  target: {info.get('target', '-')}"
+        )
+    if lines:
+        terminalreporter.section("differad-rl benchmark ratios")
+        for line in lines:
+            terminalreporter.write_line(line)
