@@ -82,9 +82,9 @@ def test_records_schema_and_mix(demo40: Path):
     assert all({"train", "test"} <= {r.split for r in recs if r.category == c} for c in cats)
 
 
-def test_defect_sizes_span_tiny_to_large(tmp_path: Path):
-    recs = load_pairs(build_demo_pairs(tmp_path / "d", n_pairs=80, size=64, progress=False))
-    fr = np.array([(r.box[2] - r.box[0]) * (r.box[3] - r.box[1]) / 64**2 for r in recs if r.boxes])
+def test_defect_sizes_span_tiny_to_large(demo40: Path):
+    recs = load_pairs(demo40)
+    fr = np.array([(r.box[2] - r.box[0]) * (r.box[3] - r.box[1]) / 96**2 for r in recs if r.boxes])
     assert fr.min() < 0.01 and fr.max() > 0.08
 
 
@@ -134,7 +134,7 @@ def test_refuses_foreign_folder(tmp_path: Path):
 
 @pytest.mark.parametrize(
     "kwargs, field_name",
-    [({"n_pairs": 0}, "n_pairs"), ({"size": 8}, "size"), ({"test_fraction": 1.5}, "test_fraction"),
+    [({"n_pairs": 0}, "n_pairs"), ({"size": 8}, "size"), ({"seed": -1}, "seed"), ({"test_fraction": 1.5}, "test_fraction"),
      ({"categories": ["brick", "nonexistent_image"]}, "nonexistent_image")],
 )
 def test_bad_parameters_name_the_field(tmp_path: Path, kwargs, field_name):

@@ -14,8 +14,9 @@ Every example and many tests use it, so it needs no network and no download. For
    (0.2–1 % of the image) to *large* (8–15 %). The box is the exact box of the drawn mask
    (exclusive x2/y2, :func:`differad_rl.data.masks.mask_to_boxes`).
 3. Both images get mild **photometric nuisance** (the target: brightness ±0.06, contrast ×0.9–1.1,
-   gamma 0.9–1.1, sometimes a slight blur; both: Gaussian noise σ ≤ 0.02), on normal and anomalous
-   targets alike, so a naive pixel difference lights up everywhere and is not enough.
+   gamma 0.9–1.1, a smooth uneven-lighting field of ±3–8 %, sometimes a slight blur; both:
+   Gaussian noise σ ≤ 0.02), on normal and anomalous targets alike, so a naive pixel difference
+   lights up everywhere and is not enough.
 
 A share ``normal_fraction`` of pairs are normal (``boxes = []``). Ids are
 ``<category>/<defect>/<index>`` (``defect = "good"`` for normal pairs, ``"multi"`` for two defects),
@@ -102,6 +103,8 @@ class DemoConfig:
     def __post_init__(self) -> None:
         if self.n_pairs < 1:
             raise ValueError(f"n_pairs must be >= 1, got {self.n_pairs}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
         if self.size < 32:
             raise ValueError(f"size must be >= 32 pixels, got {self.size}")
         for name in ("test_fraction", "normal_fraction"):
@@ -287,11 +290,17 @@ def _draw_defect(
 def _photometric(img: np.ndarray, rng: np.random.Generator, strong: bool) -> np.ndarray:
     from scipy import ndimage
 
+    from differad_rl.data.synthetic import perlin_noise
+
     out = img
     if strong:
         gamma = rng.uniform(0.9, 1.1)
         out = np.clip(out, 0, 1) ** gamma
         out = (out - 0.5) * rng.uniform(0.9, 1.1) + 0.5 + rng.uniform(-0.06, 0.06)
+        # uneven lighting: a smooth multiplicative field of ±3–8 %
+        h, w = out.shape[:2]
+        light = 1.0 + rng.uniform(0.03, 0.08) * perlin_noise((h, w), (2, 2), rng)
+        out = out * light[..., None]
         if rng.random() < 0.3:
             out = ndimage.gaussian_filter(out, sigma=(0.6, 0.6, 0))
     out = out + rng.normal(0.0, rng.uniform(0.005, 0.02), size=out.shape)

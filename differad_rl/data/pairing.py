@@ -82,6 +82,8 @@ class PairingConfig:
             raise ValueError(f"box_mode must be 'all' or 'largest', got {self.box_mode!r}")
         if self.min_component_area < 1:
             raise ValueError(f"min_component_area must be >= 1, got {self.min_component_area}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
         if self.split not in SPLIT_MODES:
             raise ValueError(f"split must be one of {SPLIT_MODES}, got {self.split!r}")
         if not 0.0 <= self.test_fraction <= 1.0:
