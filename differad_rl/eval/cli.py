@@ -62,8 +62,15 @@ def register(subparsers: Any) -> None:
     b.add_argument("--calib-fraction", type=float, default=0.3, help="calibration share (default 0.3)")
     b.add_argument("--seed", type=int, default=0, help="seed of the calibration split")
     b.add_argument("--work-size", type=int, default=256, help="longest side of the working resolution")
-    b.add_argument("--sigma", type=float, default=2.0, help="Gaussian blur sigma (working pixels)")
+    b.add_argument("--sigma", type=float, default=1.0, help="Gaussian blur sigma (working pixels)")
     b.add_argument("--max-shift", type=int, default=8, help="alignment search radius (working pixels)")
+    b.add_argument("--local-search", type=int, default=3, help="residual misalignment tolerance (working pixels)")
+    b.add_argument(
+        "--objective",
+        default="pixel_f1",
+        choices=["pixel_f1", "miou"],
+        help="what the calibrated threshold maximises (default pixel_f1, the anomaly-map protocol)",
+    )
     b.add_argument("--workers", type=int, default=2, help="threads computing anomaly maps")
     _add_common(b)
     b.set_defaults(func=_cmd_baseline)
@@ -115,6 +122,8 @@ def _cmd_baseline(args: argparse.Namespace) -> int:
         work_size=args.work_size,
         sigma=args.sigma,
         max_shift=args.max_shift,
+        local_search=args.local_search,
+        objective=args.objective,
         calibration_fraction=args.calib_fraction,
         seed=args.seed,
         workers=args.workers,
