@@ -27,8 +27,10 @@ def _make_tree(root: Path) -> Path:
     for c in CATS:
         for split, defect, n in (("train", "good", 20), ("test", "good", 6), ("test", "scratch", 12)):
             for i in range(n):
-                arr = (rng.random((SIDE, SIDE, 3)) * 60 + 100).astype(np.uint8)
-                arr = np.asarray(Image.fromarray(arr).resize((SIDE, SIDE)))  # PNG-compressible texture
+                small = (rng.random((SIDE // 8, SIDE // 8, 3)) * 60 + 100).astype(np.uint8)
+                # a smooth texture plus mild noise: compresses like a real photograph, not like noise
+                arr = np.asarray(Image.fromarray(small).resize((SIDE, SIDE), Image.Resampling.BICUBIC))
+                arr = (arr + rng.integers(0, 4, size=arr.shape)).astype(np.uint8)
                 p = root / c / split / defect / f"{i:03d}.png"
                 p.parent.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(arr).save(p)

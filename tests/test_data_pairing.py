@@ -9,10 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from differad_rl.data.pairing import PairingConfig, build_pair_dir, build_pairs, default_textures, plan_pairs
-from differad_rl.data.readers import read_folder, read_layout, read_loco, read_mvtec, read_visa
+from differad_rl.data.readers import Sample, read_folder, read_layout, read_loco, read_mvtec, read_visa
 from differad_rl.data.records import from_hf_dataset, load_pairs
 
 SIZE = 40
@@ -309,3 +311,38 @@ def test_cli_build_pairs(tmp_path: Path, layout, maker, capsys):
 def test_cli_build_pairs_error_is_reported(tmp_path: Path, capsys):
     assert _data_cli(["build-pairs", "--layout", "mvtec", "--root", str(tmp_path / "missing"), "--out", str(tmp_path / "o"), "--quiet"]) == 2
     assert "missing" in capsys.readouterr().err
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.dictionaries(
+        st.sampled_from(["a", "b", "c", "d"]),
+        st.tuples(st.integers(2, 9), st.integers(0, 3), st.integers(0, 9)),
+        min_size=1,
+    ),
+    st.floats(0.0, 0.9),
+    st.integers(0, 2**31),
+    st.randoms(use_true_random=False),
+)
+def test_plan_invariants(spec, ratio, seed, shuffler):
+    """Whatever the data: references are other normal images of the target's category, ids are
+    unique, the normal share follows the formula, and input order does not matter."""
+    samples = []
+    for cat, (n_train, n_test_good, n_anom) in spec.items():
+        samples += [Sample(Path(f"/d/{cat}/train/{i}.png"), cat, "good", "train", "fake") for i in range(n_train)]
+        samples += [Sample(Path(f"/d/{cat}/test/g{i}.png"), cat, "good", "test", "fake") for i in range(n_test_good)]
+        samples += [Sample(Path(f"/d/{cat}/test/x{i}.png"), cat, "x", "test", "fake", (Path("/m"),)) for i in range(n_anom)]
+    cfg = PairingConfig(normal_ratio=ratio, seed=seed)
+    plans = plan_pairs(samples, cfg)
+    shuffled = list(samples)
+    shuffler.shuffle(shuffled)
+    assert [(p.id, p.reference.path, p.split) for p in plan_pairs(shuffled, cfg)] == [
+        (p.id, p.reference.path, p.split) for p in plans
+    ]
+    assert len({p.id for p in plans}) == len(plans)
+    for p in plans:
+        assert p.reference.is_normal and p.reference.split == "train"
+        assert p.reference.category == p.target.category and p.reference.path != p.target.path
+    for cat, (_, _, n_anom) in spec.items():
+        n_norm = sum(p.target.is_normal for p in plans if p.target.category == cat)
+        assert n_norm == (round(n_anom * ratio / (1 - ratio)) if n_anom else 0)

@@ -473,7 +473,9 @@ def build_demo_pairs(
     Args:
         n_pairs, size, seed, test_fraction, normal_fraction: see :class:`DemoConfig`.
         workers: processes for rendering (default ``min(4, cpu_count)``; ``<= 1`` renders in this
-            process). The output does not depend on it.
+            process). The output does not depend on it. Processes use the platform's start method
+            (fork on Linux); where it is spawn (macOS, Windows) call this under
+            ``if __name__ == "__main__":`` or pass ``workers=1``.
         categories: ``skimage.data`` image names (default :data:`DEFAULT_CATEGORIES`).
         progress: show a tqdm bar.
         force: rebuild even if a matching set exists.

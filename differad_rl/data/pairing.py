@@ -165,8 +165,9 @@ def plan_pairs(samples: Sequence[Sample], config: PairingConfig | None = None, t
         normal_targets = [order[i % len(order)] for i in range(n_norm)]
 
         cat_plans: list[tuple[Sample, Sample, str, Sample | None, Path | str | None]] = []
+        pick_ref = _RefPicker(ref_pool, normals, cat)
         for tgt in anomalous + normal_targets:
-            cat_plans.append((_pick_ref(rng, ref_pool, normals, tgt, cat), tgt, "", None, None))
+            cat_plans.append((pick_ref(rng, tgt), tgt, "", None, None))
         for kind in cfg.synthetic:
             if cfg.synthetic_per_category == 0:
                 continue
@@ -176,7 +177,7 @@ def plan_pairs(samples: Sequence[Sample], config: PairingConfig | None = None, t
                 raise ValueError("synthetic 'perlin' needs foreign texture images (none given)")
             for _ in range(cfg.synthetic_per_category):
                 base = normals[int(rng.integers(len(normals)))]
-                ref = _pick_ref(rng, ref_pool, normals, base, cat)
+                ref = pick_ref(rng, base)
                 donor = anomalous[int(rng.integers(len(anomalous)))] if kind == "cutpaste" else None
                 tex = textures[int(rng.integers(len(textures)))] if kind == "perlin" else None
                 cat_plans.append((ref, base, kind, donor, tex))
@@ -210,11 +211,22 @@ def plan_pairs(samples: Sequence[Sample], config: PairingConfig | None = None, t
     return plans
 
 
-def _pick_ref(rng: np.random.Generator, pool: list[Sample], normals: list[Sample], tgt: Sample, cat: str) -> Sample:
-    cands = [s for s in pool if s.path != tgt.path] or [s for s in normals if s.path != tgt.path]
-    if not cands:
-        raise ValueError(f"category {cat!r}: no normal reference different from target {tgt.path}")
-    return cands[int(rng.integers(len(cands)))]
+class _RefPicker:
+    """Uniform reference choice from a pool minus the target itself, O(1) per draw: draw among
+    n − 1 and skip the target's slot. Falls back to all normals when the pool is only the target."""
+
+    def __init__(self, pool: list[Sample], normals: list[Sample], cat: str) -> None:
+        self.levels = [(pool, {s.path: i for i, s in enumerate(pool)}), (normals, {s.path: i for i, s in enumerate(normals)})]
+        self.cat = cat
+
+    def __call__(self, rng: np.random.Generator, tgt: Sample) -> Sample:
+        for cands, pos in self.levels:
+            j = pos.get(tgt.path, -1)
+            n = len(cands) - (j >= 0)
+            if n > 0:
+                k = int(rng.integers(n))
+                return cands[k + int(0 <= j <= k)]
+        raise ValueError(f"category {self.cat!r}: no normal reference different from target {tgt.path}")
 
 
 # ----------------------------------------------------------------------------- image work
@@ -368,7 +380,9 @@ def build_pairs(
     ``out_dir`` receives image copies / synthetic targets under ``images/`` (required when
     ``copy_images`` or synthetic plans are present). Every distinct image is opened once: a missing
     or corrupt image, or a mask whose size differs from its image, raises an error naming the
-    file. An anomalous target whose mask has no component ≥ ``min_component_area`` is dropped with
+    file. ``workers`` (default ``min(4, cpu_count)``) are processes of the platform's start method
+    (see :func:`differad_rl.data.demo.build_demo_pairs`); the result does not depend on it. An
+    anomalous target whose mask has no component ≥ ``min_component_area`` is dropped with
     a warning naming the file (it would otherwise look normal).
     """
     import warnings
