@@ -1,8 +1,8 @@
 """Pair-building throughput (pairs/s) next to the pure image I/O it cannot beat.
 
 Run: ``pytest benchmarks/bench_data.py --benchmark-enable`` (group ``pairs-*``). For each group the
-``io_only`` entry reads (decodes) and, for the copy group, re-encodes exactly the distinct images a
-build touches, in one process, with the same PIL calls; the builder's time over that is its
+``io_only`` entry decodes and, for the copy group, copies exactly the distinct images a build
+touches (and decodes its masks), in one process, with the same PIL calls; the builder's time over that is its
 overhead (planning, masks → boxes, records, atomic writes). ``extra_info`` holds pairs/s.
 """
 
@@ -56,32 +56,41 @@ def _distinct_images(samples, cfg) -> tuple[int, list[Path], list[Path]]:
     return len(plans), images, masks
 
 
-def _io_only(images: list[Path], masks: list[Path], out: Path | None) -> None:
+def _io_only(images: list[Path], masks: list[Path], out: Path | None, max_side: int | None) -> None:
+    """Decode every image (and mask) once; with ``out`` also write it there the way a build does:
+    a byte copy, or (``max_side``) a resized PNG."""
     for i, p in enumerate(images):
         with Image.open(p) as im:
             im.load()
             rgb = im.convert("RGB")
-        if out is not None:
-            rgb.save(out / f"{i}.png", format="PNG", compress_level=6)
+        if out is not None and max_side is None:
+            shutil.copyfile(p, out / f"{i}.png")
+        elif out is not None:
+            s = max_side / max(rgb.size)
+            small = rgb.resize((round(rgb.size[0] * s), round(rgb.size[1] * s)), Image.Resampling.BILINEAR, reducing_gap=None)
+            small.save(out / f"{i}.png", format="PNG", compress_level=6)
     for p in masks:
         with Image.open(p) as im:
             np.asarray(im).astype(bool)
 
 
-@pytest.mark.parametrize("copy", [False, True], ids=["verify", "copy"])
+MODES = {"verify": {}, "copy": {"copy_images": True}, "resize": {"copy_images": True, "max_side": SIDE // 2}}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("who", ["io_only", "build_w1", "build_w2"])
-def test_pair_building(benchmark, tree: Path, tmp_path: Path, copy: bool, who: str):
+def test_pair_building(benchmark, tree: Path, tmp_path: Path, mode: str, who: str):
     samples = read_mvtec(tree)
-    cfg = PairingConfig(split="none", copy_images=copy)
+    cfg = PairingConfig(split="none", **MODES[mode])
     n_pairs, images, masks = _distinct_images(samples, cfg)
-    benchmark.group = f"pairs-{'copy' if copy else 'verify'}"
+    benchmark.group = f"pairs-{mode}"
     out = tmp_path / "out"
 
     if who == "io_only":
         def run():
             shutil.rmtree(out, ignore_errors=True)
             out.mkdir()
-            _io_only(images, masks, out if copy else None)
+            _io_only(images, masks, out if cfg.copy_images else None, cfg.max_side)
     else:
         workers = int(who[-1])
 

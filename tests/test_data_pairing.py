@@ -271,6 +271,16 @@ class TestBuildDir:
         info = json.loads((tmp_path / "o1" / "build.json").read_text())
         assert info["n_pairs"] == len(recs)
 
+    def test_copy_without_resize_copies_bytes(self, tmp_path: Path):
+        s = read_visa(make_visa(tmp_path / "v", categories=("candle",)))
+        out = build_pair_dir(s, tmp_path / "o", PairingConfig(split="none", copy_images=True), progress=False, workers=1)
+        recs = load_pairs(out)
+        originals = {x.path.name: x.path.read_bytes() for x in s}
+        for r in recs:
+            assert r.target.startswith(str(tmp_path / "o" / "images"))
+            assert Path(r.target).suffix == ".jpg"  # the original format, lower-cased extension
+            assert Path(r.target).read_bytes() in originals.values()
+
     def test_refuses_foreign_dir_and_leaves_no_partial_output(self, tmp_path: Path):
         s = read_mvtec(make_mvtec(tmp_path / "m", categories=("a",)))
         out = tmp_path / "o"

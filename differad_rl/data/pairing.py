@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import zlib
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -56,9 +57,10 @@ class PairingConfig:
         test_categories: explicit held-out categories for ``split="category"``.
         test_fraction: share of categories (``"category"``, when ``test_categories`` is empty) or
             of pairs (``"pair"``) that go to ``test``.
-        copy_images: write PNG copies of every used image into ``<out>/images`` (needed for
-            ``max_side``); otherwise records point at the original files.
-        max_side: resize copies so the longer side is at most this (boxes scaled, outward rounded).
+        copy_images: copy every used image into ``<out>/images`` (byte copies after a decode
+            check; needed for ``max_side``); otherwise records point at the original files.
+        max_side: write copies as PNG with the longer side at most this (boxes scaled, outward
+            rounded: ``x1 → floor(x1·s)``, ``x2 → ceil(x2·s)``).
         synthetic: synthetic kinds to add (``"perlin"``, ``"cutpaste"``).
         synthetic_per_category: synthetic pairs per category and kind.
     """
@@ -298,7 +300,12 @@ def _run_job(job: _Job) -> tuple[str, tuple[int, int], list[list[int]]]:
         im2 = _resized(im, job.max_side)
         if im2.size != im.size:
             boxes = _scale_boxes(boxes, im2.size[0] / w0, im2.size[1] / h0, *im2.size)
-        _save_png(im2, job.write_to)
+        if im2 is im and job.write_to.suffix.lower() == job.path.suffix.lower():
+            # unchanged image in its own format: copy the file's bytes (decoded above as a check)
+            job.write_to.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(job.path, job.write_to)
+        else:
+            _save_png(im2, job.write_to)
         return job.key, im2.size, boxes
     return job.key, (w0, h0), boxes
 
@@ -360,9 +367,12 @@ def default_textures() -> list[str]:
     return [f"{SKIMAGE_PREFIX}{n}" for n in DEFAULT_CATEGORIES]
 
 
-def _copy_name(s: Sample) -> str:
+def _copy_name(s: Sample, resize: bool) -> str:
+    """``images/<category>/<defect>/<split>-<stem><ext>``: the original extension when the file is
+    copied as is, ``.png`` when images may be resized (re-encoded)."""
     safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in f"{s.split}-{s.name}")
-    return f"images/{s.category}/{s.defect}/{safe}.png"
+    ext = ".png" if resize else s.path.suffix.lower()
+    return f"images/{s.category}/{s.defect}/{safe}{ext}"
 
 
 def build_pairs(
@@ -404,7 +414,7 @@ def build_pairs(
         if key not in jobs:
             write = None
             if cfg.copy_images and out is not None:
-                rel = _copy_name(s)
+                rel = _copy_name(s, cfg.max_side is not None)
                 write, rel_of[key] = out / rel, rel
             jobs[key] = _Job(key, s.path, s.mask_paths if with_mask else (), write, cfg.max_side, cfg.box_mode, cfg.min_component_area)
         return key
