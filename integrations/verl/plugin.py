@@ -7,9 +7,11 @@ trainer and every Ray worker without user code. Importing this module
 1. checks the veRL / transformers versions (:func:`differad_rl.integrations.verl.compat.check_versions`);
 2. registers the ``differad`` advantage estimator (:func:`differad_rl.integrations.verl.estimator.register`);
 3. installs the localization bridge (:func:`differad_rl.integrations.verl.compat.install_localization_bridge`),
-   which lets the reward's per-sample localization score reach the estimator in the V1 trainer;
-4. imports the group-resampling module (``differad_rl.integrations.verl.resampling``) when it is
-   installed, so that its registrations happen too.
+   which lets the reward's per-sample localization score reach the estimator in the V1 trainer.
+
+The group-resampling classes (:mod:`differad_rl.integrations.verl.resampling`) need no import here:
+veRL loads them by name from the configuration (``agent_loop_manager_class``, ``custom_sampler``),
+and importing them in every process would pull in veRL's trainer modules (~2 s) everywhere.
 
 veRL swallows exceptions raised by plugins (logged at DEBUG level), which would turn a broken
 install into "Unknown advantage estimator: differad" much later. Failures are therefore logged at
@@ -19,18 +21,14 @@ is the fallback where entry points are unavailable.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import logging
 
 __all__ = ["REGISTERED", "load"]
 
 logger = logging.getLogger(__name__)
 
-_OPTIONAL_MODULES = ("differad_rl.integrations.verl.resampling",)
-
 REGISTERED: tuple[str, ...] = ()
-"""What this process registered: estimator names and optional modules imported."""
+"""What this process registered (estimator names)."""
 
 
 def load() -> tuple[str, ...]:
@@ -40,12 +38,7 @@ def load() -> tuple[str, ...]:
     compat.check_versions()
     estimator.register()
     compat.install_localization_bridge()
-    done = [estimator.ESTIMATOR_NAME]
-    for name in _OPTIONAL_MODULES:
-        if importlib.util.find_spec(name) is not None:
-            importlib.import_module(name)
-            done.append(name)
-    return tuple(done)
+    return (estimator.ESTIMATOR_NAME,)
 
 
 try:
