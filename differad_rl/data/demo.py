@@ -510,7 +510,7 @@ def build_demo_pairs(
     bar = tqdm(total=len(jobs), desc="demo pairs", unit="pair", disable=not progress)
     results: list[tuple[int, bytes, bytes, list[list[int]], str]] = []
     try:
-        if n_workers <= 1 or len(jobs) < 8:
+        if n_workers <= 1 or len(jobs) < 32:  # small sets: a pool costs more than it saves
             for j in jobs:
                 results.append(_render_files(j))
                 bar.update(1)
