@@ -50,11 +50,12 @@ def test_unknown_category_is_named():
 
 
 def test_builds_offline_twice_identically(tmp_path: Path, no_network):
-    a = build_demo_pairs(tmp_path / "a", n_pairs=14, size=64, seed=3, workers=1, progress=False)
-    b = build_demo_pairs(tmp_path / "b", n_pairs=14, size=64, seed=3, workers=2, progress=False)
+    # 32 pairs: enough for the process pool (workers=2) to be used; the bytes must not depend on it
+    a = build_demo_pairs(tmp_path / "a", n_pairs=32, size=32, seed=3, workers=1, progress=False)
+    b = build_demo_pairs(tmp_path / "b", n_pairs=32, size=32, seed=3, workers=2, progress=False)
     ta, tb = _tree_bytes(a.parent), _tree_bytes(b.parent)
-    assert ta == tb and len(ta) == 2 * 14 + 2
-    c = build_demo_pairs(tmp_path / "c", n_pairs=14, size=64, seed=4, workers=1, progress=False)
+    assert ta == tb and len(ta) == 2 * 32 + 2
+    c = build_demo_pairs(tmp_path / "c", n_pairs=32, size=32, seed=4, workers=1, progress=False)
     assert demo_content_hash(c.parent) != demo_content_hash(a.parent)
 
 
