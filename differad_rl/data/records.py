@@ -23,7 +23,7 @@ import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import MISSING as _MISSING
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,8 @@ Number = int | float
 
 def _as_coord(value: Any, rid: str, fname: str) -> Number:
     """One box coordinate as ``int`` when integral (JSON round trips stay equal), else ``float``."""
+    if type(value) is int:  # fast path: the common case
+        return value
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         try:
             value = float(value)
@@ -85,7 +87,7 @@ class PairRecord:
         rid = self.id
         for name in ("reference", "target"):
             value = getattr(self, name)
-            if isinstance(value, os.PathLike):
+            if type(value) is not str and isinstance(value, os.PathLike):
                 value = os.fspath(value)
                 setattr(self, name, value)
             if not isinstance(value, str) or not value:
@@ -98,6 +100,8 @@ class PairRecord:
             raise ValueError(f"record {rid!r}: field 'category' must be non-empty")
         for name in ("width", "height"):
             value = getattr(self, name)
+            if type(value) is int and value > 0:
+                continue
             if isinstance(value, float) and value.is_integer():
                 value = int(value)
                 setattr(self, name, value)
@@ -105,9 +109,10 @@ class PairRecord:
                 raise ValueError(f"record {rid!r}: field {name!r} must be a positive integer, got {value!r}")
         if self.boxes is None:
             self.boxes = []
-        if isinstance(self.boxes, (str, bytes)) or not isinstance(self.boxes, Iterable):
+        if type(self.boxes) is not list and (isinstance(self.boxes, (str, bytes)) or not isinstance(self.boxes, Iterable)):
             raise ValueError(f"record {rid!r}: field 'boxes' must be a list of [x1, y1, x2, y2], got {self.boxes!r}")
         norm: list[list[Number]] = []
+        w, h = self.width, self.height
         for i, box in enumerate(list(self.boxes)):
             fname = f"boxes[{i}]"
             try:
@@ -121,13 +126,14 @@ class PairRecord:
                 raise ValueError(f"record {rid!r}: field {fname!r} needs x2 > x1, got {coords!r}")
             if not y2 > y1:
                 raise ValueError(f"record {rid!r}: field {fname!r} needs y2 > y1, got {coords!r}")
-            if x1 < 0 or y1 < 0 or x2 > self.width or y2 > self.height:
+            if x1 < 0 or y1 < 0 or x2 > w or y2 > h:
                 raise ValueError(
                     f"record {rid!r}: field {fname!r} = {coords!r} lies outside the "
                     f"{self.width}x{self.height} image (need 0 <= x1 < x2 <= width, 0 <= y1 < y2 <= height)"
                 )
             norm.append([x1, y1, x2, y2])
-        norm.sort(key=lambda b: -((b[2] - b[0]) * (b[3] - b[1])))
+        if len(norm) > 1:
+            norm.sort(key=lambda b: -((b[2] - b[0]) * (b[3] - b[1])))
         self.boxes = norm
 
     # ------------------------------------------------------------------ views
@@ -152,25 +158,32 @@ class PairRecord:
     # ------------------------------------------------------------ conversion
     def to_dict(self) -> dict[str, Any]:
         """A plain JSON-ready dict with exactly the schema's keys, in schema order."""
-        d = asdict(self)
-        d["boxes"] = [list(b) for b in self.boxes]
-        return d
+        return {
+            "id": self.id,
+            "reference": self.reference,
+            "target": self.target,
+            "boxes": [list(b) for b in self.boxes],
+            "width": self.width,
+            "height": self.height,
+            "category": self.category,
+            "defect": self.defect,
+            "source": self.source,
+            "split": self.split,
+        }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PairRecord:
         """Build from a mapping; unknown keys raise ``ValueError`` (typos must not pass silently)."""
         if not isinstance(data, Mapping):
             raise ValueError(f"a pair record must be a JSON object, got {type(data).__name__}")
-        names = {f.name for f in fields(cls)}
-        rid = data.get("id", "<no id>")
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"record {rid!r}: unknown field(s) {unknown}; expected {sorted(names)}")
-        required = [f.name for f in fields(cls) if f.default is _MISSING and f.default_factory is _MISSING]
-        missing = [n for n in required if n not in data]
-        if missing:
-            raise ValueError(f"record {rid!r}: missing field(s) {missing}")
-        return cls(**dict(data))
+        keys = data.keys()
+        if not (_REQUIRED <= keys and keys <= _FIELDS):
+            rid = data.get("id", "<no id>")
+            unknown = sorted(set(keys) - _FIELDS)
+            if unknown:
+                raise ValueError(f"record {rid!r}: unknown field(s) {unknown}; expected {sorted(_FIELDS)}")
+            raise ValueError(f"record {rid!r}: missing field(s) {sorted(_REQUIRED - set(keys))}")
+        return cls(**data)
 
     def with_paths(self, reference: str, target: str) -> PairRecord:
         """A copy with other image paths (validation is re-run)."""
@@ -180,9 +193,12 @@ class PairRecord:
 
 
 
-def _resolve(path_str: str, base: Path) -> str:
-    p = Path(path_str)
-    return str(p if p.is_absolute() else (base / p))
+_FIELDS = frozenset(f.name for f in fields(PairRecord))
+_REQUIRED = frozenset(f.name for f in fields(PairRecord) if f.default is _MISSING and f.default_factory is _MISSING)
+
+
+def _resolve(path_str: str, base: str) -> str:
+    return path_str if os.path.isabs(path_str) else os.path.join(base, path_str)
 
 
 def load_pairs(path: str | os.PathLike[str]) -> list[PairRecord]:
@@ -198,7 +214,7 @@ def load_pairs(path: str | os.PathLike[str]) -> list[PairRecord]:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"pairs file not found: {p}")
-    base = p.resolve().parent
+    base = str(p.resolve().parent)
     records: list[PairRecord] = []
     with p.open("r", encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, start=1):
@@ -218,14 +234,16 @@ def load_pairs(path: str | os.PathLike[str]) -> list[PairRecord]:
     return records
 
 
-def _relativize(path_str: str, base: Path) -> str:
-    p = Path(path_str)
-    if not p.is_absolute():
+def _relativize(path_str: str, bases: tuple[str, ...]) -> str:
+    """``path_str`` relative to the first of ``bases`` (absolute, normalised, with a trailing
+    separator) that contains it; relative or outside paths are returned unchanged."""
+    if not os.path.isabs(path_str):
         return path_str
-    try:
-        return p.resolve().relative_to(base).as_posix()
-    except ValueError:
-        return path_str
+    norm = os.path.normpath(path_str)
+    for b in bases:
+        if norm.startswith(b):
+            return Path(norm[len(b) :]).as_posix()
+    return path_str
 
 
 def write_pairs(
@@ -241,7 +259,9 @@ def write_pairs(
     validated through :class:`PairRecord`. Duplicate ids raise ``ValueError`` naming the id.
     """
     dest = Path(path)
-    base = dest.parent.resolve() if dest.parent.exists() else dest.parent.absolute()
+    # the folder as written and with symlinks resolved: a path under either becomes relative
+    folders = (dest.parent.absolute(), dest.parent.resolve())
+    bases = tuple(dict.fromkeys(os.path.join(os.path.normpath(str(b)), "") for b in folders))
     lines: list[str] = []
     seen: set[str] = set()
     for rec in records:
@@ -252,8 +272,8 @@ def write_pairs(
         seen.add(rec.id)
         d = rec.to_dict()
         if relative:
-            d["reference"] = _relativize(d["reference"], base)
-            d["target"] = _relativize(d["target"], base)
+            d["reference"] = _relativize(d["reference"], bases)
+            d["target"] = _relativize(d["target"], bases)
         lines.append(json.dumps(d, ensure_ascii=False, separators=(", ", ": ")))
     return atomic_write_text(dest, "".join(line + "\n" for line in lines))
 
