@@ -169,3 +169,33 @@ def _close(a, b) -> bool:
     if isinstance(a, float) and math.isnan(a):
         return isinstance(b, float) and math.isnan(b)
     return a == pytest.approx(b, abs=1e-12)
+
+
+def test_ground_truth_layouts_agree():
+    pred = [[0, 0, 10, 10], [0, 0, 0, 0], [2, 2, 6, 6]]
+    one_each = sample_ious(pred, None, [[0, 0, 10, 10], [0, 0, 0, 0], [0, 0, 4, 4]])
+    nested = sample_ious(pred, None, [[[0, 0, 10, 10]], [], [[0, 0, 4, 4]]])
+    padded = sample_ious(pred, None, np.array([[[0, 0, 10, 10], [0, 0, 0, 0]], [[0] * 4] * 2, [[0, 0, 4, 4], [5, 5, 6, 6]]]))
+    np.testing.assert_allclose(one_each, [1, 1, 4 / 28])
+    np.testing.assert_allclose(nested, one_each)
+    np.testing.assert_allclose(padded, [1, 1, 4 / 28])  # best of the two boxes of sample 2
+    assert sample_ious([[0, 0, 0, 0]] * 2, None, [[], []]).tolist() == [1.0, 1.0]
+    assert sample_ious(np.zeros((0, 4)), None, []).shape == (0,)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.tuples(*[st.floats(-50, 150, allow_nan=False)] * 4), min_size=1, max_size=20),
+    st.lists(st.tuples(*[st.floats(-50, 150, allow_nan=False)] * 4), min_size=1, max_size=20),
+)
+def test_numpy_iou_equals_core_box_iou(p, g):
+    """The shared oracle: the evaluation's NumPy IoU is the core formula."""
+    import torch
+
+    from differad_rl.boxes import box_iou
+    from differad_rl.eval.metrics import _pair_iou
+
+    k = min(len(p), len(g))
+    pa, ga = np.asarray(p[:k], dtype=np.float64), np.asarray(g[:k], dtype=np.float64)
+    want = box_iou(torch.from_numpy(pa), torch.from_numpy(ga)).numpy()
+    np.testing.assert_allclose(_pair_iou(pa, ga), want, rtol=1e-12, atol=1e-12)
