@@ -106,6 +106,17 @@ class TestJsonl:
         assert line["reference"] == "/elsewhere/r.png"
         assert load_pairs(out)[0].reference == "/elsewhere/r.png"
 
+    def test_paths_under_symlinked_folder_become_relative(self, tmp_path: Path):
+        real = tmp_path / "real"
+        real.mkdir()
+        link = tmp_path / "link"
+        link.symlink_to(real, target_is_directory=True)
+        r = _rec(reference=str(link / "img" / "r.png"), target=str(real / "img" / "t.png"))
+        for folder in (real, link):
+            out = write_pairs([r], folder / "p.jsonl")
+            line = json.loads(out.read_text())
+            assert (line["reference"], line["target"]) == ("img/r.png", "img/t.png")
+
     def test_bad_json_names_file_and_line(self, tmp_path: Path):
         out = write_pairs([_rec(0)], tmp_path / "p.jsonl")
         with out.open("a") as fh:

@@ -236,13 +236,17 @@ def load_pairs(path: str | os.PathLike[str]) -> list[PairRecord]:
 
 def _relativize(path_str: str, bases: tuple[str, ...]) -> str:
     """``path_str`` relative to the first of ``bases`` (absolute, normalised, with a trailing
-    separator) that contains it; relative or outside paths are returned unchanged."""
+    separator) that contains it — as written, else with its symlinks resolved; relative or outside
+    paths are returned unchanged."""
     if not os.path.isabs(path_str):
         return path_str
     norm = os.path.normpath(path_str)
-    for b in bases:
-        if norm.startswith(b):
-            return Path(norm[len(b) :]).as_posix()
+    for candidate in (norm, None):
+        if candidate is None:  # slow path: resolve symlinks in the path itself
+            candidate = os.path.realpath(norm)
+        for b in bases:
+            if candidate.startswith(b):
+                return Path(candidate[len(b) :]).as_posix()
     return path_str
 
 
