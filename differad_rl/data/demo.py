@@ -58,7 +58,7 @@ __all__ = [
     "render_pair",
 ]
 
-DEMO_VERSION = 1
+DEMO_VERSION = 2  # bump whenever rendering changes: old sets on disk are then rebuilt, not reused
 SOURCE = "skimage_demo"
 PAIRS_FILE = "pairs.jsonl"
 MANIFEST_FILE = "manifest.json"
