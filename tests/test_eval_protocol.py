@@ -176,3 +176,10 @@ def test_garbage_outputs_never_raise():
         outs, [[[0, 0, 5, 5]]] * len(outs), 10, 10, config=EvalConfig(family="pixel")
     )
     assert (ious == 0).all() and not valid.any() and metrics["overall"]["invalid_rate"] == 1.0
+
+
+def test_conversational_outputs_are_read(tmp_path):
+    gt = _write_jsonl(tmp_path / "pairs.jsonl", [_record("a", [BOX])])
+    msg = [{"role": "assistant", "content": "<answer>({0},{1}),({2},{3})</answer>".format(*BOX)}]
+    preds = _write_jsonl(tmp_path / "preds.jsonl", [{"id": "a", "output": msg}])
+    assert evaluate(preds, gt, family="pixel", reasoning=True).ious[0] == 1.0

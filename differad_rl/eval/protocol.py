@@ -46,7 +46,7 @@ import numpy as np
 
 from differad_rl.coords import SPACES, from_model_space
 from differad_rl.eval.metrics import _as_pred, _compute, _sample_ious, _update, ragged_ground_truth
-from differad_rl.parsing import parse_boxes_batch
+from differad_rl.parsing import completion_text, parse_boxes_batch
 
 __all__ = [
     "FAMILIES",
@@ -155,8 +155,8 @@ def read_predictions(path: str | os.PathLike[str]) -> Predictions:
             if not isinstance(obj, dict) or "id" not in obj:
                 raise ValueError(f"{p}:{lineno}: each line must be an object with an 'id' field")
             if "output" in obj:
-                out = obj["output"]
-                outputs.append(out if isinstance(out, str) else ("" if out is None else str(out)))
+                out = obj["output"]  # a string, or a chat message list (TRL's conversational form)
+                outputs.append(out if isinstance(out, str) else ("" if out is None else completion_text(out)))
                 boxes.append(nan4)
             elif "box" in obj:
                 box = obj["box"]
