@@ -175,7 +175,8 @@ def test_ground_truth_layouts_agree():
     pred = [[0, 0, 10, 10], [0, 0, 0, 0], [2, 2, 6, 6]]
     one_each = sample_ious(pred, None, [[0, 0, 10, 10], [0, 0, 0, 0], [0, 0, 4, 4]])
     nested = sample_ious(pred, None, [[[0, 0, 10, 10]], [], [[0, 0, 4, 4]]])
-    padded = sample_ious(pred, None, np.array([[[0, 0, 10, 10], [0, 0, 0, 0]], [[0] * 4] * 2, [[0, 0, 4, 4], [5, 5, 6, 6]]]))
+    layout = [[[0, 0, 10, 10], [0, 0, 0, 0]], [[0] * 4] * 2, [[0, 0, 4, 4], [5, 5, 6, 6]]]
+    padded = sample_ious(pred, None, np.array(layout))
     np.testing.assert_allclose(one_each, [1, 1, 4 / 28])
     np.testing.assert_allclose(nested, one_each)
     np.testing.assert_allclose(padded, [1, 1, 4 / 28])  # best of the two boxes of sample 2

@@ -108,7 +108,23 @@ def test_eval_cli(tmp_path, small_set, capsys):
     assert args.func(args) == 0
     printed = json.loads(capsys.readouterr().out.split("\nwrote ")[0])
     assert printed["overall"]["n"] == 6 and set(printed["per_category"]) == {"cat0", "cat1"}
-    assert {p.name for p in out.iterdir()} == {"metrics.json", "samples.jsonl", "iou_hist.png", "cases.png", "report.html"}
+    expected = {"metrics.json", "samples.jsonl", "iou_hist.png", "cases.png", "report.html"}
+    assert {p.name for p in out.iterdir()} == expected
     args = parser.parse_args(["eval", "--pred", str(pred), "--gt", str(gt), "--out", str(out / "b"), "--no-report"])
     assert args.func(args) == 0
     assert {p.name for p in (out / "b").iterdir()} == {"metrics.json", "samples.jsonl"}
+
+
+def test_cli_lists_match_the_protocol_and_errors_exit_2(tmp_path, small_set, capsys):
+    from differad_rl.coords import SPACES
+    from differad_rl.eval.protocol import FAMILIES
+
+    assert set(eval_cli.FAMILY_NAMES) == set(FAMILIES) and set(eval_cli.SPACE_NAMES) == set(SPACES)
+    pred, gt = small_set
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "nope", "output": ""}\n')
+    parser = argparse.ArgumentParser()
+    eval_cli.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["eval", "--pred", str(bad), "--gt", str(gt), "--out", str(tmp_path / "o")])
+    assert args.func(args) == 2
+    assert "not in the ground truth: 'nope'" in capsys.readouterr().err

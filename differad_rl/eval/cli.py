@@ -7,9 +7,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+from collections.abc import Callable
 from typing import Any
 
 __all__ = ["register"]
+
+# Kept literal so that building the parser imports nothing heavy; a test checks it equals
+# differad_rl.eval.protocol.FAMILIES and differad_rl.coords.SPACES.
+FAMILY_NAMES = ("cogvlm", "internvl", "mantis", "minicpm", "mplug_owl3", "pixel", "qwen2_5_vl", "qwen2_vl", "qwen3_vl")
+SPACE_NAMES = ("pixel", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -21,8 +28,6 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 def register(subparsers: Any) -> None:
     """Add the ``eval`` and ``baseline`` commands to an ``argparse`` sub-parser set."""
-    from differad_rl.eval.protocol import FAMILIES
-
     p = subparsers.add_parser(
         "eval",
         help="score a prediction JSONL against pair records (mIoU, Acc@0.3, F1@0.3) and write a report",
@@ -30,11 +35,11 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--pred", required=True, help='prediction JSONL: {"id", "output"} or {"id", "box"} per line')
     p.add_argument("--gt", required=True, help="pair records JSONL (differad_rl.data.records schema)")
-    p.add_argument("--family", default="qwen2_5_vl", choices=sorted(FAMILIES), help="output format / default space")
+    p.add_argument("--family", default="qwen2_5_vl", choices=FAMILY_NAMES, help="output format / default space")
     p.add_argument(
         "--space",
         default=None,
-        choices=["pixel", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"],
+        choices=SPACE_NAMES,
         help="coordinate space of the boxes (default: the family's)",
     )
     p.add_argument("--reasoning", action="store_true", help="require <answer>…</answer> (reasoning models)")
@@ -44,7 +49,7 @@ def register(subparsers: Any) -> None:
         "--allow-missing", action="store_true", help="ground-truth ids without a prediction score 0 instead of failing"
     )
     _add_common(p)
-    p.set_defaults(func=_cmd_eval)
+    p.set_defaults(func=_user_errors(_cmd_eval, "eval"))
 
     b = subparsers.add_parser(
         "baseline",
@@ -73,7 +78,21 @@ def register(subparsers: Any) -> None:
     )
     b.add_argument("--workers", type=int, default=2, help="threads computing anomaly maps")
     _add_common(b)
-    b.set_defaults(func=_cmd_baseline)
+    b.set_defaults(func=_user_errors(_cmd_baseline, "baseline"))
+
+
+def _user_errors(func: Callable[[argparse.Namespace], int], name: str) -> Callable[[argparse.Namespace], int]:
+    """Report a user's mistake (bad file, id mismatch, bad option) as one line and exit code 2."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return func(args)
+        except (ValueError, FileNotFoundError) as exc:
+            print(f"differad-rl {name}: error: {exc}", file=sys.stderr)
+            return 2
+
+    run.__name__ = func.__name__
+    return run
 
 
 def _print_summary(metrics: dict[str, Any]) -> None:

@@ -148,7 +148,7 @@ def _cases_png(result: EvalResult, worst: np.ndarray, best: np.ndarray) -> bytes
     from tqdm.auto import tqdm
 
     cols = max(len(worst), len(best), 1)
-    fig = Figure(figsize=(2.2 * cols, 5.0))
+    fig = Figure(figsize=(2.2 * cols, 5.8))
     rows = (("worst", worst), ("best", best))
     with tqdm(total=len(worst) + len(best), desc="report cases", leave=False) as bar:
         for r, (label, idx) in enumerate(rows):
@@ -207,7 +207,9 @@ acc and F1 at IoU ≥ {t:g} · config <code>{cfg}</code></p>
 """
 
 
-def write_report(result: EvalResult, out_dir: str | os.PathLike[str], num_cases: int = 8, visual: bool = True) -> dict[str, Path]:
+def write_report(
+    result: EvalResult, out_dir: str | os.PathLike[str], num_cases: int = 8, visual: bool = True
+) -> dict[str, Path]:
     """Write ``metrics.json``, ``samples.jsonl`` and (if ``visual``) the PNGs and ``report.html``.
 
     Returns the written paths by name (``"metrics"``, ``"samples"``, ``"hist"``, ``"cases"``,
