@@ -237,7 +237,7 @@ def compute_differad_advantage(
         if cfg.difficulty_weights:
             loc = _resolve_localization(localization, scores, cfg)
             adv = adv * difficulty_weights_by_id(loc, ids, tau=cfg.tau, scope=cfg.scope)
-        advantages = adv.to(token_level_rewards.dtype).unsqueeze(-1) * response_mask.to(token_level_rewards.dtype)
+        advantages = adv.to(token_level_rewards.dtype).unsqueeze(-1) * response_mask  # one pass; int mask promotes
     return advantages, advantages
 
 
