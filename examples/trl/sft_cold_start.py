@@ -1,0 +1,307 @@
+#!/usr/bin/env python
+"""Phase 1 of DifferAD-R1: a supervised cold start on reference/target difference pairs (TRL SFTTrainer).
+
+The model learns the answer format before RL: for each pair the assistant turn is
+
+    <think>…one sentence about where the target differs…</think><answer>(x1,y1),(x2,y2)</answer>
+
+with the box in the MODEL FAMILY's coordinate space (Qwen2-VL / Qwen3-VL 0..1000, Qwen2.5-VL pixels of
+the resized image — read off the processor; DESIGN §2) and the zero box ``(0,0),(0,0)`` for a normal
+target. Prompts are the method's (system prompt, reference image first, target second, a seeded
+instruction from the pool) — the same rows the GRPO example trains on.
+
+Defaults run offline on CPU in well under a minute: a tiny random Qwen2.5-VL built on the spot and
+the embedded demo pairs::
+
+    python examples/trl/sft_cold_start.py --output-dir runs/sft
+
+The real thing (GPU; the paper fine-tunes on "spot the difference" pairs)::
+
+    accelerate launch examples/trl/sft_cold_start.py --model Qwen/Qwen2.5-VL-3B-Instruct \\
+        --data pairs.jsonl --output-dir runs/sft-3b --bf16 --max-steps -1 --epochs 1 \\
+        --batch-size 4 --grad-accum 4 --learning-rate 1e-5 --max-pixels 1003520 --freeze-vision
+
+Writes ``--output-dir/checkpoint`` (model + processor, loadable by ``train_grpo.py --model``) and
+``--output-dir/sft_loss.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from differad_rl.coords import to_model_space
+from differad_rl.data.records import PairRecord, load_pairs
+from differad_rl.parsing import render_box
+
+TINY_PREFIX = "tiny"
+
+
+# ------------------------------------------------------------------------------- shared helpers
+def load_model_and_processor(
+    model: str,
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
+    bf16: bool = False,
+    attn_implementation: str | None = None,
+) -> tuple[Any, Any]:
+    """``"tiny"`` / ``"tiny:<family>"``: a tiny random Qwen-VL built offline; else a hub id or folder.
+
+    The real path loads ``AutoModelForImageTextToText`` / ``AutoProcessor`` and sets the pixel budget
+    on the image processor (it decides Qwen2.5-VL's coordinate space). A processor that is not
+    multimodal (AutoProcessor's silent fallback to a tokenizer) raises.
+    """
+    import torch
+
+    if model == TINY_PREFIX or model.startswith(TINY_PREFIX + ":"):
+        from differad_rl.integrations.tiny_qwen_vl import load_tiny_qwen_vl, tiny_model_for
+
+        family = model.split(":", 1)[1] if ":" in model else "qwen2_5_vl"
+        kw = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
+        return load_tiny_qwen_vl(tiny_model_for(family, cache_dir=cache_dir, **kw))
+    if (Path(model) / "tiny_build.json").is_file():  # a saved tiny checkpoint (e.g. this script's output)
+        from differad_rl.integrations.tiny_qwen_vl import load_tiny_qwen_vl
+
+        m, p = load_tiny_qwen_vl(model)
+        if min_pixels is not None or max_pixels is not None:
+            set_pixel_budget(p, min_pixels, max_pixels)
+        return m, p
+
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers.processing_utils import ProcessorMixin
+
+    processor = AutoProcessor.from_pretrained(model)
+    if not isinstance(processor, ProcessorMixin) or getattr(processor, "image_processor", None) is None:
+        raise ValueError(f"--model {model}: AutoProcessor returned {type(processor).__name__}, not a multimodal processor")
+    set_pixel_budget(processor, min_pixels, max_pixels)
+    kw: dict[str, Any] = {"dtype": torch.bfloat16 if bf16 else torch.float32}
+    if attn_implementation:
+        kw["attn_implementation"] = attn_implementation
+    return AutoModelForImageTextToText.from_pretrained(model, **kw), processor
+
+
+def set_pixel_budget(processor: Any, min_pixels: int | None, max_pixels: int | None) -> None:
+    """Set the image processor's ``size`` = {shortest_edge: min_pixels, longest_edge: max_pixels}."""
+    if min_pixels is None and max_pixels is None:
+        return
+    ip = processor.image_processor
+    size = dict(ip.size) if not hasattr(ip.size, "__dataclass_fields__") else {
+        "shortest_edge": ip.size.shortest_edge, "longest_edge": ip.size.longest_edge}
+    if min_pixels is not None:
+        size["shortest_edge"] = int(min_pixels)
+    if max_pixels is not None:
+        size["longest_edge"] = int(max_pixels)
+    ip.size = type(ip.size)(**size) if hasattr(ip.size, "__dataclass_fields__") else size
+    for name, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)):
+        if v is not None and hasattr(ip, name):
+            setattr(ip, name, int(v))
+
+
+def freeze_vision_tower(model: Any) -> int:
+    """Freeze the vision encoder (``visual`` sub-module), as in the paper; returns #frozen params."""
+    visual = getattr(model, "visual", None) or getattr(getattr(model, "model", None), "visual", None)
+    if visual is None:
+        raise ValueError(f"{type(model).__name__}: no 'visual' sub-module to freeze")
+    n = 0
+    for p in visual.parameters():
+        p.requires_grad_(False)
+        n += p.numel()
+    return n
+
+
+def demo_or_data(data: str | None, out_dir: Path, *, n_pairs: int, size: int, seed: int, split: str | None) -> list[PairRecord]:
+    """Records of ``--data`` (a pairs JSONL), else the embedded demo pairs built under ``out_dir``."""
+    if data:
+        records = load_pairs(data)
+    else:
+        from differad_rl.data.demo import build_demo_pairs
+
+        path = build_demo_pairs(out_dir / "demo_pairs", n_pairs=n_pairs, size=size, seed=seed, progress=False,
+                                workers=1)
+        records = load_pairs(path)
+    if split:
+        chosen = [r for r in records if r.split == split]
+        records = chosen or records
+    if not records:
+        raise ValueError(f"--data {data}: no pair records")
+    return records
+
+
+def save_curve(path: Path, steps: list[float], series: dict[str, list[float]], title: str) -> Path:
+    """Write a PNG line plot atomically (temp file + os.replace)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    for name, ys in series.items():
+        if ys:
+            ax.plot(steps[: len(ys)], ys, marker="o", label=name)
+    ax.set_xlabel("step")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+# ------------------------------------------------------------------------------- SFT rows
+def answer_text(record: PairRecord, space: str, *, min_pixels: int, max_pixels: int, factor: int) -> str:
+    """``<think>…</think><answer>(x1,y1),(x2,y2)</answer>`` for ``record`` in the model's space."""
+    box = np.asarray(record.box, dtype=np.float64)
+    b = to_model_space(box, record.width, record.height, space, min_pixels=min_pixels, max_pixels=max_pixels,
+                       factor=factor, round=True)
+    b = [int(v) for v in np.asarray(b).tolist()]
+    if record.is_normal:
+        think = "No difference."
+    else:
+        cx, cy = (b[0] + b[2]) // 2, (b[1] + b[3]) // 2
+        think = f"A difference near ({cx},{cy})."
+    return f"<think>{think}</think><answer>{render_box(b, 'qwen')}</answer>"
+
+
+def sft_rows(records: list[PairRecord], processor: Any, *, seed: int = 0) -> list[dict[str, Any]]:
+    """Prompt-completion rows for SFTTrainer (the GRPO rows + the assistant answer)."""
+    from differad_rl.integrations.trl import coordinate_spec, pairs_to_rows
+
+    spec = coordinate_spec(processor)
+    rows = pairs_to_rows(records, seed=seed)
+    out = []
+    for rec, row in zip(records, rows):
+        text = answer_text(rec, spec.space, min_pixels=spec.min_pixels or 1, max_pixels=spec.max_pixels or 1,
+                           factor=spec.factor or 28)
+        out.append({"prompt": row["prompt"], "images": row["images"],
+                    "completion": [{"role": "assistant", "content": [{"type": "text", "text": text}]}]})
+    return out
+
+
+def run_sft(
+    model: Any,
+    processor: Any,
+    records: list[PairRecord],
+    output_dir: Path,
+    *,
+    max_steps: int,
+    epochs: float = 1.0,
+    batch_size: int = 4,
+    grad_accum: int = 1,
+    learning_rate: float = 1e-2,
+    seed: int = 0,
+    bf16: bool = False,
+    use_cpu: bool = True,
+    max_length: int | None = None,
+    logging_steps: int = 1,
+    quiet: bool = False,
+) -> Any:
+    """Run TRL's SFTTrainer on the pairs (completion-only loss); returns the trainer."""
+    import datasets
+    from trl import SFTConfig, SFTTrainer
+
+    rows = sft_rows(records, processor, seed=seed)
+    ds = datasets.Dataset.from_list(rows)
+    args = SFTConfig(
+        output_dir=str(output_dir / "trainer"),
+        max_steps=max_steps,
+        num_train_epochs=epochs,
+        per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=grad_accum,
+        learning_rate=learning_rate,
+        lr_scheduler_type="constant",
+        logging_steps=logging_steps,
+        save_strategy="no",
+        report_to="none",
+        seed=seed,
+        bf16=bf16,
+        use_cpu=use_cpu,
+        max_length=max_length,
+        completion_only_loss=True,
+        dataloader_num_workers=0,
+        disable_tqdm=quiet,
+    )
+    trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=processor)
+    if quiet:
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
+    trainer.train()
+    return trainer
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="tiny", help="'tiny', 'tiny:<family>', a hub id or a folder (default: tiny Qwen2.5-VL)")
+    p.add_argument("--data", default=None, help="pairs JSONL (default: the embedded demo pairs)")
+    p.add_argument("--split", default="train", help="use records of this split ('' = all; falls back to all)")
+    p.add_argument("--output-dir", default="runs/sft_cold_start")
+    p.add_argument("--max-steps", type=int, default=80, help="-1 = use --epochs")
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--learning-rate", type=float, default=None, help="default 1e-2 (tiny) / 1e-5 (real models)")
+    p.add_argument("--min-pixels", type=int, default=None)
+    p.add_argument("--max-pixels", type=int, default=None)
+    p.add_argument("--freeze-vision", action="store_true")
+    p.add_argument("--bf16", action="store_true", help="bf16 on GPU (default: fp32 on CPU)")
+    p.add_argument("--demo-pairs", type=int, default=32)
+    p.add_argument("--demo-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    import torch
+
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    tiny = args.model.startswith(TINY_PREFIX) or (Path(args.model) / "tiny_build.json").is_file()
+    model, processor = load_model_and_processor(
+        args.model, cache_dir=out / "tiny_models", min_pixels=args.min_pixels, max_pixels=args.max_pixels,
+        bf16=args.bf16)
+    if args.freeze_vision:
+        print(f"froze {freeze_vision_tower(model):,} vision parameters")
+    records = demo_or_data(args.data, out, n_pairs=args.demo_pairs, size=args.demo_size, seed=args.seed,
+                           split=args.split or None)
+    lr = args.learning_rate if args.learning_rate is not None else (1e-2 if tiny else 1e-5)
+    gpu = torch.cuda.is_available() and not tiny
+    trainer = run_sft(model, processor, records, out, max_steps=args.max_steps, epochs=args.epochs,
+                      batch_size=args.batch_size, grad_accum=args.grad_accum, learning_rate=lr, seed=args.seed,
+                      bf16=args.bf16, use_cpu=not gpu, quiet=args.quiet)
+    logs = [r for r in trainer.state.log_history if "loss" in r]
+    steps = [float(r["step"]) for r in logs]
+    losses = [float(r["loss"]) for r in logs]
+    for s, l in zip(steps, losses):
+        print(f"step {int(s):4d}  loss {l:.4f}")
+    ckpt = out / "checkpoint"
+    trainer.save_model(str(ckpt))
+    processor.save_pretrained(str(ckpt))
+    tiny_manifest = Path(getattr(model, "name_or_path", "")) / "tiny_build.json"
+    if tiny_manifest.is_file():  # keep the tiny build's manifest so the checkpoint loads with its processor class
+        (ckpt / "tiny_build.json").write_text(tiny_manifest.read_text())
+    png = save_curve(out / "sft_loss.png", steps, {"loss": losses}, "SFT cold start")
+    summary = {"steps": len(steps), "first_loss": losses[0] if losses else None,
+               "last_loss": losses[-1] if losses else None, "checkpoint": str(ckpt), "curve": str(png)}
+    (out / "sft_summary.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,312 @@
+#!/usr/bin/env python
+"""DifferAD-R1 GRPO training with TRL: DCLR + format rewards, difficulty weights, group resampling.
+
+Defaults run offline on CPU in about a minute — a tiny random Qwen2.5-VL built on the spot
+(:mod:`differad_rl.integrations.tiny_qwen_vl`) and the embedded demo pairs
+(:func:`differad_rl.data.demo.build_demo_pairs`)::
+
+    python examples/trl/train_grpo.py --output-dir runs/grpo
+
+Each step prints the reward, the DCLR / format rewards, the rollouts' mIoU and Acc@0.3 (evaluation
+protocol, in original target pixels), the difficulty weights (mean/max) and the resampling numbers
+(degenerate share before/after, groups regenerated, rounds used). At the end it saves a checkpoint
+(``--output-dir/checkpoint``), ``reward_curve.png`` and ``metrics.jsonl``. A random tiny model never
+writes a well-formed box, so every group is degenerate (all rewards 0): run phase 1 first, as the
+paper does, and start from its checkpoint::
+
+    python examples/trl/sft_cold_start.py --output-dir runs/sft
+    python examples/trl/train_grpo.py --model runs/sft/checkpoint --output-dir runs/grpo
+
+(or ``--cold-start-steps 80`` runs that SFT in-process before GRPO).
+
+The paper's GPU recipe (DESIGN §1: G = 8, 8 completions per device, gradient accumulation 2, bf16,
+frozen vision tower, max_pixels = 1,003,520, one epoch, β = 0.04, truncated completions masked,
+TRL's DAPO loss with ε = 0.2 / ε_high = 0.28, weights on, K = 1 resampling round)::
+
+    accelerate launch --num_processes 8 --config_file deepspeed_zero2.yaml examples/trl/train_grpo.py \\
+        --paper --model Qwen/Qwen2.5-VL-3B-Instruct --data pairs.jsonl --output-dir runs/grpo-3b
+
+(``--deepspeed ds_zero2.json`` passes a DeepSpeed config straight to the trainer instead of an
+accelerate config.) TRL 1.16 has no ``max_prompt_length``: prompt length is governed by the pixel
+budget (two images at 1,003,520 pixels are up to 2 × 1,280 visual tokens).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling cold-start script
+
+from sft_cold_start import (  # noqa: E402
+    TINY_PREFIX,
+    demo_or_data,
+    freeze_vision_tower,
+    load_model_and_processor,
+    run_sft,
+    save_curve,
+)
+
+from differad_rl.coords import from_model_space  # noqa: E402
+from differad_rl.parsing import completion_text, parse_boxes_batch  # noqa: E402
+
+
+# ------------------------------------------------------------------------------- rollout metrics
+class RolloutIoU:
+    """Zero-weight "reward" that measures the rollouts with the evaluation protocol's metrics.
+
+    Predictions are parsed (core parser), mapped back to original target pixels with the model's
+    coordinate spec, and scored by :func:`differad_rl.eval.metrics.sample_ious` against every
+    ground-truth box; Acc@0.3 is logged through TRL's ``log_metric``. Returned values are the
+    per-sample IoUs, so TRL logs their mean as ``rewards/rollout_iou/mean`` = rollout mIoU.
+    """
+
+    __name__ = "rollout_iou"
+
+    def __init__(self, spec: Any) -> None:
+        self.spec = spec
+
+    def __call__(self, completions, solution=None, boxes=None, image_size=None, images=None, log_metric=None,
+                 **kwargs) -> list[float]:
+        from differad_rl.eval.metrics import accuracy_at, sample_ious
+        from differad_rl.integrations.trl import target_image_sizes
+
+        n = len(completions)
+        sizes = target_image_sizes(n, image_size=image_size, images=images).astype(np.float64)
+        pred, valid = parse_boxes_batch([completion_text(c) for c in completions])
+        kw = {k: v for k, v in self.spec._coord_kwargs().items()}
+        pred_px = from_model_space(np.nan_to_num(pred), sizes[:, 0], sizes[:, 1], self.spec.space, round=False, **kw)
+        if boxes is None:
+            boxes = [[list(s)] if any(s) else [] for s in solution]
+        ious = sample_ious(pred_px, valid, [list(b) for b in boxes])
+        if log_metric is not None:
+            log_metric("rollout/acc@0.3", accuracy_at(ious, 0.3))
+            log_metric("rollout/parsed", float(np.mean(valid)))
+        return ious.tolist()
+
+
+# ------------------------------------------------------------------------------- printing
+def _fmt(v: Any, spec: str = ".3f") -> str:
+    return "  -  " if v is None else format(v, spec)
+
+
+class StepPrinter:
+    """TrainerCallback printing one line per logged step and collecting the curves."""
+
+    def __init__(self, out_dir: Path) -> None:
+        from transformers import TrainerCallback
+
+        self.rows: list[dict[str, Any]] = []
+        self.path = out_dir / "metrics.jsonl"
+        self.path.write_text("")
+        printer = self
+
+        class _CB(TrainerCallback):
+            def on_log(self, args, state, control, logs=None, **kw):  # noqa: D401
+                if logs and "reward" in logs:
+                    printer.add(state.global_step, logs)
+
+        self.callback = _CB()
+
+    def add(self, step: int, logs: dict[str, Any]) -> None:
+        g = logs.get
+        row = {
+            "step": step,
+            "reward": g("reward"),
+            "dclr": g("rewards/dclr_reward/mean"),
+            "format": g("rewards/format_reward/mean"),
+            "miou": g("rewards/rollout_iou/mean"),
+            "acc@0.3": g("rollout/acc@0.3"),
+            "weight_mean": g("differad/weight_mean"),
+            "weight_max": g("differad/weight_max"),
+            "degenerate_before": g("differad/degenerate_before"),
+            "degenerate_after": g("differad/degenerate_after"),
+            "groups_resampled": g("differad/groups_resampled"),
+            "rounds_used": g("differad/rounds_used"),
+            "loss": g("loss"),
+        }
+        self.rows.append(row)
+        with self.path.open("a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        if len(self.rows) == 1:
+            print("step  reward   dclr  format   mIoU  acc@.3 | w_mean w_max | degen→after resampled rounds")
+        print(
+            f"{step:4d}  {_fmt(row['reward'])}  {_fmt(row['dclr'])}  {_fmt(row['format'])}  {_fmt(row['miou'])}"
+            f"  {_fmt(row['acc@0.3'])} | {_fmt(row['weight_mean'])}  {_fmt(row['weight_max'])} | "
+            f"{_fmt(row['degenerate_before'], '.2f')}→{_fmt(row['degenerate_after'], '.2f')}"
+            f"  {_fmt(row['groups_resampled'], '.0f'):>5}  {_fmt(row['rounds_used'], '.0f'):>5}",
+            flush=True,
+        )
+
+
+# ------------------------------------------------------------------------------- main
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="tiny",
+                   help="'tiny' (tiny Qwen2.5-VL), 'tiny:qwen2_vl'/'tiny:qwen3_vl', a hub id or a folder")
+    p.add_argument("--data", default=None, help="pairs JSONL (default: the embedded demo pairs)")
+    p.add_argument("--split", default="train", help="records of this split ('' = all)")
+    p.add_argument("--output-dir", default="runs/differad_grpo")
+    p.add_argument("--paper", action="store_true", help="the paper's GPU hyperparameters (DESIGN §1)")
+    p.add_argument("--plain-grpo", action="store_true", help="trl.GRPOTrainer without weights/resampling")
+    p.add_argument("--max-steps", type=int, default=None, help="default 6 (tiny) / -1 = one epoch (--paper)")
+    p.add_argument("--num-generations", type=int, default=None, help="G (default 4 tiny / 8 paper)")
+    p.add_argument("--batch-size", type=int, default=None, help="completions per device (default 2G tiny / 8 paper)")
+    p.add_argument("--grad-accum", type=int, default=None)
+    p.add_argument("--max-completion-length", type=int, default=None, help="default 32 (tiny) / 512")
+    p.add_argument("--learning-rate", type=float, default=None, help="default 1e-3 (tiny) / 1e-6")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--rewards", default="dclr,format", help="comma-separated reward names")
+    p.add_argument("--center-norm", default="paper", choices=("paper", "enclosing"))
+    p.add_argument("--resample-rounds", type=int, default=1, help="K (0 = off)")
+    p.add_argument("--no-difficulty-weights", action="store_true")
+    p.add_argument("--difficulty-scope", default="group", choices=("group", "batch"))
+    p.add_argument("--cold-start-steps", type=int, default=0, help="SFT steps before GRPO (sft_cold_start.py)")
+    p.add_argument("--min-pixels", type=int, default=None)
+    p.add_argument("--max-pixels", type=int, default=None, help="default: the processor's (paper: 1003520)")
+    p.add_argument("--freeze-vision", action="store_true")
+    p.add_argument("--bf16", action="store_true")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--deepspeed", default=None, help="DeepSpeed JSON config passed to the trainer")
+    p.add_argument("--attn-implementation", default=None, help="e.g. flash_attention_2 on GPU")
+    p.add_argument("--demo-pairs", type=int, default=32)
+    p.add_argument("--demo-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def build_config(args: argparse.Namespace, out: Path, tiny: bool, reward_names: list[str]) -> Any:
+    from differad_rl.integrations.trl import DifferADGRPOConfig
+
+    import torch
+
+    gpu = torch.cuda.is_available() and not tiny
+    common: dict[str, Any] = {
+        "output_dir": str(out / "trainer"),
+        "logging_steps": 1,
+        "report_to": "none",
+        "seed": args.seed,
+        "temperature": args.temperature,
+        "reward_weights": [1.0] * len(reward_names) + [0.0],  # rollout_iou is a metric, not a reward
+        "save_strategy": "no",
+        "dataloader_num_workers": 0,
+        "disable_tqdm": True,
+    }
+    if args.deepspeed:
+        common["deepspeed"] = args.deepspeed
+    if args.gradient_checkpointing:
+        common["gradient_checkpointing"] = True
+    method = {
+        "difficulty_weighting": not (args.no_difficulty_weights or args.plain_grpo),
+        "difficulty_scope": args.difficulty_scope,
+        "resample_rounds": 0 if args.plain_grpo else args.resample_rounds,
+        "localization_reward": "dclr_reward" if "dclr" in reward_names else f"{reward_names[0]}_reward",
+    }
+    explicit = {k: v for k, v in {
+        "num_generations": args.num_generations,
+        "per_device_train_batch_size": args.batch_size,
+        "gradient_accumulation_steps": args.grad_accum,
+        "max_completion_length": args.max_completion_length,
+        "learning_rate": args.learning_rate,
+        "max_steps": args.max_steps,
+    }.items() if v is not None}
+    if args.paper:
+        values = {**common, **method, "learning_rate": 1e-6, "max_completion_length": 512,
+                  "use_cpu": not gpu, "bf16": gpu, **explicit}
+        return DifferADGRPOConfig.paper(**values)
+    g = args.num_generations or 4
+    values = {
+        **common, **method,
+        "num_generations": g,
+        "per_device_train_batch_size": args.batch_size or 2 * g,
+        "gradient_accumulation_steps": 1,
+        "max_completion_length": 32,
+        "learning_rate": 1e-3 if tiny else 1e-6,
+        "max_steps": 6,
+        "use_cpu": not gpu,
+        "bf16": bool(args.bf16 and gpu),
+        **explicit,
+    }
+    return DifferADGRPOConfig(**values)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    import torch
+    from trl import GRPOTrainer
+
+    from differad_rl.integrations.trl import (
+        DifferADGRPOTrainer,
+        coordinate_spec,
+        differad_rewards,
+        to_trl_dataset,
+    )
+
+    torch.manual_seed(args.seed)
+    tiny = args.model.startswith(TINY_PREFIX) or (Path(args.model) / "tiny_build.json").is_file()
+    max_pixels = args.max_pixels if args.max_pixels is not None else (1003520 if args.paper else None)
+    model, processor = load_model_and_processor(
+        args.model, cache_dir=out / "tiny_models", min_pixels=args.min_pixels, max_pixels=max_pixels,
+        bf16=args.bf16 or (args.paper and torch.cuda.is_available()), attn_implementation=args.attn_implementation)
+    if args.freeze_vision or args.paper:
+        print(f"froze {freeze_vision_tower(model):,} vision-tower parameters")
+    spec = coordinate_spec(processor, model=model)  # raises on a bare tokenizer
+    print(f"model {args.model}: space={spec.space} min_pixels={spec.min_pixels} max_pixels={spec.max_pixels} "
+          f"factor={spec.factor}")
+
+    records = demo_or_data(args.data, out, n_pairs=args.demo_pairs, size=args.demo_size, seed=args.seed,
+                           split=args.split or None)
+    if args.cold_start_steps > 0:
+        print(f"cold start: {args.cold_start_steps} SFT steps")
+        run_sft(model, processor, records, out / "cold_start", max_steps=args.cold_start_steps,
+                learning_rate=1e-2 if tiny else 1e-5, seed=args.seed, use_cpu=tiny or not torch.cuda.is_available(),
+                quiet=True)
+    train = to_trl_dataset(records, seed=args.seed)  # validated: raises naming a bad row
+    print(f"{len(train)} training pairs")
+
+    names = [n.strip() for n in args.rewards.split(",") if n.strip()]
+    reward_funcs = differad_rewards(processor, names=names, model=model, center_norm=args.center_norm)
+    reward_funcs.append(RolloutIoU(spec))
+    config = build_config(args, out, tiny, names)
+    trainer_cls = GRPOTrainer if args.plain_grpo else DifferADGRPOTrainer
+    printer = StepPrinter(out)
+    trainer = trainer_cls(model=model, processing_class=processor, reward_funcs=reward_funcs, args=config,
+                          train_dataset=train, callbacks=[printer.callback])
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # our one-line-per-step printer replaces the raw dicts
+    print(f"{trainer_cls.__name__}: G={config.num_generations} weights={getattr(config, 'difficulty_weighting', False)} "
+          f"resample K={getattr(config, 'resample_rounds', 0)} steps={config.max_steps}")
+    trainer.train()
+
+    ckpt = out / "checkpoint"
+    trainer.save_model(str(ckpt))
+    if trainer.accelerator.is_main_process:
+        processor.save_pretrained(str(ckpt))
+        tiny_manifest = Path(getattr(model, "name_or_path", "")) / "tiny_build.json"
+        if tiny_manifest.is_file():
+            (ckpt / "tiny_build.json").write_text(tiny_manifest.read_text())
+        rows = printer.rows
+        steps = [float(r["step"]) for r in rows]
+        series = {"reward": [r["reward"] for r in rows], "DCLR": [r["dclr"] for r in rows],
+                  "mIoU": [r["miou"] for r in rows]}
+        series = {k: [float(v) for v in vs if v is not None] for k, vs in series.items()}
+        png = save_curve(out / "reward_curve.png", steps, series, f"DifferAD GRPO ({spec.space})")
+        summary = {"steps": len(rows), "checkpoint": str(ckpt), "curve": str(png),
+                   "metrics": str(printer.path), "final": rows[-1] if rows else None}
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        print(json.dumps({k: v for k, v in summary.items() if k != "final"}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
