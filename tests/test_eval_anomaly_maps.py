@@ -102,3 +102,15 @@ def test_full_protocol_recovers_boxes():
     assert len(res.calibration) == 6 and len(res.evaluation) == 14
     assert res.calibration_f1 == 1.0
     np.testing.assert_array_equal(res.boxes, truth)
+
+
+def test_scale_boxes_outward_and_clipped():
+    from differad_rl.eval.anomaly_maps import scale_boxes
+
+    boxes = np.array([[1, 2, 3, 4], [0, 0, 0, 0], [30, 10, 32, 32]], dtype=float)
+    out = scale_boxes(boxes, (32, 32), (100, 50))  # map 32x32 → image 100 wide, 50 high
+    assert out[0].tolist() == [3, 3, 10, 7]  # floor(3.125), floor(3.125), ceil(9.375), ceil(6.25)
+    assert out[1].tolist() == [0, 0, 0, 0]
+    assert out[2].tolist() == [93, 15, 100, 50]
+    per_row = scale_boxes(boxes, [(32, 32)] * 3, [(100, 50)] * 3)
+    np.testing.assert_array_equal(per_row, out)

@@ -29,6 +29,7 @@ __all__ = [
     "calibration_split",
     "maps_to_boxes",
     "pixel_f1",
+    "scale_boxes",
 ]
 
 
@@ -171,6 +172,33 @@ def maps_to_boxes(maps: Any, threshold: float, connectivity: int = 8) -> np.ndar
         stack = np.stack([seq[i] for i in idx])
         out[idx] = _largest_component_boxes(stack >= threshold, connectivity)
     return out
+
+
+def scale_boxes(boxes: Any, map_hw: Any, image_wh: Any) -> np.ndarray:
+    """Boxes in map pixels → image pixels, rounded outward and clipped to the image.
+
+    Args:
+        boxes: ``(N, 4)`` boxes in map pixels (exclusive edges; zero box = none).
+        map_hw: ``(N, 2)`` or ``(2,)`` map ``(height, width)``.
+        image_wh: ``(N, 2)`` or ``(2,)`` image ``(width, height)``.
+
+    ``x1' = floor(x1 · W / w)``, ``x2' = min(ceil(x2 · W / w), W)`` (same for y); zero boxes stay
+    zero. Use it when the maps are at a lower resolution than the images (PaDiM, PatchCore).
+    """
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    hw = np.broadcast_to(np.asarray(map_hw, dtype=np.float64), (b.shape[0], 2))
+    wh = np.broadcast_to(np.asarray(image_wh, dtype=np.float64), (b.shape[0], 2))
+    sx, sy = wh[:, 0] / hw[:, 1], wh[:, 1] / hw[:, 0]
+    out = np.stack(
+        [
+            np.floor(b[:, 0] * sx),
+            np.floor(b[:, 1] * sy),
+            np.minimum(np.ceil(b[:, 2] * sx), wh[:, 0]),
+            np.minimum(np.ceil(b[:, 3] * sy), wh[:, 1]),
+        ],
+        axis=1,
+    )
+    return np.where((b == 0).all(axis=1, keepdims=True), 0.0, out)
 
 
 def anomaly_maps_to_boxes(

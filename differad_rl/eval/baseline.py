@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from differad_rl.eval.anomaly_maps import best_f1_threshold, maps_to_boxes, pixel_f1
+from differad_rl.eval.anomaly_maps import best_f1_threshold, maps_to_boxes, pixel_f1, scale_boxes
 
 __all__ = [
     "BaselineConfig",
@@ -203,13 +203,11 @@ class BaselineResult:
     calibration_ids: list[str]
 
 
-def _to_pixels(boxes: np.ndarray, record: Any, shape: tuple[int, int]) -> np.ndarray:
-    if (boxes == 0).all():
-        return boxes
-    h, w = shape
-    sx, sy = float(record.width) / w, float(record.height) / h
-    out = np.array([np.floor(boxes[0] * sx), np.floor(boxes[1] * sy), np.ceil(boxes[2] * sx), np.ceil(boxes[3] * sy)])
-    return np.minimum(out, [record.width, record.height, record.width, record.height]).astype(np.float64)
+def _to_pixels(work: np.ndarray, records: Sequence[Any], maps: Sequence[np.ndarray]) -> np.ndarray:
+    """Working-resolution boxes → original target pixels (outward rounding)."""
+    hw = np.array([m.shape for m in maps], dtype=np.float64).reshape(-1, 2)
+    wh = np.array([(r.width, r.height) for r in records], dtype=np.float64).reshape(-1, 2)
+    return scale_boxes(work, hw, wh)
 
 
 def _best_miou_threshold(maps: list[np.ndarray], records: Sequence[Any], connectivity: int) -> float:
@@ -225,7 +223,7 @@ def _best_miou_threshold(maps: list[np.ndarray], records: Sequence[Any], connect
     best_t, best = float(candidates[-1]), -1.0
     for t in candidates:
         work = maps_to_boxes(maps, float(t), connectivity)
-        boxes = np.stack([_to_pixels(b, rec, m.shape) for b, rec, m in zip(work, records, maps, strict=True)])
+        boxes = _to_pixels(work, records, maps)
         score = float(sample_ious(boxes, None, gt).mean())
         if score >= best:
             best_t, best = float(t), score
@@ -258,8 +256,7 @@ def run_baseline(
         part = records[start : start + chunk]
         maps = _maps(part, cfg, f"baseline {start + len(part)}/{len(records)}")
         work = maps_to_boxes(maps, threshold, cfg.connectivity)
-        for j, (rec, m) in enumerate(zip(part, maps, strict=True)):
-            boxes[start + j] = _to_pixels(work[j], rec, m.shape)
+        boxes[start : start + len(part)] = _to_pixels(work, part, maps)
     return BaselineResult(boxes, threshold, f1, [r.id for r in calibration_records])
 
 
