@@ -200,3 +200,12 @@ def test_numpy_iou_equals_core_box_iou(p, g):
     pa, ga = np.asarray(p[:k], dtype=np.float64), np.asarray(g[:k], dtype=np.float64)
     want = box_iou(torch.from_numpy(pa), torch.from_numpy(ga)).numpy()
     np.testing.assert_allclose(_pair_iou(pa, ga), want, rtol=1e-12, atol=1e-12)
+
+
+def test_package_exports_resolve():
+    import differad_rl.eval as ev
+
+    for name in ev.__all__:
+        assert getattr(ev, name) is not None
+    with pytest.raises(AttributeError):
+        _ = ev.not_a_name

@@ -34,8 +34,10 @@ _EXPORTS = {
     "best_f1_threshold": "anomaly_maps",
     "calibration_split": "anomaly_maps",
     "maps_to_boxes": "anomaly_maps",
+    "scale_boxes": "anomaly_maps",
     "BaselineConfig": "baseline",
     "run_baseline": "baseline",
+    "baseline_splits": "baseline",
 }
 
 __all__ = sorted(_EXPORTS)
