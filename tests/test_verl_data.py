@@ -70,6 +70,8 @@ def test_rlhf_dataset_loads_two_images_in_order(parquet, pairs, processor):
         assert system["role"] == "system" and user["role"] == "user"
         kinds = [c["type"] for c in user["content"]]
         assert kinds == ["image", "image", "text"]  # one <image> tag per image, in order
+        for c in user["content"][:2]:  # the pixel budget rides with each image to qwen_vl_utils.fetch_image
+            assert (c["min_pixels"], c["max_pixels"]) == (3136, 12544)
         ref, tgt = (np.asarray(c["image"].convert("RGB")) for c in user["content"][:2])
         np.testing.assert_array_equal(ref, np.asarray(Image.open(records[i].reference).convert("RGB")))
         np.testing.assert_array_equal(tgt, np.asarray(Image.open(records[i].target).convert("RGB")))

@@ -5,14 +5,21 @@ One row per reference/target pair (:class:`differad_rl.data.records.PairRecord`)
     data_source   "differad"
     prompt        [{"role": "system", "content": SYSTEM_PROMPT},
                    {"role": "user", "content": "<image><image>" + instruction}]
-    images        [{"bytes": <reference file>, "path": ...}, {"bytes": <target file>, "path": ...}]
-                  (datasets ``Sequence(Image())``; REFERENCE first, TARGET second, one ``<image>``
-                  tag per image, in order)
+    images        [{"bytes": <reference file>, "path": ..., "min_pixels": .., "max_pixels": ..},
+                   {"bytes": <target file>, "path": ..., "min_pixels": .., "max_pixels": ..}]
+                  (REFERENCE first, TARGET second, one ``<image>`` tag per image, in order)
     ability       "anomaly_localization"
     reward_model  {"style": "rule", "ground_truth": [[x1, y1, x2, y2], ...]}   # original target pixels,
                                                                               # largest first; [] = normal
     extra_info    {index, id, category, defect, source, split, width, height, space, gt_space,
                    min_pixels, max_pixels}                                    # same keys on every row
+
+Why the pixel budget rides on each image: veRL resizes images with ``qwen_vl_utils.fetch_image``,
+which reads ``min_pixels``/``max_pixels`` from the image entry and otherwise allows up to
+16384·28² ≈ 12.8 M pixels. For Qwen2.5-VL the coordinates the model writes are pixels of that
+resized image, so the budget the reward converts with (``extra_info``) must be the one the images
+are resized with; writing it on both keeps them equal (DESIGN §1: max 1,003,520). veRL's
+``RLHFDataset`` opens the ``bytes`` and passes the whole entry on, so the keys reach the resize.
 
 ``extra_info`` carries what :func:`differad_rl.integrations.verl.reward.compute_score` needs to
 put the ground truth into the model's coordinate space (veRL passes no images to rewards): the
@@ -104,10 +111,16 @@ class ParquetOptions:
             raise ValueError(f"data_source must be a non-empty string, got {self.data_source!r}")
 
 
-def _read_image(path: str, rid: str, field: str) -> dict[str, Any]:
+def _read_image(path: str, rid: str, field: str, options: ParquetOptions) -> dict[str, Any]:
     try:
         with open(path, "rb") as fh:
-            return {"bytes": fh.read(), "path": os.path.basename(path)}
+            data = fh.read()
+        return {
+            "bytes": data,
+            "path": os.path.basename(path),
+            "min_pixels": int(options.min_pixels),
+            "max_pixels": int(options.max_pixels),
+        }
     except OSError as err:
         raise ValueError(f"record {rid!r}: field {field!r} image {path!r} cannot be read: {err}") from err
 
@@ -121,8 +134,8 @@ def pair_to_row(record: PairRecord, index: int, instruction: str, options: Parqu
             {"role": "user", "content": "<image><image>" + instruction},
         ],
         "images": [
-            _read_image(record.reference, record.id, "reference"),
-            _read_image(record.target, record.id, "target"),
+            _read_image(record.reference, record.id, "reference", options),
+            _read_image(record.target, record.id, "target", options),
         ],
         "ability": options.ability,
         "reward_model": {"style": "rule", "ground_truth": [[float(v) for v in b] for b in record.boxes]},
@@ -169,14 +182,21 @@ def pairs_to_rows(
 
 
 def verl_features() -> Any:
-    """The ``datasets.Features`` of the rows (images as ``Sequence(Image())``, like veRL's examples)."""
-    from datasets import Features, Image, List, Value
+    """The ``datasets.Features`` of the rows (module docstring)."""
+    from datasets import Features, List, Value
 
     return Features(
         {
             "data_source": Value("string"),
             "prompt": List({"role": Value("string"), "content": Value("string")}),
-            "images": List(Image()),
+            "images": List(
+                {
+                    "bytes": Value("binary"),
+                    "path": Value("string"),
+                    "min_pixels": Value("int64"),
+                    "max_pixels": Value("int64"),
+                }
+            ),
             "ability": Value("string"),
             "reward_model": {"style": Value("string"), "ground_truth": List(List(Value("float64")))},
             "extra_info": {
