@@ -1,0 +1,149 @@
+"""Step time of DifferADGRPOTrainer vs plain TRL GRPOTrainer on the tiny Qwen2.5-VL (CPU), side by side.
+
+Run: ``pytest benchmarks/bench_trl.py --benchmark-enable``. A "step" is what a GRPO optimisation step
+costs here: ``_generate_and_score_completions`` on a 16-row generation batch (4 prompts × G = 4, two
+56×56 images each, 16 new tokens) + ``compute_loss`` + backward. Every trainer starts each measured step
+from the same seed, so all variants generate the very same completions and only the adapter's own work
+differs.
+
+- ``test_step[plain|weights]``: the pytest-benchmark table (group ``trl-step``).
+- ``test_weights_overhead_ratio``: both trainers timed interleaved in one run; the ratio of medians
+  (target ≤ 1.03) and the adapter's own post-processing time relative to a step, in ``extra_info``.
+- ``test_resampling_round_cost``: one resampling round (every group forced degenerate, K = 1, so the whole
+  batch is regenerated once) relative to a step without resampling, in ``extra_info``.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import pytest
+import torch
+
+pytest.importorskip("trl")
+
+from trl import GRPOTrainer  # noqa: E402
+
+from differad_rl.integrations.tiny_qwen_vl import tiny_model_for  # noqa: E402
+from differad_rl.integrations.trl.trainer import DifferADGRPOTrainer  # noqa: E402
+from tests.trl_mp_worker import (  # noqa: E402
+    expand_groups,
+    make_prompt_rows,
+    make_trainer,
+    text_format_reward,
+    text_loc_reward,
+)
+
+KINDS = ["easy", "hard", "easy", "easy"]
+REWARDS = [text_loc_reward, text_format_reward]
+CFG = {"max_completion_length": 16, "localization_reward": "text_loc_reward"}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    # One intra-op thread: the tiny model's ops are too small for threads, and on a shared 2-core
+    # machine 2 threads made a step ~30x slower and the timings noise (measured). Restored after.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    path = tiny_model_for("qwen2_5_vl")
+    rows = make_prompt_rows(KINDS)
+    out = tmp_path_factory.mktemp("bench_trl")
+
+    def build(name, cls, rewards=REWARDS, **cfg):
+        return make_trainer(cls, path, rewards, rows, len(rows) * 4, out / name, **{**CFG, **cfg})
+
+    trainers = {
+        "plain": build("plain", GRPOTrainer),
+        "weights": build("weights", DifferADGRPOTrainer, difficulty_weighting=True),
+        "resample": build("resample", DifferADGRPOTrainer, [always_zero, text_format_reward],
+                          difficulty_weighting=True, resample_rounds=1, localization_reward="always_zero"),
+    }
+    for trainer in trainers.values():  # set by Trainer's training loop; compute_loss reads it
+        trainer.current_gradient_accumulation_steps = 1
+    yield trainers, expand_groups(rows)
+    torch.set_num_threads(threads)
+
+
+def always_zero(completions, **kwargs):
+    """A localization reward that makes every group degenerate (forces one full resampling round)."""
+    return [0.0] * len(completions)
+
+
+def _step(trainer, batch, seed: int) -> float:
+    trainer.model.train()
+    torch.manual_seed(seed)
+    start = time.perf_counter()
+    inputs = trainer._generate_and_score_completions(batch)
+    loss = trainer.compute_loss(trainer.model, inputs)
+    trainer.accelerator.backward(loss)
+    trainer.model.zero_grad(set_to_none=True)
+    return time.perf_counter() - start
+
+
+@pytest.mark.parametrize("variant", ["plain", "weights"])
+def test_step(benchmark, setup, variant):
+    trainers, batch = setup
+    trainer = trainers[variant]
+    seeds = iter(range(10_000))
+    benchmark.group = "trl-step"
+    if variant == "weights":
+        benchmark.extra_info.update(peer="test_step[plain]", target="weights within 3 % of plain", ratio_min=0.97)
+    benchmark.pedantic(lambda: _step(trainer, batch, next(seeds) % 5), rounds=12, iterations=1, warmup_rounds=2)
+
+
+def test_weights_overhead_ratio(benchmark, setup):
+    trainers, batch = setup
+    plain, ours = trainers["plain"], trainers["weights"]
+    times = {"plain": [], "weights": []}
+    for i in range(20):  # interleaved, alternating order, same seeds → same completions
+        order = (("plain", plain), ("weights", ours)) if i % 2 == 0 else (("weights", ours), ("plain", plain))
+        for name, trainer in order:
+            times[name].append(_step(trainer, batch, seed=i % 6))
+    t_plain, t_ours = statistics.median(times["plain"][4:]), statistics.median(times["weights"][4:])
+    # the adapter's own work on top of super(): weights + logging, timed alone on the gathered rewards
+    from differad_rl.groups import difficulty_weights
+    from differad_rl.integrations.trl.trainer import trl_advantages
+
+    rpf = ours._last_rewards_per_func
+
+    def own_work():
+        w = difficulty_weights(rpf[:, 0], 4, tau=0.3, scope="group")
+        adv, _ = trl_advantages(rpf, ours.reward_weights, 4, ours.scale_rewards)
+        return (adv * w).mean().item(), w.max().item()
+
+    benchmark.group = "trl-overhead"
+    benchmark.pedantic(own_work, rounds=200, iterations=1)
+    own = benchmark.stats.stats.median
+    benchmark.extra_info.update(
+        {
+            "step_plain_s": t_plain,
+            "step_weights_s": t_ours,
+            "ratio_weights_over_plain": t_ours / t_plain,
+            "own_work_s": own,
+            "own_work_over_step": own / t_plain,
+        }
+    )
+    print(f"\nstep plain {t_plain * 1e3:.1f} ms, weights {t_ours * 1e3:.1f} ms, ratio {t_ours / t_plain:.3f}; "
+          f"adapter work {own * 1e6:.0f} us = {own / t_plain:.2%} of a step")
+    assert own / t_plain < 0.03  # the adapter itself is far inside the 3 % budget
+
+
+def test_resampling_round_cost(benchmark, setup):
+    trainers, batch = setup
+    base, res = trainers["weights"], trainers["resample"]
+    times = {"base": [], "resample": []}
+    for i in range(12):
+        for name, trainer in (("base", base), ("resample", res)):
+            times[name].append(_step(trainer, batch, seed=i % 6))
+    assert res._metrics["train"]["differad/rounds_used"][-1] == 1
+    assert res._metrics["train"]["differad/degenerate_before"][-1] == 1.0
+    t_base, t_res = statistics.median(times["base"][2:]), statistics.median(times["resample"][2:])
+    benchmark.group = "trl-resample"
+    seeds = iter(range(10_000))
+    benchmark.pedantic(lambda: _step(res, batch, next(seeds) % 6), rounds=5, iterations=1)
+    benchmark.extra_info.update(
+        {"step_s": t_base, "step_with_one_full_round_s": t_res, "round_over_step": (t_res - t_base) / t_base}
+    )
+    print(f"\none resampling round (all {len(batch) // 4} groups) costs {(t_res - t_base) / t_base:.2f} steps "
+          f"({t_base * 1e3:.0f} ms → {t_res * 1e3:.0f} ms)")
