@@ -224,7 +224,7 @@ class EvalResult:
         ious: ``(N,)`` per-sample IoU.
         pred_boxes: ``(N, 4)`` predictions in original target pixels (NaN rows = invalid).
         pred_valid: ``(N,)`` a box was parsed.
-        gt_boxes: per-sample ground-truth boxes (original pixels; ``[]`` = normal).
+        gt_boxes: per-sample ground-truth boxes (original pixels; ``[]`` = normal; the records' lists).
         categories: ``(N,)`` category names.
         targets: target image paths (for the visual report; empty when unknown).
         config: the protocol options.
@@ -235,7 +235,7 @@ class EvalResult:
     ious: np.ndarray
     pred_boxes: np.ndarray
     pred_valid: np.ndarray
-    gt_boxes: list[list[list[float]]]
+    gt_boxes: list[list[list[float]]] | list[Any]
     categories: np.ndarray
     targets: list[str] = field(default_factory=list)
     config: EvalConfig = field(default_factory=EvalConfig)
@@ -370,7 +370,7 @@ def evaluate_records(preds: Predictions, records: Sequence[Any], config: EvalCon
         ious=ious,
         pred_boxes=boxes,
         pred_valid=valid,
-        gt_boxes=[[list(map(float, b)) for b in bs] for bs in gt_boxes],
+        gt_boxes=gt_boxes,
         categories=categories,
         targets=[r.target for r in records],
         config=cfg,
