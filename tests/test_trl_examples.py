@@ -93,3 +93,30 @@ def test_tiny_defaults_and_switches(grpo_script, tmp_path):
                                      reward_names=["iou"])
     assert plain.difficulty_weighting is False and plain.resample_rounds == 0
     assert plain.localization_reward == "iou_reward"
+
+
+def test_pixel_budget_reaches_processor_and_reward_space(tmp_path, monkeypatch):
+    """--max-pixels on a loaded processor changes what the model sees AND the rewards' space."""
+    from PIL import Image
+
+    from differad_rl.coords import smart_resize
+    from differad_rl.integrations.trl import coordinate_spec
+
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    sft = importlib.import_module("sft_cold_start")
+    _, processor = sft.load_model_and_processor("tiny", cache_dir=tmp_path)
+    sft.set_pixel_budget(processor, 28 * 28 * 4, 1003520)
+    spec = coordinate_spec(processor)
+    assert (spec.min_pixels, spec.max_pixels) == (28 * 28 * 4, 1003520)
+    out = processor(text=["<|vision_start|><|image_pad|><|vision_end|>"], images=[Image.new("RGB", (900, 700))],
+                    return_tensors="pt")
+    _, gh, gw = out["image_grid_thw"][0].tolist()
+    assert (gh * 14, gw * 14) == smart_resize(700, 900, 28, spec.min_pixels, spec.max_pixels) == (700, 896)
+
+
+def test_accelerate_config_is_deepspeed_zero2_bf16():
+    yaml = pytest.importorskip("yaml")
+    cfg = yaml.safe_load((EXAMPLES / "accelerate_zero2.yaml").read_text())
+    assert cfg["distributed_type"] == "DEEPSPEED" and cfg["deepspeed_config"]["zero_stage"] == 2
+    assert cfg["mixed_precision"] == "bf16" and cfg["use_cpu"] is False
+    assert "accelerate_zero2.yaml" in (EXAMPLES / "train_grpo.py").read_text()

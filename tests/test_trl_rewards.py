@@ -282,3 +282,23 @@ def test_two_grpo_steps_per_family(family, tiny_cache, tmp_path):
         assert 1.0 <= r["differad/weight_mean"] <= r["differad/weight_max"] <= 2.07
         assert 0.0 <= r["differad/degenerate_after"] <= r["differad/degenerate_before"] <= 1.0
         assert r["differad/rounds_used"] in (0.0, 1.0)
+
+
+def test_package_import_runs_the_version_guard():
+    """``import differad_rl.integrations.trl`` refuses an unsupported TRL with a clear error."""
+    import subprocess
+    import sys
+
+    code = (
+        "import importlib.metadata as md\n"
+        "real = md.version\n"
+        "md.version = lambda name: '1.17.0' if name == 'trl' else real(name)\n"
+        "try:\n"
+        "    import differad_rl.integrations.trl\n"
+        "except ImportError as e:\n"
+        "    print('REFUSED', e)\n"
+        "else:\n"
+        "    print('IMPORTED')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300).stdout
+    assert "REFUSED" in out and "trl 1.17.0 is installed" in out and ">=1.16.0,<1.17" in out

@@ -23,12 +23,14 @@ The paper's GPU recipe (DESIGN §1: G = 8, 8 completions per device, gradient ac
 frozen vision tower, max_pixels = 1,003,520, one epoch, β = 0.04, truncated completions masked,
 TRL's DAPO loss with ε = 0.2 / ε_high = 0.28, weights on, K = 1 resampling round)::
 
-    accelerate launch --num_processes 8 --config_file deepspeed_zero2.yaml examples/trl/train_grpo.py \\
+    accelerate launch --config_file examples/trl/accelerate_zero2.yaml examples/trl/train_grpo.py \\
         --paper --model Qwen/Qwen2.5-VL-3B-Instruct --data pairs.jsonl --output-dir runs/grpo-3b
 
-(``--deepspeed ds_zero2.json`` passes a DeepSpeed config straight to the trainer instead of an
-accelerate config.) TRL 1.16 has no ``max_prompt_length``: prompt length is governed by the pixel
-budget (two images at 1,003,520 pixels are up to 2 × 1,280 visual tokens).
+(8 GPUs, DeepSpeed ZeRO-2, bf16; ``--deepspeed ds_config.json`` instead passes a DeepSpeed JSON
+config straight to the trainer. Start from the SFT cold start's checkpoint with ``--model``.)
+TRL 1.16 has no ``max_prompt_length``, so the paper's 1024-token prompt cap is not applied: prompt
+length is governed by the pixel budget (two images at 1,003,520 pixels are up to 2 × 1,280 visual
+tokens). The learning rate (1e-6 with ``--paper``) is this script's choice; DESIGN §1 gives none.
 """
 
 from __future__ import annotations
