@@ -145,6 +145,12 @@ def test_accumulating_object_equals_functional(samples, data):
     np.testing.assert_allclose(m1.ious, sample_ious(pred, None, gt))
     ious = sample_ious(pred, None, gt)
     assert ((ious >= 0) & (ious <= 1)).all()
+    o = expected["overall"]
+    n_anomalous = sum(1 for g in gt if g)
+    n_boxes = sum(1 for p in pred if np.isfinite(p).all() and any(p))
+    assert o["tp"] + o["fn"] == n_anomalous == expected["anomalous"]["n"]
+    assert o["tp"] + o["fp"] == n_boxes  # every answered box is either a TP or an FP
+    assert o["acc"] >= o["tp"] / len(samples) - 1e-12
 
 
 @settings(max_examples=40, deadline=None)
