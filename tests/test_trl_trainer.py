@@ -11,6 +11,8 @@ import inspect
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 pytest.importorskip("trl")
 
@@ -292,6 +294,100 @@ def test_spliced_rows_have_the_logps_of_their_sub_batch(model_path, tmp_path):
     torch.testing.assert_close(full[:, :width], own, rtol=1e-4, atol=1e-5)
     assert torch.all(full[:, width:] == 0)
     assert (own != 0).any()
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl"])
+def test_resampling_splices_every_family(family, tmp_path):
+    rows = make_prompt_rows(["hard", "easy", "easy"], size=64)
+    batch = expand_groups(rows)
+    trainer = make_trainer(SpyTrainer, tiny_model_for(family), TEXT_REWARDS, rows, 12, tmp_path, resample_rounds=1,
+                           difficulty_weighting=True, localization_reward="text_loc_reward")
+    out = _step(trainer, batch)
+    assert _last(trainer, "rounds_used") == 1 and _last(trainer, "groups_resampled") == 1
+    texts = trainer.processing_class.batch_decode(out["completion_ids"][:G], skip_special_tokens=True)
+    assert texts == [c[0]["content"] for c in trainer.scored_completions[-1]]
+    assert out["pixel_values"].size(0) == int(out["image_grid_thw"].prod(-1).sum())
+    if "mm_token_type_ids" in out:
+        width = out["prompt_ids"].size(1) + out["completion_ids"].size(1)
+        assert out["mm_token_type_ids"].shape == (len(batch), width)
+        # image tokens sit in the prompt part only, where the prompt ids are image pads
+        assert not out["mm_token_type_ids"][:, out["prompt_ids"].size(1):].any()
+        pad_id = trainer.processing_class.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+        is_image = out["prompt_ids"] == pad_id
+        assert torch.equal(out["mm_token_type_ids"][:, : out["prompt_ids"].size(1)] == 1, is_image)
+
+
+def _padded(lengths, width, left, value, seed):
+    gen = torch.Generator().manual_seed(seed)
+    out = torch.full((len(lengths), width), value, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        body = torch.randint(1, 100, (n,), generator=gen)
+        if left:
+            out[i, width - n:] = body
+        else:
+            out[i, :n] = body
+    return out
+
+
+def _unpad(row, mask):
+    return row[mask.bool()].tolist()
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    dst_p=st.lists(st.integers(1, 6), min_size=2, max_size=6),
+    dst_c=st.data(),
+    src_n=st.integers(1, 3),
+    data=st.data(),
+)
+def test_splice_rows_property(dst_p, dst_c, src_n, data):
+    """Every row of the spliced batch holds exactly the unpadded tokens, masks, log-probs and pixel rows
+    of the row it came from, whatever the two batches' padded widths."""
+    b = len(dst_p)
+    src_n = min(src_n, b)
+    c_lens = dst_c.draw(st.lists(st.integers(1, 6), min_size=b, max_size=b))
+    s_p = data.draw(st.lists(st.integers(1, 8), min_size=src_n, max_size=src_n))
+    s_c = data.draw(st.lists(st.integers(1, 8), min_size=src_n, max_size=src_n))
+    rows = torch.tensor(sorted(data.draw(st.lists(st.integers(0, b - 1), min_size=src_n, max_size=src_n,
+                                                  unique=True))))
+
+    def batch(p_lens, c_lens, seed):
+        pw, cw = max(p_lens), max(c_lens)
+        n = len(p_lens)
+        grids = torch.tensor([[1, 2, 2 + (seed + i) % 3] for i in range(2 * n)])
+        return {
+            "prompt_ids": _padded(p_lens, pw, True, 0, seed),
+            "prompt_mask": _padded(p_lens, pw, True, 0, seed).ne(0).long(),
+            "completion_ids": _padded(c_lens, cw, False, 0, seed + 1),
+            "completion_mask": _padded(c_lens, cw, False, 0, seed + 1).ne(0).long(),
+            "old_per_token_logps": _padded(c_lens, cw, False, 0, seed + 1).float() / -10,
+            "mm_token_type_ids": torch.cat([_padded(p_lens, pw, True, 0, seed).remainder(2), torch.zeros(n, cw,
+                                            dtype=torch.long)], 1),
+            "advantages": torch.arange(n, dtype=torch.float32) + seed,
+            "pixel_values": torch.randn(int(grids.prod(-1).sum()), 3),
+            "image_grid_thw": grids,
+            "num_images": [2] * n,
+            "num_items_in_batch": torch.tensor(0),
+        }
+
+    dst, src = batch(dst_p, c_lens, 0), batch(s_p, s_c, 100)
+    out = splice_rows(dst, src, rows, pad_token_id=0)
+    origin = {r: (src, j) for j, r in enumerate(rows.tolist())}
+    pv_out = torch.split(out["pixel_values"], [int(g.prod(-1).sum()) for g in out["image_grid_thw"].split(2)])
+    for i in range(b):
+        ref, j = origin.get(i, (dst, i))
+        for key, mask in (("prompt_ids", "prompt_mask"), ("completion_ids", "completion_mask"),
+                          ("old_per_token_logps", "completion_mask")):
+            assert _unpad(out[key][i], out[mask][i]) == _unpad(ref[key][j], ref[mask][j])
+        p_out, p_ref = out["prompt_ids"].size(1), ref["prompt_ids"].size(1)
+        assert _unpad(out["mm_token_type_ids"][i, :p_out], out["prompt_mask"][i]) == _unpad(
+            ref["mm_token_type_ids"][j, :p_ref], ref["prompt_mask"][j])
+        assert out["advantages"][i] == ref["advantages"][j]
+        pv_ref = torch.split(ref["pixel_values"], [int(g.prod(-1).sum()) for g in ref["image_grid_thw"].split(2)])
+        assert torch.equal(pv_out[i], pv_ref[j])
+    assert out["prompt_ids"].size(1) == max(max(dst_p), max(s_p))
+    assert out["completion_ids"].size(1) == out["old_per_token_logps"].size(1) == max(max(c_lens), max(s_c))
+    assert out["mm_token_type_ids"].size(1) == out["prompt_ids"].size(1) + out["completion_ids"].size(1)
 
 
 def test_splice_rows_rejects_unknown_keys():
