@@ -58,7 +58,9 @@ __all__ = [
     "TinyQwen2_5_VLProcessor",
     "TinyQwen3VLProcessor",
     "build_tiny_qwen_vl",
+    "load_tiny_processor",
     "load_tiny_qwen_vl",
+    "mark_tiny_checkpoint",
     "tiny_model_for",
     "default_pixel_budget",
 ]
@@ -305,6 +307,39 @@ def _read_manifest(path: Path) -> dict[str, Any] | None:
         return None
 
 
+def _check_replaceable(out: Path) -> None:
+    """Only an empty folder or an older tiny BUILD may be replaced — never a trained checkpoint or
+    a folder of someone else's files."""
+    if not out.is_dir():
+        raise ValueError(f"out_dir={str(out)!r} exists and is not a folder")
+    if not any(out.iterdir()):
+        return
+    found = _read_manifest(out)
+    if found is None or found.get("checkpoint"):
+        what = "a trained tiny checkpoint" if found else "not a tiny Qwen-VL build"
+        raise ValueError(f"out_dir={str(out)!r} is {what}; refusing to overwrite it (choose another folder)")
+
+
+def mark_tiny_checkpoint(build_dir: str | os.PathLike[str], checkpoint_dir: str | os.PathLike[str]) -> Path:
+    """Make a saved fine-tune of a tiny build loadable by :func:`load_tiny_qwen_vl`.
+
+    Copies the build's manifest into ``checkpoint_dir`` (atomically) with ``"checkpoint": true``,
+    so the loader knows the family and :func:`build_tiny_qwen_vl` never overwrites the checkpoint.
+
+    Raises:
+        ValueError: ``build_dir`` holds no tiny build manifest.
+    """
+    manifest = _read_manifest(Path(build_dir))
+    if manifest is None:
+        raise ValueError(f"build_dir={str(build_dir)!r} holds no tiny Qwen-VL build ({MANIFEST} missing)")
+    dest = Path(checkpoint_dir)
+    dest.mkdir(parents=True, exist_ok=True)
+    tmp = dest / (MANIFEST + f".part-{os.getpid()}")
+    tmp.write_text(json.dumps({**manifest, "checkpoint": True}, indent=2, sort_keys=True))
+    os.replace(tmp, dest / MANIFEST)
+    return dest
+
+
 def build_tiny_qwen_vl(
     family: Family,
     out_dir: str | os.PathLike[str],
@@ -321,13 +356,15 @@ def build_tiny_qwen_vl(
         out_dir: target folder. If it already holds a complete build for the same arguments
             (its ``tiny_build.json`` matches) it is reused untouched; otherwise it is (re)built in
             a temporary sibling folder and moved into place, so a crash never leaves a half build.
+            Only an empty folder or an older tiny build is replaced.
         seed: seeds the weights and the tokenizer corpus.
         min_pixels, max_pixels: the image processor's pixel budget (defaults:
             :func:`default_pixel_budget`). For Qwen2.5-VL these decide the coordinate space.
         vocab_size: BPE vocabulary size before the special / reasoning tokens.
 
     Raises:
-        ValueError: unknown ``family``, or a pixel budget that is not ``0 < min_pixels <= max_pixels``.
+        ValueError: unknown ``family``, a pixel budget that is not ``0 < min_pixels <= max_pixels``,
+            or an ``out_dir`` that holds other files or a trained checkpoint.
     """
     _check_family(family)
     dmin, dmax = default_pixel_budget(family)
@@ -341,6 +378,8 @@ def build_tiny_qwen_vl(
     manifest = _manifest(family, seed, min_pixels, max_pixels, vocab_size)
     if _read_manifest(out) == manifest:
         return out
+    if out.exists():
+        _check_replaceable(out)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -373,10 +412,11 @@ def build_tiny_qwen_vl(
         tmp_manifest = tmp / (MANIFEST + ".part")
         tmp_manifest.write_text(json.dumps(manifest, indent=2, sort_keys=True))
         os.replace(tmp_manifest, tmp / MANIFEST)
-        # Move into place: drop a stale/partial build first, tolerate a concurrent builder.
+        # Move into place: replace a stale tiny build, tolerate a concurrent builder.
         if out.exists():
             if _read_manifest(out) == manifest:
                 return out
+            _check_replaceable(out)
             shutil.rmtree(out)
         try:
             os.replace(tmp, out)

@@ -19,6 +19,7 @@ from differad_rl.integrations.tiny_qwen_vl import (  # noqa: E402
     default_pixel_budget,
     load_tiny_processor,
     load_tiny_qwen_vl,
+    mark_tiny_checkpoint,
     tiny_model_for,
 )
 
@@ -140,3 +141,27 @@ def test_tiny_model_for_caches_by_arguments(tmp_path):
     c = tiny_model_for("qwen2_5_vl", cache_dir=tmp_path, max_pixels=28 * 28 * 25)
     assert a == b != c
     assert load_tiny_processor(c).image_processor.size.longest_edge == 28 * 28 * 25
+
+
+def test_never_overwrites_foreign_folders_or_checkpoints(tmp_path):
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="not a tiny Qwen-VL build; refusing to overwrite"):
+        build_tiny_qwen_vl("qwen2_vl", foreign)
+    assert (foreign / "notes.txt").read_text() == "keep me"
+    # a fine-tuned checkpoint of a tiny build loads like the build, and is protected
+    build = build_tiny_qwen_vl("qwen2_vl", tmp_path / "build")
+    model, proc = load_tiny_qwen_vl(build)
+    ckpt = tmp_path / "ckpt"
+    model.save_pretrained(ckpt)
+    proc.save_pretrained(ckpt)
+    mark_tiny_checkpoint(build, ckpt)
+    assert isinstance(load_tiny_qwen_vl(ckpt)[1], ProcessorMixin)
+    with pytest.raises(ValueError, match="trained tiny checkpoint"):
+        build_tiny_qwen_vl("qwen2_vl", ckpt, seed=5)
+    with pytest.raises(ValueError, match="holds no tiny Qwen-VL build"):
+        mark_tiny_checkpoint(foreign, ckpt)
+    # an empty folder is fine
+    (tmp_path / "empty").mkdir()
+    assert build_tiny_qwen_vl("qwen2_vl", tmp_path / "empty") == tmp_path / "empty"

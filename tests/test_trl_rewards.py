@@ -85,9 +85,12 @@ def test_qwen2_5_space_is_the_image_the_model_sees(wh, processors):
     assert full.tolist() == [0, 0, seen[1], seen[0]]
 
 
-def test_model_or_explicit_space_wins(processors):
+def test_model_must_agree_explicit_space_wins(processors):
     proc = processors["qwen2_5_vl"]
-    assert coordinate_spec(proc, model="Qwen/Qwen2-VL-7B-Instruct").space == "qwen2_vl"
+    assert coordinate_spec(proc, model="Qwen/Qwen2.5-VL-3B-Instruct").space == "qwen2_5_vl"
+    with pytest.raises(ValueError, match="writes 'qwen2_5_vl' coordinates but the model is 'qwen2_vl'"):
+        coordinate_spec(proc, model="Qwen/Qwen2-VL-7B-Instruct")
+    assert coordinate_spec(proc, model="Qwen/Qwen2-VL-7B-Instruct", space="qwen2_vl").space == "qwen2_vl"
     assert coordinate_spec(proc, space="qwen3_vl").space == "qwen3_vl"
     assert coordinate_spec("qwen2_vl") == CoordinateSpec("qwen2_vl")
     assert coordinate_spec("qwen2_5_vl", min_pixels=3136, max_pixels=12544, factor=28).max_pixels == 12544

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from differad_rl.coords import to_model_space
+from differad_rl.data.atomic import atomic_write_text
 from differad_rl.data.records import PairRecord, load_pairs
 from differad_rl.parsing import render_box
 
@@ -87,6 +88,16 @@ def load_model_and_processor(
     if attn_implementation:
         kw["attn_implementation"] = attn_implementation
     return AutoModelForImageTextToText.from_pretrained(model, **kw), processor
+
+
+def keep_tiny_manifest(model: Any, checkpoint_dir: Path) -> None:
+    """A fine-tuned tiny model's checkpoint keeps its build manifest (marked as a checkpoint), so
+    :func:`~differad_rl.integrations.tiny_qwen_vl.load_tiny_qwen_vl` loads it with its processor class."""
+    src = Path(getattr(model, "name_or_path", "") or ".")
+    if (src / "tiny_build.json").is_file():
+        from differad_rl.integrations.tiny_qwen_vl import mark_tiny_checkpoint
+
+        mark_tiny_checkpoint(src, checkpoint_dir)
 
 
 def set_pixel_budget(processor: Any, min_pixels: int | None, max_pixels: int | None) -> None:
@@ -292,13 +303,11 @@ def main(argv: list[str] | None = None) -> int:
     ckpt = out / "checkpoint"
     trainer.save_model(str(ckpt))
     processor.save_pretrained(str(ckpt))
-    tiny_manifest = Path(getattr(model, "name_or_path", "")) / "tiny_build.json"
-    if tiny_manifest.is_file():  # keep the tiny build's manifest so the checkpoint loads with its processor class
-        (ckpt / "tiny_build.json").write_text(tiny_manifest.read_text())
+    keep_tiny_manifest(model, ckpt)
     png = save_curve(out / "sft_loss.png", steps, {"loss": losses}, "SFT cold start")
     summary = {"steps": len(steps), "first_loss": losses[0] if losses else None,
                "last_loss": losses[-1] if losses else None, "checkpoint": str(ckpt), "curve": str(png)}
-    (out / "sft_summary.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_text(out / "sft_summary.json", json.dumps(summary, indent=2))
     print(json.dumps(summary))
     return 0
 

@@ -50,12 +50,14 @@ from sft_cold_start import (  # noqa: E402
     TINY_PREFIX,
     demo_or_data,
     freeze_vision_tower,
+    keep_tiny_manifest,
     load_model_and_processor,
     run_sft,
     save_curve,
 )
 
 from differad_rl.coords import from_model_space  # noqa: E402
+from differad_rl.data.atomic import atomic_write_text  # noqa: E402
 from differad_rl.parsing import completion_text, parse_boxes_batch  # noqa: E402
 
 
@@ -82,7 +84,7 @@ class RolloutIoU:
         n = len(completions)
         sizes = target_image_sizes(n, image_size=image_size, images=images).astype(np.float64)
         pred, valid = parse_boxes_batch([completion_text(c) for c in completions])
-        kw = {k: v for k, v in self.spec._coord_kwargs().items()}
+        kw = self.spec.coord_kwargs()
         pred_px = from_model_space(np.nan_to_num(pred), sizes[:, 0], sizes[:, 1], self.spec.space, round=False, **kw)
         if boxes is None:
             boxes = [[list(s)] if any(s) else [] for s in solution]
@@ -294,9 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     trainer.save_model(str(ckpt))
     if trainer.accelerator.is_main_process:
         processor.save_pretrained(str(ckpt))
-        tiny_manifest = Path(getattr(model, "name_or_path", "")) / "tiny_build.json"
-        if tiny_manifest.is_file():
-            (ckpt / "tiny_build.json").write_text(tiny_manifest.read_text())
+        keep_tiny_manifest(model, ckpt)
         rows = printer.rows
         steps = [float(r["step"]) for r in rows]
         series = {"reward": [r["reward"] for r in rows], "DCLR": [r["dclr"] for r in rows],
@@ -305,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         png = save_curve(out / "reward_curve.png", steps, series, f"DifferAD GRPO ({spec.space})")
         summary = {"steps": len(rows), "checkpoint": str(ckpt), "curve": str(png),
                    "metrics": str(printer.path), "final": rows[-1] if rows else None}
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
         print(json.dumps({k: v for k, v in summary.items() if k != "final"}))
     return 0
 

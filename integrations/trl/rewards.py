@@ -104,10 +104,11 @@ class CoordinateSpec:
 
     def to_model_space(self, boxes: Any, width: Any, height: Any) -> Any:
         """Convert original-pixel boxes to this space (thin call of :func:`differad_rl.coords.to_model_space`)."""
-        kw = self._coord_kwargs()
+        kw = self.coord_kwargs()
         return _coords.to_model_space(boxes, width, height, self.space, **kw)
 
-    def _coord_kwargs(self) -> dict[str, int]:
+    def coord_kwargs(self) -> dict[str, int]:
+        """The known ``min_pixels`` / ``max_pixels`` / ``factor`` as keyword arguments of :mod:`differad_rl.coords`."""
         kw: dict[str, int] = {}
         if self.min_pixels is not None:
             kw["min_pixels"] = int(self.min_pixels)
@@ -163,14 +164,14 @@ def coordinate_spec(
         processor_or_space: a Qwen-VL processor (its ``image_processor`` supplies
             ``size.shortest_edge`` / ``size.longest_edge`` = min/max pixels and
             ``patch_size × merge_size``), a :class:`CoordinateSpec` (returned as is) or a space name.
-        model: optional model, config or hub name whose ``model_type`` decides the space (wins over
-            the processor's class).
+        model: optional model, config or hub name whose ``model_type`` decides the space; it must
+            agree with the processor's class when both tell one (else ``ValueError``).
         space: explicit space (wins over everything).
         min_pixels, max_pixels, factor: explicit numbers (win over the processor's).
 
     Raises:
         ValueError: a bare tokenizer was passed (no ``image_processor``), the space cannot be told,
-            or ``qwen2_5_vl`` without its pixel budget.
+            processor and model disagree, or ``qwen2_5_vl`` without its pixel budget.
     """
     if isinstance(processor_or_space, CoordinateSpec):
         return processor_or_space
@@ -193,8 +194,14 @@ def coordinate_spec(
         if f is None and getattr(ip, "patch_size", None) and getattr(ip, "merge_size", None):
             f = int(ip.patch_size) * int(ip.merge_size)
         found = _space_of_processor(processor)
-    if model is not None:
-        found = _space_of_model(model)
+    if model is not None and space is None:
+        from_model = _space_of_model(model)
+        if found is not None and found != from_model:
+            raise ValueError(
+                f"the processor ({type(processor_or_space).__name__}) writes {found!r} coordinates but the model "
+                f"is {from_model!r}; pass space= explicitly if this pairing is intended"
+            )
+        found = from_model
     if space is not None:
         found = space
     if found is None:
@@ -344,9 +351,7 @@ def get_reward(name: str, spec: CoordinateSpec | Any, **options: Any) -> Callabl
     factory = getattr(_core, REWARD_FACTORIES[name])
     kw: dict[str, Any] = dict(options)
     kw.update(gt_space="pixel", space=spec.space)
-    kw.update({k: v for k, v in spec._coord_kwargs().items() if k in ("min_pixels", "max_pixels")})
-    if spec.factor is not None:
-        kw["factor"] = spec.factor
+    kw.update(spec.coord_kwargs())
     inner = factory(**kw)
     return TargetSizeReward(inner, getattr(inner, "__name__", f"{name}_reward"), multi_box=name == "multi_box")
 
