@@ -7,8 +7,10 @@ from the same seed, so all variants generate the very same completions and only 
 differs.
 
 - ``test_step[plain|weights]``: the pytest-benchmark table (group ``trl-step``).
-- ``test_weights_overhead_ratio``: both trainers timed interleaved in one run; the ratio of medians
-  (target ≤ 1.03) and the adapter's own post-processing time relative to a step, in ``extra_info``.
+- ``test_weights_overhead_ratio``: both trainers timed interleaved in one run; the ratios of medians
+  and of best times (target ≤ 1.03) and the adapter's own post-processing time relative to a step
+  (asserted < 3 %), in ``extra_info``. On a busy shared machine the step ratios carry several % noise;
+  the adapter's own work is the robust number.
 - ``test_resampling_round_cost``: one resampling round (every group forced degenerate, K = 1, so the whole
   batch is regenerated once) relative to a step without resampling, in ``extra_info``.
 """
@@ -101,6 +103,7 @@ def test_weights_overhead_ratio(benchmark, setup):
         for name, trainer in order:
             times[name].append(_step(trainer, batch, seed=i % 6))
     t_plain, t_ours = statistics.median(times["plain"][4:]), statistics.median(times["weights"][4:])
+    best_plain, best_ours = min(times["plain"][4:]), min(times["weights"][4:])
     # the adapter's own work on top of super(): weights + logging, timed alone on the gathered rewards
     from differad_rl.groups import difficulty_weights
     from differad_rl.integrations.trl.trainer import trl_advantages
@@ -120,11 +123,13 @@ def test_weights_overhead_ratio(benchmark, setup):
             "step_plain_s": t_plain,
             "step_weights_s": t_ours,
             "ratio_weights_over_plain": t_ours / t_plain,
+            "ratio_weights_over_plain_best": best_ours / best_plain,
             "own_work_s": own,
             "own_work_over_step": own / t_plain,
         }
     )
-    print(f"\nstep plain {t_plain * 1e3:.1f} ms, weights {t_ours * 1e3:.1f} ms, ratio {t_ours / t_plain:.3f}; "
+    print(f"\nstep plain {t_plain * 1e3:.1f} ms, weights {t_ours * 1e3:.1f} ms (medians), ratio {t_ours / t_plain:.3f}, "
+          f"best-of ratio {best_ours / best_plain:.3f}; "
           f"adapter work {own * 1e6:.0f} us = {own / t_plain:.2%} of a step")
     assert own / t_plain < 0.03  # the adapter itself is far inside the 3 % budget
 
