@@ -231,3 +231,55 @@ def test_bridge_without_localization_raises_clearly(ray_tq):
     # weight_source=score needs no extra info and leaves the bridge out
     trainer_base.PPOTrainer._compute_advantage(types.SimpleNamespace(config=_trainer_config(2, weight_source="score")), batch, {})
     tq.kv_clear(keys=keys, partition_id="train")
+
+
+@pytest.mark.slow
+def test_reward_loop_worker_on_ray(ray_tq):
+    """veRL's RewardLoopWorker as a Ray actor (as RewardLoopManager creates it) loads the reward
+    through pkg:// in its own process and returns the same values as compute_score here."""
+    ray, _ = ray_tq
+    from hydra import compose, initialize_config_module
+    from verl import DataProto
+    from verl.experimental.reward_loop.reward_loop import RewardLoopWorker
+
+    from differad_rl.integrations.tiny_qwen_vl import load_tiny_processor, tiny_model_for
+    from differad_rl.integrations.verl import compute_score
+
+    model = tiny_model_for("qwen2_5_vl")
+    with initialize_config_module(config_module="verl.trainer.config", version_base=None):
+        cfg = compose(
+            config_name="ppo_trainer",
+            overrides=[
+                f"actor_rollout_ref.model.path={model}",
+                "reward.custom_reward_function.path=pkg://differad_rl.integrations.verl.reward",
+                "reward.custom_reward_function.name=compute_score",
+                "+reward.custom_reward_function.reward_kwargs.center_norm=enclosing",
+            ],
+        )
+    tok = load_tiny_processor(model).tokenizer
+    texts = ["<think>.</think><answer>(10,10),(40,30)</answer>", "<answer>(0,0),(0,0)</answer>"]
+    gts = [[[12, 10, 44, 36]], []]
+    ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    width = max(len(i) for i in ids)
+    responses = torch.tensor([i + [tok.pad_token_id] * (width - len(i)) for i in ids])
+    attention = torch.cat([torch.ones(2, 2, dtype=torch.int64), (responses != tok.pad_token_id).long()], dim=1)
+    data = DataProto.from_single_dict(
+        {
+            "prompts": torch.ones(2, 2, dtype=torch.int64),
+            "responses": responses,
+            "attention_mask": attention,
+            "data_source": np.array(["differad"] * 2, dtype=object),
+            "reward_model": np.array([{"style": "rule", "ground_truth": g} for g in gts], dtype=object),
+            "extra_info": np.array([{"index": 0}, {"index": 1}], dtype=object),
+        }
+    )
+    worker = ray.remote(RewardLoopWorker).options(num_cpus=1).remote(cfg)
+    try:
+        outs = ray.get(worker.compute_score_batch.remote(data), timeout=240)
+    finally:
+        ray.kill(worker)
+    for text, gt, out in zip(texts, gts, outs):
+        want = compute_score("differad", text, gt, {}, center_norm="enclosing")
+        assert out["reward_score"] == pytest.approx(want["score"])
+        assert {k: out["reward_extra_info"][k] for k in want} == pytest.approx(want)
+    assert outs[1]["reward_score"] == 1.0  # zero box on a normal target, but no <think>: format 0
