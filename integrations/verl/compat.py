@@ -97,7 +97,9 @@ def check_versions(*, verl_version: str | None = None, transformers_version: str
     )
     for name, version, spec, fix in checks:
         if version is None:
-            raise UnsupportedVersionError(f"differad_rl.integrations.verl needs {name}{spec}, which is not installed; {fix}")
+            raise UnsupportedVersionError(
+                f"differad_rl.integrations.verl needs {name}{spec}, which is not installed; {fix}"
+            )
         if Version(version) not in spec:
             raise UnsupportedVersionError(
                 f"differad_rl.integrations.verl supports {name}{spec}, found {name}=={version}; {fix}"
@@ -179,7 +181,8 @@ def _patch_trainer_base(module: types.ModuleType) -> None:
     method = getattr(trainer, "_compute_advantage", None)
     if method is None:
         raise UnsupportedVersionError(
-            f"{module.__name__}.PPOTrainer._compute_advantage not found: the localization bridge supports veRL{SUPPORTED_VERL}"
+            f"{module.__name__}.PPOTrainer._compute_advantage not found: "
+            f"the localization bridge supports veRL{SUPPORTED_VERL}"
         )
     if getattr(method, _BRIDGE_MARK, False):
         return

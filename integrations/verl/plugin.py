@@ -44,5 +44,7 @@ def load() -> tuple[str, ...]:
 try:
     REGISTERED = load()
 except Exception:
-    logger.error("differad_rl veRL plugin failed to load; algorithm.adv_estimator=differad will be unknown", exc_info=True)
+    logger.error(
+        "differad_rl veRL plugin failed to load; algorithm.adv_estimator=differad will be unknown", exc_info=True
+    )
     raise
