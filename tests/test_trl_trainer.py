@@ -137,6 +137,8 @@ def test_unknown_localization_reward_lists_known(model_path, tmp_path):
     with pytest.raises(ValueError, match=r"nope.*text_loc_reward.*text_format_reward"):
         make_trainer(DifferADGRPOTrainer, model_path, TEXT_REWARDS, rows, 8, tmp_path,
                      difficulty_weighting=True, localization_reward="nope")
+    with pytest.raises(ValueError, match=r"typo.*text_loc_reward"):  # checked even with both features off
+        make_trainer(DifferADGRPOTrainer, model_path, TEXT_REWARDS, rows, 8, tmp_path, localization_reward="typo")
     with pytest.raises(ValueError, match="ambiguous"):
         make_trainer(DifferADGRPOTrainer, model_path, TEXT_REWARDS, rows, 8, tmp_path, resample_rounds=1)
     # one reward function: it is the localization reward; features off: no name needed

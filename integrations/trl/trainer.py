@@ -216,8 +216,10 @@ class DifferADGRPOTrainer(GRPOTrainer):
         self._degenerate_tol = float(getattr(cfg, "degenerate_tol", 1e-6))
         self._last_rewards_per_func: torch.Tensor | None = None
         self._loc_index: int | None = None
-        if self._dw_on or self._resample_k > 0:
-            self._loc_index = self._resolve_localization_reward(getattr(cfg, "localization_reward", None))
+        loc_name = getattr(cfg, "localization_reward", None)
+        if self._dw_on or self._resample_k > 0 or loc_name is not None:  # a wrong name fails even when unused
+            index = self._resolve_localization_reward(loc_name)
+            self._loc_index = index if self._dw_on or self._resample_k > 0 else None
         if self._resample_k > 0:
             blockers = {
                 "use_vllm=True": bool(getattr(self, "use_vllm", False)),
