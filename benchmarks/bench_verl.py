@@ -62,7 +62,7 @@ def test_verl_bench_grpo_vectorized_8192x512(benchmark, batch):
     rewards, mask, uids, _, config = batch
     fn = core_algos.get_adv_estimator_fn("grpo_vectorized")
     adv, _ = benchmark.pedantic(
-        lambda: fn(token_level_rewards=rewards, response_mask=mask, index=uids, config=config), rounds=20, iterations=1
+        lambda: fn(token_level_rewards=rewards, response_mask=mask, index=uids, config=config), rounds=40, iterations=1
     )
     assert adv.shape == (N_RESP, RESP_LEN)
 
@@ -71,7 +71,7 @@ def test_verl_bench_differad_vs_grpo_vectorized(benchmark, batch):
     benchmark.extra_info.update(
         peer="test_verl_bench_grpo_vectorized_8192x512", target="no slower (ratio >= 1)", ratio_min=1.0
     )
-    adv, _ = benchmark.pedantic(lambda: _differad(batch), rounds=20, iterations=1)
+    adv, _ = benchmark.pedantic(lambda: _differad(batch), rounds=40, iterations=1)
     rewards, mask, uids, loc, _ = batch
     ids = torch.as_tensor(np.unique(uids, return_inverse=True)[1])
     scalar = group_advantages_by_id(rewards.sum(-1), ids) * difficulty_weights_by_id(loc, ids)
@@ -80,5 +80,5 @@ def test_verl_bench_differad_vs_grpo_vectorized(benchmark, batch):
 
 def test_verl_bench_differad_vs_grpo_loop(benchmark, batch):
     benchmark.extra_info.update(peer="test_verl_bench_grpo_loop_8192x512", target=">= 10x faster", ratio_min=10.0)
-    adv, _ = benchmark.pedantic(lambda: _differad(batch), rounds=20, iterations=1)
+    adv, _ = benchmark.pedantic(lambda: _differad(batch), rounds=40, iterations=1)
     assert adv.shape == (N_RESP, RESP_LEN)
