@@ -1,0 +1,479 @@
+"""Same-prompt group resampling (DESIGN §6) inside veRL 0.9's V1 rollout.
+
+No plugin import is needed: veRL loads these classes from the configuration by name
+(``actor_rollout_ref.rollout.agent.agent_loop_manager_class`` and
+``trainer.v1.sampler.custom_sampler``); the Ray workers import this module when they unpickle
+the worker class.
+
+What it does
+------------
+A group (the ``n`` completions of one prompt) is *degenerate* when all its localization rewards
+are equal and none is perfect. :class:`DifferadAgentLoopWorkerTQ` overrides veRL's per-prompt
+rollout (``AgentLoopWorkerTQ._run_prompt``, where all ``n`` samples of a prompt and their rewards
+are known together): it runs the ``n`` agent loops as veRL does, scores them through veRL's reward
+loop, and hands the localization rewards to the core driver
+:func:`differad_rl.resampling.resample_groups`, which asks for the whole group again — same prompt,
+``n`` fresh samples, re-scored — for at most K rounds. Only the final group is written to the
+TransferQueue (``{uid}_{session}_{index}`` keys, exactly veRL's layout), then the prompt is marked
+``finished``. The decision is taken where all ``n`` samples of the prompt are, so every worker, on
+any number of nodes, takes the same decision for its prompts without a collective.
+
+Degeneracy is judged on the reward's ``localization`` extra (what
+:func:`differad_rl.integrations.verl.compute_score` returns, landing in
+``extra_fields["reward_extra_info"]``), not on the summed score: a group whose boxes are all wrong
+but whose format rewards differ has a non-zero score spread and carries only format signal.
+
+veRL's DAPO dynamic sampling (``algorithm.filter_groups``: evict zero-variance groups, draw new
+prompts) is a different algorithm; it stays usable on top (see :class:`DifferadReplayBuffer`), so
+both can run side by side or one at a time for comparison.
+
+Configuration (top-level ``differad.resample`` node; ``+`` on the command line because veRL's
+schema does not know it — extra keys under ``actor_rollout_ref.rollout.agent`` or ``algorithm``
+would break veRL's dataclass conversion of those nodes)::
+
+    actor_rollout_ref.rollout.agent.agent_loop_manager_class=differad_rl.integrations.verl.resampling.DifferadAgentLoopManagerTQ
+    trainer.v1.sampler.custom_sampler.path=pkg://differad_rl.integrations.verl.resampling
+    trainer.v1.sampler.custom_sampler.name=DifferadReplayBuffer       # DifferadReplayBufferAsync for async modes
+    +differad.resample.rounds=2          # K; 0 = off (the statistics are still reported)
+    +differad.resample.metric=localization
+    +differad.resample.tol=1e-6
+    +differad.resample.perfect=1.0
+
+Statistics, per training step, in the logged metrics (``training/differad_resample/...``):
+``groups`` (groups in the batch that carry a record), ``groups_resampled``, ``regenerations``,
+``rounds_used`` (max over groups) and ``rounds_used_mean``, ``degenerate_before`` and
+``degenerate_after`` (shares of groups). Each trajectory also carries its group's record in
+``extra_fields["differad_resample"]``.
+
+Only veRL's V1 trainer (``trainer.use_v1=True``, the 0.9 default) is supported; validation
+rollouts are never resampled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import dataclasses
+import functools
+import logging
+import math
+import os
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+from verl.experimental.agent_loop import AgentLoopOutput
+from verl.trainer.ppo.v1 import agent_loop_tq as _agent_loop_tq
+from verl.trainer.ppo.v1.agent_loop_tq import AgentLoopManagerTQ, apply_greedy_sampling_params
+from verl.trainer.ppo.v1 import replay_buffer as _replay_buffer
+from verl.trainer.ppo.v1.replay_buffer import ReplayBuffer, ReplayBufferAsync
+
+from differad_rl.groups import degenerate_groups
+from differad_rl.resampling import ResampleStats, resample_groups
+
+__all__ = [
+    "CONFIG_NODE",
+    "METRIC_PREFIX",
+    "RECORD_KEY",
+    "DifferadAgentLoopManagerTQ",
+    "DifferadAgentLoopWorkerTQ",
+    "DifferadReplayBuffer",
+    "DifferadReplayBufferAsync",
+    "ResampleConfig",
+    "group_record",
+    "resample_metrics",
+]
+
+logger = logging.getLogger(__name__)
+logger.setLevel(os.getenv("VERL_LOGGING_LEVEL", "WARN"))
+
+CONFIG_NODE = "differad.resample"
+"""Where the options live in veRL's config (``+differad.resample.<name>=...``)."""
+
+RECORD_KEY = "differad_resample"
+"""Key of the per-group record in each trajectory's ``extra_fields``."""
+
+METRIC_PREFIX = "training/differad_resample/"
+"""Prefix of the logged statistics."""
+
+MANAGER_FQN = f"{__name__}.DifferadAgentLoopManagerTQ"
+_SAMPLER_NAMES = ("DifferadReplayBuffer", "DifferadReplayBufferAsync")
+_DRIVER_THREADS = 64
+
+# veRL decorates AgentLoopWorkerTQ with @ray.remote; subclass the plain class underneath.
+_WorkerTQBase: type = _agent_loop_tq.AgentLoopWorkerTQ.__ray_actor_class__
+
+# Set while a group is being generated for resampling: the agent loops' post-processing then scores
+# the samples and hands them back instead of writing them to the TransferQueue.
+_COLLECTING: contextvars.ContextVar[bool] = contextvars.ContextVar("differad_resample_collecting", default=False)
+
+
+# ------------------------------------------------------------------------------------------------
+# configuration
+
+
+@dataclasses.dataclass(frozen=True)
+class ResampleConfig:
+    """Options of same-prompt group resampling (``+differad.resample.<name>``).
+
+    Attributes:
+        rounds: K, regeneration rounds at most (exactly K when a group stays degenerate); 0 turns
+            regeneration off while still reporting the degenerate shares.
+        metric: the reward extra judged for degeneracy (a key of the reward's extra info);
+            ``"reward"`` judges the summed score instead (not recommended, DESIGN §6).
+        tol: std under which a group's rewards count as all equal.
+        perfect: the reward of a perfect answer; a group holding one is never degenerate.
+    """
+
+    rounds: int = 0
+    metric: str = "localization"
+    tol: float = 1e-6
+    perfect: float = 1.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rounds, bool) or not isinstance(self.rounds, int) or self.rounds < 0:
+            raise ValueError(f"{CONFIG_NODE}.rounds must be an integer >= 0, got {self.rounds!r}")
+        if not isinstance(self.metric, str) or not self.metric:
+            raise ValueError(f"{CONFIG_NODE}.metric must be a non-empty string, got {self.metric!r}")
+        for name in ("tol", "perfect"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                raise ValueError(f"{CONFIG_NODE}.{name} must be a finite number, got {value!r}")
+        if self.tol <= 0:
+            raise ValueError(f"{CONFIG_NODE}.tol must be > 0, got {self.tol!r}")
+
+    @classmethod
+    def from_config(cls, config: Any) -> ResampleConfig:
+        """Read ``config.differad.resample`` (a veRL DictConfig or a plain mapping).
+
+        A missing node gives the defaults (K = 0). Unknown keys raise ``ValueError`` naming them.
+        """
+        node = _get(_get(config, "differad"), "resample")
+        if node is None:
+            return cls()
+        if not isinstance(node, Mapping) and not hasattr(node, "items"):
+            raise ValueError(f"{CONFIG_NODE} must be a mapping of options, got {node!r}")
+        values = {str(k): _plain(v) for k, v in node.items()}
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown option(s) {', '.join(f'{CONFIG_NODE}.{k}' for k in unknown)}; known: {sorted(known)}")
+        return cls(**values)
+
+
+def _get(node: Any, key: str) -> Any:
+    if node is None:
+        return None
+    if isinstance(node, Mapping):
+        return node.get(key)
+    getter = getattr(node, "get", None)
+    return getter(key) if getter is not None else getattr(node, key, None)
+
+
+def _plain(value: Any) -> Any:
+    try:  # OmegaConf containers -> python
+        from omegaconf import OmegaConf
+
+        if OmegaConf.is_config(value):
+            return OmegaConf.to_container(value, resolve=True)
+    except ImportError:  # pragma: no cover - omegaconf always comes with veRL
+        pass
+    return value
+
+
+def validate_trainer_config(config: Any) -> ResampleConfig:
+    """Check a whole veRL trainer config for resampling; return the :class:`ResampleConfig`.
+
+    Raises ValueError for: unknown/invalid ``differad.resample`` options, the legacy trainer
+    (``trainer.use_v1=False``), ``rollout.n < 2`` with K > 0, and ``algorithm.filter_groups``
+    enabled together with a differad sampler that was not told about it (veRL gives custom
+    samplers no filter-groups settings, so DAPO would silently be off).
+    """
+    cfg = ResampleConfig.from_config(config)
+    trainer = _get(config, "trainer")
+    if trainer is not None and _get(trainer, "use_v1") is False:
+        raise ValueError(
+            "differad group resampling runs in veRL's V1 trainer only; got trainer.use_v1=False "
+            "(the V1 trainer is the 0.9 default)"
+        )
+    rollout = _get(_get(config, "actor_rollout_ref"), "rollout")
+    n = _get(rollout, "n")
+    if cfg.rounds > 0 and n is not None and int(n) < 2:
+        raise ValueError(f"{CONFIG_NODE}.rounds={cfg.rounds} needs groups: actor_rollout_ref.rollout.n={n} < 2")
+    if cfg.rounds > 0 and _get(rollout, "full_determinism"):
+        logger.warning(
+            "actor_rollout_ref.rollout.full_determinism=True: regenerated groups may repeat the same "
+            "completions (request ids are deterministic), so resampling cannot help"
+        )
+    filter_groups = _get(_get(config, "algorithm"), "filter_groups")
+    sampler = _get(_get(_get(trainer, "v1"), "sampler"), "custom_sampler")
+    if filter_groups is not None and _get(filter_groups, "enable") and _get(sampler, "name") in _SAMPLER_NAMES:
+        kwargs = _get(_get(_get(trainer, "v1"), "sampler"), "sampler_kwargs") or {}
+        want = {
+            "filter_groups_metric": _get(filter_groups, "metric"),
+            "train_batch_size": _get(_get(config, "data"), "train_batch_size"),
+        }
+        for key, value in want.items():
+            if _get(kwargs, key) != value:
+                raise ValueError(
+                    f"algorithm.filter_groups.enable=True with trainer.v1.sampler.custom_sampler.name="
+                    f"{_get(sampler, 'name')}: veRL passes no filter-groups settings to a custom sampler, so set "
+                    f"+trainer.v1.sampler.sampler_kwargs.{key}={value} (got {_get(kwargs, key)!r})"
+                )
+    return cfg
+
+
+# ------------------------------------------------------------------------------------------------
+# per-group records and batch statistics
+
+
+def group_record(stats: ResampleStats) -> dict[str, float]:
+    """The per-group record stored in each trajectory's ``extra_fields[RECORD_KEY]``.
+
+    ``stats`` is the driver's result for one group, so ``groups_resampled``, ``degenerate_before``
+    and ``degenerate_after`` are 0 or 1.
+    """
+    return {
+        "rounds_used": float(stats.rounds_used),
+        "regenerations": float(stats.regenerations),
+        "groups_resampled": float(stats.groups_resampled),
+        "degenerate_before": float(stats.degenerate_before),
+        "degenerate_after": float(stats.degenerate_after),
+    }
+
+
+def resample_metrics(uids: Sequence[str], extra_fields: Sequence[Any], prefix: str = METRIC_PREFIX) -> dict[str, float]:
+    """Batch statistics from the trajectories' records, one record per group (``uid``).
+
+    Returns ``{}`` when no trajectory carries a record (resampling not in use). With ``g`` groups
+    carrying one: ``groups = g``, ``groups_resampled`` and ``regenerations`` summed,
+    ``rounds_used`` the max and ``rounds_used_mean`` the mean over groups, ``degenerate_before``
+    / ``degenerate_after`` the shares of degenerate groups.
+    """
+    if len(uids) != len(extra_fields):
+        raise ValueError(f"uids ({len(uids)}) and extra_fields ({len(extra_fields)}) differ in length")
+    per_group: dict[str, Mapping[str, float]] = {}
+    for uid, extra in zip(uids, extra_fields):
+        record = extra.get(RECORD_KEY) if isinstance(extra, Mapping) else None
+        if record is not None and uid not in per_group:
+            per_group[uid] = record
+    if not per_group:
+        return {}
+    keys = ("rounds_used", "regenerations", "groups_resampled", "degenerate_before", "degenerate_after")
+    table = np.array([[float(r[k]) for k in keys] for r in per_group.values()], dtype=np.float64)
+    rounds, regen, resampled, before, after = table.T
+    return {
+        f"{prefix}groups": float(len(per_group)),
+        f"{prefix}groups_resampled": float(resampled.sum()),
+        f"{prefix}regenerations": float(regen.sum()),
+        f"{prefix}rounds_used": float(rounds.max()),
+        f"{prefix}rounds_used_mean": float(rounds.mean()),
+        f"{prefix}degenerate_before": float(before.mean()),
+        f"{prefix}degenerate_after": float(after.mean()),
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# the agent-loop worker and manager
+
+
+@dataclasses.dataclass
+class _Sample:
+    """One scored session of a group, held back from the TransferQueue until the group is final."""
+
+    outputs: list[AgentLoopOutput]
+    validate: bool
+    kwargs: dict[str, Any]
+    localization: float
+
+
+class DifferadAgentLoopWorkerTQ(_WorkerTQBase):
+    """veRL's ``AgentLoopWorkerTQ`` with same-prompt group resampling in ``_run_prompt``.
+
+    Everything else — agent loops, tokenisation, multimodal inputs, reward computation, the
+    TransferQueue layout — is veRL's own code; this class only holds a group back until the core
+    driver has decided it is final.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.resample_config = validate_trainer_config(self.config)
+        self._driver_pool: ThreadPoolExecutor | None = None
+
+    # -- hooks into veRL ---------------------------------------------------------------------
+
+    async def _agent_loop_postprocess(self, output: Any, validate: bool, **kwargs: Any) -> Any:
+        """While a group is collected: score the session and return it instead of storing it."""
+        if not _COLLECTING.get():
+            return await super()._agent_loop_postprocess(output, validate, **kwargs)
+        outputs = output if isinstance(output, list) else [output]
+        if not outputs:
+            raise ValueError(f"agent loop returned no output for prompt {kwargs.get('uid')}")
+        await self._compute_score(outputs, kwargs=kwargs)
+        return _Sample(outputs, validate, kwargs, self._localization(outputs[-1]))
+
+    async def _run_prompt(self, prompt: dict, sampling_params: dict, trajectory: dict, trace: bool = False) -> None:
+        """Run the ``n`` sessions of one prompt, resample the group while degenerate, store it."""
+        if trajectory["validate"]:
+            return await super()._run_prompt(prompt, sampling_params, trajectory, trace)
+        tq = _agent_loop_tq.tq
+        uid, partition_id = prompt["uid"], "train"
+        await tq.async_kv_put(key=uid, partition_id=partition_id, tag={"status": "running"})
+        status = "failure"
+        try:
+            config = self.config.actor_rollout_ref.rollout
+            n = int(prompt.pop("__rollout_n__", config.n))
+            do_sample = prompt.pop("__do_sample__", True)
+            params = dict(sampling_params)
+            if not do_sample:
+                apply_greedy_sampling_params(params)
+            # greedy decoding would regenerate the very same group: report, don't regenerate
+            rounds = self.resample_config.rounds if do_sample else 0
+            group = await self._resample_group(prompt, params, trajectory, trace, n, rounds)
+            for sample in group:
+                await _WorkerTQBase._agent_loop_postprocess(self, sample.outputs, sample.validate, **sample.kwargs)
+            status = "finished"
+        except Exception as e:  # veRL's contract: a failed prompt is marked, never raised
+            logger.exception(f"differad resampling failed for uid={uid}: {e}")
+        await tq.async_kv_put(key=uid, partition_id=partition_id, tag={"status": status})
+
+    # -- the group loop ----------------------------------------------------------------------
+
+    async def _generate_group(self, prompt: dict, params: dict, trajectory: dict, trace: bool, n: int) -> list[_Sample]:
+        """``n`` fresh sessions of ``prompt`` through veRL's agent loops, scored, in session order."""
+        token = _COLLECTING.set(True)
+        try:
+            tasks = [
+                asyncio.create_task(
+                    self._run_agent_loop(params, trajectory=trajectory, trace=trace, session_id=i, **prompt)
+                )
+                for i in range(n)
+            ]
+        finally:
+            _COLLECTING.reset(token)
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return list(results)
+
+    async def _resample_group(
+        self, prompt: dict, params: dict, trajectory: dict, trace: bool, n: int, rounds: int
+    ) -> list[_Sample]:
+        cfg = self.resample_config
+        state = {"group": await self._generate_group(prompt, params, trajectory, trace, n)}
+        rewards = torch.tensor([s.localization for s in state["group"]], dtype=torch.float64)
+        driver = functools.partial(resample_groups, tol=cfg.tol, perfect=cfg.perfect)
+        if rounds == 0 or not bool(degenerate_groups(rewards, n, cfg.tol, cfg.perfect).any()):
+            # the driver will not regenerate: run it inline for its statistics
+            _, stats = driver(rewards, n, _never_called, 0 if rounds == 0 else rounds)
+        else:
+            loop = asyncio.get_running_loop()
+
+            def regenerate(groups: torch.Tensor, round_index: int) -> torch.Tensor:
+                # runs in a driver thread; the event loop keeps serving every other prompt
+                future = asyncio.run_coroutine_threadsafe(
+                    self._generate_group(prompt, params, trajectory, trace, n), loop
+                )
+                state["group"] = future.result()
+                return torch.tensor([s.localization for s in state["group"]], dtype=torch.float64)
+
+            _, stats = await loop.run_in_executor(self._pool(), driver, rewards, n, regenerate, rounds)
+        record = group_record(stats)
+        for sample in state["group"]:
+            for output in sample.outputs:
+                output.extra_fields[RECORD_KEY] = dict(record)
+        return state["group"]
+
+    def _localization(self, output: AgentLoopOutput) -> float:
+        metric = self.resample_config.metric
+        if output.reward_score is None:
+            raise ValueError(
+                "differad resampling needs rewards at rollout time (rule-based reward, or "
+                "reward.reward_model.enable_resource_pool=True); the reward loop returned none"
+            )
+        if metric == "reward":
+            return float(output.reward_score)
+        info = output.extra_fields.get("reward_extra_info") or {}
+        if metric not in info:
+            raise ValueError(
+                f"{CONFIG_NODE}.metric={metric!r}: the reward returned no such extra "
+                f"(it returned {sorted(info)}); use differad_rl.integrations.verl.compute_score"
+            )
+        return float(info[metric])
+
+    def _pool(self) -> ThreadPoolExecutor:
+        if self._driver_pool is None:
+            self._driver_pool = ThreadPoolExecutor(_DRIVER_THREADS, thread_name_prefix="differad-resample")
+        return self._driver_pool
+
+
+def _never_called(groups: torch.Tensor, round_index: int) -> torch.Tensor:
+    raise AssertionError("the driver regenerated a group that was not degenerate")  # pragma: no cover
+
+
+class DifferadAgentLoopManagerTQ(AgentLoopManagerTQ):
+    """veRL's V1 ``AgentLoopManagerTQ`` whose workers resample degenerate groups.
+
+    Select it with
+    ``actor_rollout_ref.rollout.agent.agent_loop_manager_class=differad_rl.integrations.verl.resampling.DifferadAgentLoopManagerTQ``.
+    The configuration is validated here, in the trainer process, before any worker starts.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        config = kwargs.get("config", args[0] if args else None)
+        self.resample_config = validate_trainer_config(config)
+        super().__init__(*args, **kwargs)
+        # AgentLoopManagerTQ.__init__ installs veRL's worker; use ours (a Ray actor class).
+        self.agent_loop_workers_class = ray.remote(DifferadAgentLoopWorkerTQ)
+
+
+# ------------------------------------------------------------------------------------------------
+# replay buffers: veRL's sampling (DAPO filter_groups included) + the resampling statistics
+
+
+class _ResampleMetricsMixin:
+    """Adds :func:`resample_metrics` of the sampled batch to veRL's sampler metrics.
+
+    veRL hands a custom sampler no ``algorithm.filter_groups`` settings; to keep DAPO's dynamic
+    sampling usable side by side, pass them through ``trainer.v1.sampler.sampler_kwargs``:
+    ``filter_groups_metric`` (= ``algorithm.filter_groups.metric``), ``train_batch_size``
+    (= ``data.train_batch_size``) and optionally ``max_inflight_gen_batches``,
+    ``sync_refill_failed_groups``. :class:`DifferadAgentLoopManagerTQ` checks they agree.
+    """
+
+    _PASSED = ("filter_groups_metric", "train_batch_size", "max_inflight_gen_batches", "sync_refill_failed_groups")
+
+    def __init__(self, *args: Any, sampler_kwargs: Any = None, **kwargs: Any) -> None:
+        extra = {str(k): _plain(v) for k, v in (sampler_kwargs or {}).items()}
+        unknown = sorted(set(extra) - set(self._PASSED))
+        if unknown:
+            raise ValueError(f"unknown trainer.v1.sampler.sampler_kwargs {unknown}; known: {list(self._PASSED)}")
+        for key in self._PASSED:
+            if key in extra and kwargs.get(key) is None:
+                kwargs[key] = extra[key]
+        if kwargs.get("filter_groups_metric") is not None or kwargs.get("sync_refill_failed_groups"):
+            kwargs["gen_batch_size"] = 1  # what veRL's trainer passes its own sampler in these modes
+        super().__init__(*args, sampler_kwargs=sampler_kwargs, **kwargs)
+
+    def sample(self, global_steps: int, partition_id: str, batch_size: int) -> tuple[Any, dict]:
+        batch, metrics = super().sample(global_steps, partition_id, batch_size)
+        if partition_id != "val" and batch.keys:
+            data = _replay_buffer.tq.kv_batch_get(
+                keys=batch.keys, partition_id=batch.partition_id, select_fields=["extra_fields"]
+            )
+            extra = [getattr(value, "data", value) for value in list(data["extra_fields"])]
+            metrics = {**metrics, **resample_metrics([k.split("_")[0] for k in batch.keys], extra)}
+        return batch, metrics
+
+
+class DifferadReplayBuffer(_ResampleMetricsMixin, ReplayBuffer):
+    """veRL's sync ``ReplayBuffer`` + resampling statistics
+    (``trainer.v1.sampler.custom_sampler.name=DifferadReplayBuffer``)."""
+
+
+class DifferadReplayBufferAsync(_ResampleMetricsMixin, ReplayBufferAsync):
+    """veRL's ``ReplayBufferAsync`` + resampling statistics (async trainer modes)."""
