@@ -328,6 +328,32 @@ def test_degenerate_group_regenerated_exactly_k_rounds_others_untouched(env, mon
     assert metrics[p + "degenerate_after"] == pytest.approx(1 / 3)
 
 
+def test_the_stored_group_is_the_last_regenerated_one(env, monkeypatch):
+    """The driver's regenerate() splices the payload: what reaches the TransferQueue is the last
+    round's n completions, not the first round's (and nothing of the rounds in between)."""
+    from differad_rl.integrations.verl.cpu_backend import HFGenerationClient
+
+    worker, client, store = make_worker(env, monkeypatch, rounds=2)
+    generated: list[list[int]] = []
+    original = HFGenerationClient._generate
+
+    def recording(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        generated.append(out.token_ids[:RESPONSE_LENGTH])
+        return out
+
+    monkeypatch.setattr(HFGenerationClient, "_generate", recording)
+    rollout(worker, prompt_batch(["real"]))
+    assert len(generated) == 3 * N
+    stored = []
+    for key in group_keys(store, "real0"):
+        ids = store.fields["train"][key]["responses"]
+        stored.append([int(t) for t in (ids.tolist() if hasattr(ids, "tolist") else ids)])
+    rounds = [sorted(generated[r * N : (r + 1) * N]) for r in range(3)]
+    assert sorted(stored) == rounds[2]
+    assert rounds[2] != rounds[0]  # fresh samples each round (sampling, not a cached answer)
+
+
 def test_no_regeneration_without_degenerate_groups_or_with_k0(env, monkeypatch):
     from differad_rl.integrations.verl.resampling import RECORD_KEY
 
