@@ -23,15 +23,16 @@ def arms_markdown(arms: tuple[Arm, ...], runs: list[dict]) -> str:
     head = (
         "| arm | " + " | ".join(n for _, n in METRIC_NAMES)
         + " | seeds | generations (mean) | steps (mean) | degenerate groups, first draw | extra generations"
-        + " (resampling / DAPO draws) | s per run |"
+        + " (resampling / DAPO draws) | mean answered box area | s per run |"
     )
-    lines = [head, "|---" * (len(METRIC_NAMES) + 7) + "|"]
+    lines = [head, "|---" * (len(METRIC_NAMES) + 8) + "|"]
     start = list({r["seed"]: r["curve"][0] for r in runs}.values())  # identical for every arm of a seed
     if start:
         lines.append(
             "| cold start only (generation 0, all arms) | "
             + " | ".join(_mean_std([c[k] for c in start]) for k, _ in METRIC_NAMES)
-            + " | – | 0 | 0 | – | – | – |"
+            + " | – | 0 | 0 | – | – | "
+            + f"{100 * np.nanmean([c['box_area'] for c in start]):.1f} % | – |"
         )
     for arm in arms:
         rs = [r for r in runs if r["arm"] == arm.name]
@@ -42,10 +43,11 @@ def arms_markdown(arms: tuple[Arm, ...], runs: list[dict]) -> str:
         degen = np.mean([r["degenerate_share_first_draw"] for r in rs])
         extra = np.mean([r["extra_generations"] / max(r["generations"], 1) for r in rs])
         secs = np.mean([r["seconds"] for r in rs])
+        area = np.nanmean([r["final"]["box_area"] for r in rs])
         lines.append(
             f"| {arm.label} | "
             + " | ".join(_mean_std([r["final"][k] for r in rs]) for k, _ in METRIC_NAMES)
-            + f" | {len(rs)} | {gens:.0f} | {steps:.0f} | {100 * degen:.0f} % | {100 * extra:.0f} % | {secs:.0f} |"
+            + f" | {len(rs)} | {gens:.0f} | {steps:.0f} | {100 * degen:.0f} % | {100 * extra:.0f} % | {100 * area:.1f} % | {secs:.0f} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -2,7 +2,8 @@
 ``python examples/ablation/run.py --quick`` (CI smoke run, about a minute; checks only that the
 pipeline works, the numbers mean nothing).
 
-Steps: (1) signal-density simulation → ``density.md`` / ``density.png``; (2) the demo pairs
+Steps: (1) signal-density simulation → ``density.md`` / ``density.png``, rewards of canonical answers →
+``size_bias.md``; (2) the demo pairs
 (``differad_rl.data.build_demo_pairs``, cached in the temp folder); (3) one supervised cold start
 per seed; (4) every arm × seed with GRPO at an equal generation budget → ``ablation.md``,
 ``curves.png``, ``runs.json`` in ``--out`` (default ``examples/ablation/results``).
@@ -31,6 +32,7 @@ from cold_start import ColdStartConfig, cold_start  # noqa: E402
 from pairs import PairTensors, load_demo_splits  # noqa: E402
 from policy import BoxPolicy  # noqa: E402
 from report import arms_markdown, curves_plot  # noqa: E402
+from size_bias import canonical_markdown, canonical_rewards  # noqa: E402
 from signal_density import DensityConfig, density_markdown, density_plot, run_density  # noqa: E402
 from training import TrainConfig, evaluate, train_arm  # noqa: E402
 
@@ -54,20 +56,29 @@ def _job(job: tuple) -> tuple:
     return ("arm", train_arm(arm, cfg, _DATA["train"], _DATA["test"], seed, state))
 
 
-def _map(jobs: list[tuple], workers: int, data_path: str, bar: tqdm):
-    """Run jobs in ``workers`` spawned processes (or in-process for 1), yielding results as they end."""
-    if workers <= 1:
-        _init_worker(data_path)
-        for j in jobs:
-            yield _job(j)
-            bar.update(1)
-        return
-    import multiprocessing as mp
+class _Runner:
+    """Jobs in ``workers`` spawned processes (one pool for the whole study) or in-process for 1."""
 
-    with mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(data_path,)) as pool:
-        for out in pool.imap_unordered(_job, jobs):
+    def __init__(self, workers: int, data_path: str):
+        self.pool = None
+        if workers <= 1:
+            _init_worker(data_path)
+        else:
+            import multiprocessing as mp
+
+            self.pool = mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(data_path,))
+
+    def map(self, jobs: list[tuple], bar: tqdm):
+        """Yield job results as they finish, advancing ``bar`` once per job."""
+        results = map(_job, jobs) if self.pool is None else self.pool.imap_unordered(_job, jobs)
+        for out in results:
             bar.update(1)
             yield out
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+            self.pool.join()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--{name} must be >= 1, got {v}")
     arms = arms_by_name(args.arms)
     size, res = (64, 32) if quick else (128, 64)
-    cfg = TrainConfig(budget=512 if quick else 15360, eval_points=2 if quick else 10)
+    cfg = TrainConfig(budget=512 if quick else 15360, eval_points=2 if quick else 6)
     if args.budget is not None:
         cfg = replace(cfg, budget=args.budget)
     cs_cfg = ColdStartConfig(steps=3 if quick else 100)
@@ -110,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     write_text(os.path.join(args.out, "density.md"), density_markdown(rows, dcfg.kinds))
     write_json(os.path.join(args.out, "density.json"), {"config": asdict(dcfg), "rows": rows})
     density_plot(rows, os.path.join(args.out, "density.png"), dcfg.kinds)
+    write_text(os.path.join(args.out, "size_bias.md"), canonical_markdown(canonical_rewards()))
 
     # 2. data
     tmp_root = tempfile.mkdtemp(prefix="differad-ablation-")
@@ -125,12 +137,16 @@ def main(argv: list[str] | None = None) -> int:
     cold_metrics: dict[int, dict] = {}
     runs: list[dict] = []
     total = seeds + len(arms) * seeds
-    with tqdm(total=total, desc="cold starts + runs", unit="run") as bar:
-        for out in _map([("cold", s, cs_cfg, cfg.width) for s in range(seeds)], workers, data_path, bar):
-            states[out[1]], cold_metrics[out[1]] = out[2], out[3]
-        jobs = [("arm", a, cfg, s, states[s]) for s in range(seeds) for a in arms]
-        for out in _map(jobs, workers, data_path, bar):
-            runs.append(out[1])
+    runner = _Runner(workers, data_path)
+    try:
+        with tqdm(total=total, desc="cold starts + runs", unit="run") as bar:
+            for out in runner.map([("cold", s, cs_cfg, cfg.width) for s in range(seeds)], bar):
+                states[out[1]], cold_metrics[out[1]] = out[2], out[3]
+            jobs = [("arm", a, cfg, s, states[s]) for s in range(seeds) for a in arms]
+            for out in runner.map(jobs, bar):
+                runs.append(out[1])
+    finally:
+        runner.close()
     runs.sort(key=lambda r: ([a.name for a in arms].index(r["arm"]), r["seed"]))
     elapsed = time.perf_counter() - t0
 
@@ -159,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         assert r["steps"] >= 1, f"{r['arm']}: no update step"
         for k in ("miou", "acc", "f1"):
             assert math.isfinite(r["final"][k]) and 0.0 <= r["final"][k] <= 1.0, f"{r['arm']}: bad {k}"
-    for name in ("density.md", "density.png", "ablation.md", "curves.png", "runs.json"):
+    for name in ("density.md", "density.png", "size_bias.md", "ablation.md", "curves.png", "runs.json"):
         assert os.path.getsize(os.path.join(args.out, name)) > 0, f"{name} not written"
     return 0
 

@@ -89,12 +89,18 @@ def _score(kind: str, actions: Actions, data: PairTensors, idx: torch.Tensor, g:
 
 
 def evaluate(policy: BoxPolicy, data: PairTensors) -> dict[str, float]:
-    """Greedy held-out metrics (mIoU, Acc@0.3, F1@0.3)."""
+    """Greedy held-out metrics (mIoU, Acc@0.3, F1@0.3) plus ``box_area``: the mean area of the
+    answered non-zero boxes as a share of the image (NaN if every answer is "normal")."""
     policy.eval()
     with torch.no_grad():
         mu, _, nl = policy(data.images)
     policy.train()
-    return box_metrics(greedy_boxes(mu, nl, data.width, data.height), data.gt_boxes)
+    boxes = greedy_boxes(mu, nl, data.width, data.height)
+    out = box_metrics(boxes, data.gt_boxes)
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) / (data.width * data.height)
+    answered = area > 0
+    out["box_area"] = float(area[answered].mean()) if bool(answered.any()) else float("nan")
+    return out
 
 
 def train_arm(
