@@ -398,14 +398,19 @@ def test_splice_rows_rejects_unknown_keys():
         splice_rows(dst, dict(dst), torch.tensor([0]), pad_token_id=0)
 
 
-def test_train_with_weights_and_resampling_logs_metrics(model_path, tmp_path):
+@pytest.mark.parametrize("steps_per_generation", [1, 2])
+def test_train_with_weights_and_resampling_logs_metrics(model_path, tmp_path, steps_per_generation):
+    # steps_per_generation=2: one generation batch of 4 groups, shuffled and split over 2 optimiser steps
     rows = make_prompt_rows(["easy", "hard", "easy", "hard"])
     trainer = make_trainer(DifferADGRPOTrainer, model_path, TEXT_REWARDS, rows, 8, tmp_path, resample_rounds=1,
-                           difficulty_weighting=True, localization_reward="text_loc_reward")
+                           difficulty_weighting=True, localization_reward="text_loc_reward",
+                           steps_per_generation=steps_per_generation)
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert len(logs) == 2
-    for h in logs:
+    generated = [h for h in logs if "reward" in h]  # like TRL's own reward metrics: steps that generated
+    assert len(generated) == 2 // steps_per_generation
+    for h in generated:
         for name in ("weight_mean", "weight_max", "degenerate_before", "degenerate_after", "groups_resampled",
                      "rounds_used", "regenerations"):
             assert f"differad/{name}" in h, name
