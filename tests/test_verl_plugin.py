@@ -218,18 +218,34 @@ def test_bridge_through_real_v1_compute_advantage(ray_tq):
 
 
 @pytest.mark.slow
-def test_bridge_without_localization_raises_clearly(ray_tq):
+def test_bridge_without_localization_raises_then_reads_top_level_field(ray_tq):
+    """No localization anywhere: a clear error. The colocated reward-model path writes each reward
+    extra key as a top-level TransferQueue field (PPOTrainer._compute_reward_colocate): read from there."""
     _, tq = ray_tq
     from transfer_queue import KVBatchMeta
     from verl.trainer.ppo.v1 import trainer_base
+    from verl.utils import tensordict_utils as tu
 
-    keys, tags, _, _ = _put_trajectories(tq, 2, 2, np.random.default_rng(1), with_localization=False)
+    from differad_rl.groups import difficulty_weights_by_id, group_advantages_by_id
+
+    n = 4
+    keys, tags, loc, rew = _put_trajectories(tq, n, 3, np.random.default_rng(1), with_localization=False)
     batch = KVBatchMeta(keys=keys, tags=tags, partition_id="train")
-    stub = types.SimpleNamespace(config=_trainer_config(2))
+    stub = types.SimpleNamespace(config=_trainer_config(n))
     with pytest.raises(RuntimeError, match=r"needs the per-sample reward extra info 'localization'"):
         trainer_base.PPOTrainer._compute_advantage(stub, batch, {})
     # weight_source=score needs no extra info and leaves the bridge out
-    trainer_base.PPOTrainer._compute_advantage(types.SimpleNamespace(config=_trainer_config(2, weight_source="score")), batch, {})
+    trainer_base.PPOTrainer._compute_advantage(types.SimpleNamespace(config=_trainer_config(n, weight_source="score")), batch, {})
+
+    tq.kv_batch_put(keys=keys, partition_id="train", fields=tu.get_tensordict({"localization": np.asarray(loc)}))
+    trainer_base.PPOTrainer._compute_advantage(stub, batch, {})
+    got = tq.kv_batch_get(keys=keys, partition_id="train", select_fields=["advantages"])["advantages"]
+    ids = torch.arange(len(keys)) // n
+    want = group_advantages_by_id(torch.as_tensor(rew, dtype=torch.float32), ids) * difficulty_weights_by_id(
+        torch.as_tensor(loc, dtype=torch.float32), ids
+    )
+    for row, w in zip(got.unbind(), want):
+        torch.testing.assert_close(row, torch.full_like(row, float(w)), rtol=1e-6, atol=1e-6)
     tq.kv_clear(keys=keys, partition_id="train")
 
 

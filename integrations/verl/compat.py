@@ -31,6 +31,7 @@ import importlib.machinery
 import importlib.metadata
 import inspect
 import logging
+import numbers
 import sys
 import types
 from typing import Any, Callable
@@ -110,6 +111,21 @@ def check_versions(*, verl_version: str | None = None, transformers_version: str
 # localization bridge
 
 
+def _unwrap(value: Any) -> Any:
+    """A tensordict ``NonTensorData`` → its payload; plain values (numbers, numpy scalars — which
+    have a ``.data`` buffer of their own — dicts, tensors) pass through."""
+    if isinstance(value, (dict, numbers.Number, np.generic, np.ndarray, str)) or value is None:
+        return value
+    try:
+        import torch
+
+        if isinstance(value, torch.Tensor):
+            return value
+    except ImportError:  # pragma: no cover - torch is a core dependency
+        pass
+    return getattr(value, "data", value)
+
+
 def localization_from_extra_fields(extra_fields: Any, key: str = "localization") -> np.ndarray | None:
     """Per-trajectory ``reward_extra_info[key]`` from TransferQueue ``extra_fields`` values.
 
@@ -123,7 +139,7 @@ def localization_from_extra_fields(extra_fields: Any, key: str = "localization")
     """
     values = []
     for item in extra_fields:
-        fields = getattr(item, "data", item)
+        fields = _unwrap(item)
         info = fields.get("reward_extra_info", {}) if isinstance(fields, dict) else {}
         if not isinstance(info, dict) or key not in info:
             return None
@@ -145,7 +161,7 @@ def _fetch_localization(tq: Any, batch: Any, key: str) -> np.ndarray:
     try:
         data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=[key])
         values = data[key]
-        loc = np.asarray([float(getattr(v, "data", v)) for v in values], dtype=np.float64)
+        loc = np.asarray([float(_unwrap(v)) for v in values], dtype=np.float64)
     except Exception as err:  # noqa: BLE001 - re-raised with the reason below
         raise RuntimeError(
             f"algorithm.adv_estimator=differad needs the per-sample reward extra info {key!r}, but the "
