@@ -320,10 +320,10 @@ def test_degenerate_group_regenerated_exactly_k_rounds_others_untouched(env, mon
     batch, metrics = buffer.sample(global_steps=1, partition_id="train", batch_size=3)
     assert len(batch.keys) == 3 * N
     p = "training/differad_resample/"
-    assert metrics[p + "groups"] == 3
-    assert metrics[p + "groups_resampled"] == 1
-    assert metrics[p + "regenerations"] == 2
-    assert metrics[p + "rounds_used"] == 2
+    assert metrics[p + "groups/total"] == 3
+    assert metrics[p + "groups_resampled/total"] == 1
+    assert metrics[p + "regenerations/total"] == 2
+    assert metrics[p + "rounds_used/max"] == 2
     assert metrics[p + "degenerate_before"] == pytest.approx(1 / 3)
     assert metrics[p + "degenerate_after"] == pytest.approx(1 / 3)
 
@@ -409,7 +409,7 @@ def test_dapo_filter_groups_side_by_side(env, monkeypatch):
     assert refills == [2]
     assert {k.split("_")[0] for k in batch.keys} == {"spread1"}
     assert metrics["training/filter_groups/evicted_samples"] == 2
-    assert metrics["training/differad_resample/groups"] == 1
+    assert metrics["training/differad_resample/groups/total"] == 1
 
 
 # ------------------------------------------------------------------------------------------------
@@ -524,10 +524,10 @@ def test_per_group_driver_matches_batch_driver(groups, group_size, rounds, seed)
         finals.append(final)
     assert torch.equal(torch.cat(finals), batch_rewards)
     m = resample_metrics([f"u{g}" for g in range(groups)], records, prefix="")
-    assert m["groups"] == groups
-    assert m["groups_resampled"] == batch_stats.groups_resampled
-    assert m["regenerations"] == batch_stats.regenerations == sum(calls.values())
-    assert m["rounds_used"] == batch_stats.rounds_used
+    assert m["groups/total"] == groups
+    assert m["groups_resampled/total"] == batch_stats.groups_resampled
+    assert m["regenerations/total"] == batch_stats.regenerations == sum(calls.values())
+    assert m["rounds_used/max"] == batch_stats.rounds_used
     assert m["degenerate_before"] == pytest.approx(batch_stats.degenerate_before)
     assert m["degenerate_after"] == pytest.approx(batch_stats.degenerate_after)
 
@@ -538,7 +538,47 @@ def test_resample_metrics_one_record_per_group_and_empty():
     rec = {"rounds_used": 1, "regenerations": 1, "groups_resampled": 1, "degenerate_before": 1, "degenerate_after": 0}
     extra = [{"differad_resample": rec}] * 3 + [{"other": 1}]
     m = resample_metrics(["a", "a", "a", "b"], extra, prefix="")
-    assert m["groups"] == 1 and m["regenerations"] == 1 and m["degenerate_after"] == 0
+    assert m["groups/total"] == 1 and m["regenerations/total"] == 1 and m["degenerate_after"] == 0
     assert resample_metrics(["a"], [{}]) == {}
     with pytest.raises(ValueError, match="differ in length"):
         resample_metrics(["a"], [])
+
+
+# ------------------------------------------------------------------------------------------------
+# the GPU check script: its overrides compose against veRL 0.9.1's schema and our validation
+
+
+def test_gpu_check_script_overrides_compose(tmp_path):
+    import os
+    import shlex
+    import stat
+    import subprocess
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from hydra import compose, initialize_config_module
+    from verl.trainer.ppo.v1.trainer_base import PPOTrainer
+    from verl.utils.config import omega_conf_to_dataclass
+
+    from differad_rl.integrations.verl.resampling import DifferadReplayBuffer, validate_trainer_config
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "verl" / "gpu_check_resampling.sh"
+    calls = tmp_path / "calls"
+    calls.mkdir()
+    shim = tmp_path / "bin" / "python3"
+    shim.parent.mkdir()
+    shim.write_text(f'#!/usr/bin/env bash\nprintf "%s\\n" "$@" > {shlex.quote(str(calls))}/$(date +%s%N)\ncat > /dev/null\n')
+    shim.chmod(shim.stat().st_mode | stat.S_IXUSR)
+    env = {**os.environ, "PATH": f"{shim.parent}:{os.environ['PATH']}", "WORK": str(tmp_path / "work")}
+    subprocess.run(["bash", str(script)], check=True, env=env, timeout=60)
+    argvs = [p.read_text().splitlines() for p in sorted(calls.iterdir())]
+    assert [a[:2] for a in argvs][1] == ["-m", "verl.trainer.main_ppo"] and len(argvs) == 3
+    with initialize_config_module(config_module="verl.trainer.config", version_base=None):
+        cfg = compose(config_name="ppo_trainer", overrides=argvs[1][2:])
+    assert validate_trainer_config(cfg).rounds == 2
+    rollout = omega_conf_to_dataclass(cfg.actor_rollout_ref.rollout)  # as veRL's workers convert it
+    assert rollout.agent.agent_loop_manager_class.endswith("DifferadAgentLoopManagerTQ")
+    assert rollout.limit_images == 2 and rollout.n == 4
+    # veRL's own trainer code builds our sampler from this config
+    trainer = SimpleNamespace(config=cfg, trainer_mode="sync", _add_prompts_to_generate=lambda k: k)
+    assert isinstance(PPOTrainer._build_replay_buffer(trainer), DifferadReplayBuffer)

@@ -40,9 +40,9 @@ would break veRL's dataclass conversion of those nodes)::
     +differad.resample.perfect=1.0
 
 Statistics, per training step, in the logged metrics (``training/differad_resample/...``):
-``groups`` (groups in the batch that carry a record), ``groups_resampled``, ``regenerations``,
-``rounds_used`` (max over groups) and ``rounds_used_mean``, ``degenerate_before`` and
-``degenerate_after`` (shares of groups). Each trajectory also carries its group's record in
+``groups/total`` (groups in the batch that carry a record), ``groups_resampled/total``,
+``regenerations/total``, ``rounds_used/max`` and ``rounds_used/mean`` over groups,
+``degenerate_before`` and ``degenerate_after`` (shares of groups). Each trajectory also carries its group's record in
 ``extra_fields["differad_resample"]``.
 
 Only veRL's V1 trainer (``trainer.use_v1=True``, the 0.9 default) is supported; validation
@@ -249,9 +249,11 @@ def resample_metrics(uids: Sequence[str], extra_fields: Sequence[Any], prefix: s
     """Batch statistics from the trajectories' records, one record per group (``uid``).
 
     Returns ``{}`` when no trajectory carries a record (resampling not in use). With ``g`` groups
-    carrying one: ``groups = g``, ``groups_resampled`` and ``regenerations`` summed,
-    ``rounds_used`` the max and ``rounds_used_mean`` the mean over groups, ``degenerate_before``
-    / ``degenerate_after`` the shares of degenerate groups.
+    carrying one: ``groups/total = g``, ``groups_resampled/total`` and ``regenerations/total``
+    summed, ``rounds_used/max`` and ``rounds_used/mean`` over groups, ``degenerate_before`` /
+    ``degenerate_after`` the shares of degenerate groups. The names make veRL's V1
+    ``MetricsAggregator`` combine several sampling iterations of one step correctly
+    (``/total`` summed, ``/max`` maxed, the shares averaged weighted by samples).
     """
     if len(uids) != len(extra_fields):
         raise ValueError(f"uids ({len(uids)}) and extra_fields ({len(extra_fields)}) differ in length")
@@ -266,11 +268,11 @@ def resample_metrics(uids: Sequence[str], extra_fields: Sequence[Any], prefix: s
     table = np.array([[float(r[k]) for k in keys] for r in per_group.values()], dtype=np.float64)
     rounds, regen, resampled, before, after = table.T
     return {
-        f"{prefix}groups": float(len(per_group)),
-        f"{prefix}groups_resampled": float(resampled.sum()),
-        f"{prefix}regenerations": float(regen.sum()),
-        f"{prefix}rounds_used": float(rounds.max()),
-        f"{prefix}rounds_used_mean": float(rounds.mean()),
+        f"{prefix}groups/total": float(len(per_group)),
+        f"{prefix}groups_resampled/total": float(resampled.sum()),
+        f"{prefix}regenerations/total": float(regen.sum()),
+        f"{prefix}rounds_used/max": float(rounds.max()),
+        f"{prefix}rounds_used/mean": float(rounds.mean()),
         f"{prefix}degenerate_before": float(before.mean()),
         f"{prefix}degenerate_after": float(after.mean()),
     }
