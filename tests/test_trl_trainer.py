@@ -398,13 +398,14 @@ def test_splice_rows_rejects_unknown_keys():
         splice_rows(dst, dict(dst), torch.tensor([0]), pad_token_id=0)
 
 
-@pytest.mark.parametrize("steps_per_generation", [1, 2])
-def test_train_with_weights_and_resampling_logs_metrics(model_path, tmp_path, steps_per_generation):
-    # steps_per_generation=2: one generation batch of 4 groups, shuffled and split over 2 optimiser steps
+@pytest.mark.parametrize("steps_per_generation,beta", [(1, 0.0), (2, 0.04)])
+def test_train_with_weights_and_resampling_logs_metrics(model_path, tmp_path, steps_per_generation, beta):
+    # steps_per_generation=2: one generation batch of 4 groups, shuffled and split over 2 optimiser steps;
+    # with it TRL also computes old log-probs, and beta > 0 reference log-probs: both are spliced
     rows = make_prompt_rows(["easy", "hard", "easy", "hard"])
     trainer = make_trainer(DifferADGRPOTrainer, model_path, TEXT_REWARDS, rows, 8, tmp_path, resample_rounds=1,
                            difficulty_weighting=True, localization_reward="text_loc_reward",
-                           steps_per_generation=steps_per_generation)
+                           steps_per_generation=steps_per_generation, beta=beta, mask_truncated_completions=beta > 0)
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert len(logs) == 2
@@ -416,3 +417,4 @@ def test_train_with_weights_and_resampling_logs_metrics(model_path, tmp_path, st
             assert f"differad/{name}" in h, name
         assert 1.0 <= h["differad/weight_mean"] <= h["differad/weight_max"] <= 2.07
         assert torch.isfinite(torch.tensor(h["loss"]))
+    assert sum(h["differad/rounds_used"] for h in generated) >= 1  # the 2 hard prompts were resampled
