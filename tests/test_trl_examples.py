@@ -120,3 +120,32 @@ def test_accelerate_config_is_deepspeed_zero2_bf16():
     assert cfg["distributed_type"] == "DEEPSPEED" and cfg["deepspeed_config"]["zero_stage"] == 2
     assert cfg["mixed_precision"] == "bf16" and cfg["use_cpu"] is False
     assert "accelerate_zero2.yaml" in (EXAMPLES / "train_grpo.py").read_text()
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_sft_targets_score_full_reward(family, tmp_path, monkeypatch):
+    """The cold start teaches exactly what the GRPO rewards pay for, in each family's space."""
+    from PIL import Image
+
+    from differad_rl.data.records import PairRecord
+    from differad_rl.integrations.tiny_qwen_vl import load_tiny_processor, tiny_model_for
+    from differad_rl.integrations.trl import differad_rewards, pairs_to_rows
+
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    sft = importlib.import_module("sft_cold_start")
+    processor = load_tiny_processor(tiny_model_for(family, cache_dir=tmp_path / "tiny"))
+    recs = []
+    for i, (w, h, boxes) in enumerate([(640, 480, [[100, 60, 300, 200]]), (333, 517, [[5, 7, 40, 90]]),
+                                       (120, 90, [])]):
+        for part in ("r", "t"):
+            Image.new("RGB", (w, h)).save(tmp_path / f"{i}{part}.png")
+        recs.append(PairRecord(id=str(i), reference=str(tmp_path / f"{i}r.png"),
+                               target=str(tmp_path / f"{i}t.png"), boxes=boxes, width=w, height=h, category="c"))
+    rows = sft.sft_rows(recs, processor)
+    completions = [r["completion"][0]["content"][0]["text"] for r in rows]
+    grpo_rows = pairs_to_rows(recs)
+    kw = {k: [r[k] for r in grpo_rows] for k in ("solution", "boxes", "image_size", "images")}
+    dclr, fmt = differad_rewards(processor, names=("dclr", "format"))
+    assert fmt(completions=completions, **kw) == [1.0, 1.0, 1.0]
+    scores = dclr(completions=completions, **kw)
+    assert scores[2] == 1.0 and all(s > 0.97 for s in scores[:2])  # only integer rounding is lost

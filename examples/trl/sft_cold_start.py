@@ -171,11 +171,11 @@ def save_curve(path: Path, steps: list[float], series: dict[str, list[float]], t
 
 
 # ------------------------------------------------------------------------------- SFT rows
-def answer_text(record: PairRecord, space: str, *, min_pixels: int, max_pixels: int, factor: int) -> str:
-    """``<think>…</think><answer>(x1,y1),(x2,y2)</answer>`` for ``record`` in the model's space."""
+def answer_text(record: PairRecord, spec: Any) -> str:
+    """``<think>…</think><answer>(x1,y1),(x2,y2)</answer>`` for ``record`` in the model's space
+    (``spec``: a :class:`~differad_rl.integrations.trl.CoordinateSpec`), rounded as the model writes."""
     box = np.asarray(record.box, dtype=np.float64)
-    b = to_model_space(box, record.width, record.height, space, min_pixels=min_pixels, max_pixels=max_pixels,
-                       factor=factor, round=True)
+    b = to_model_space(box, record.width, record.height, spec.space, round=True, **spec.coord_kwargs())
     b = [int(v) for v in np.asarray(b).tolist()]
     if record.is_normal:
         think = "No difference."
@@ -193,8 +193,7 @@ def sft_rows(records: list[PairRecord], processor: Any, *, seed: int = 0) -> lis
     rows = pairs_to_rows(records, seed=seed)
     out = []
     for rec, row in zip(records, rows):
-        text = answer_text(rec, spec.space, min_pixels=spec.min_pixels or 1, max_pixels=spec.max_pixels or 1,
-                           factor=spec.factor or 28)
+        text = answer_text(rec, spec)
         out.append({"prompt": row["prompt"], "images": row["images"],
                     "completion": [{"role": "assistant", "content": [{"type": "text", "text": text}]}]})
     return out

@@ -11,13 +11,12 @@ Each step prints the reward, the DCLR / format rewards, the rollouts' mIoU and A
 protocol, in original target pixels), the difficulty weights (mean/max) and the resampling numbers
 (degenerate share before/after, groups regenerated, rounds used). At the end it saves a checkpoint
 (``--output-dir/checkpoint``), ``reward_curve.png`` and ``metrics.jsonl``. A random tiny model never
-writes a well-formed box, so every group is degenerate (all rewards 0): run phase 1 first, as the
-paper does, and start from its checkpoint::
+writes a well-formed box (every group would be degenerate, all rewards 0), so with the default
+tiny model the script first runs phase 1 in-process — 80 steps of ``sft_cold_start.py``'s SFT
+(``--cold-start-steps``; 0 turns it off). The two phases as separate runs, as in the paper::
 
     python examples/trl/sft_cold_start.py --output-dir runs/sft
     python examples/trl/train_grpo.py --model runs/sft/checkpoint --output-dir runs/grpo
-
-(or ``--cold-start-steps 80`` runs that SFT in-process before GRPO).
 
 The paper's GPU recipe (DESIGN §1: G = 8, 8 completions per device, gradient accumulation 2, bf16,
 frozen vision tower, max_pixels = 1,003,520, one epoch, β = 0.04, truncated completions masked,
@@ -171,7 +170,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resample-rounds", type=int, default=1, help="K (0 = off)")
     p.add_argument("--no-difficulty-weights", action="store_true")
     p.add_argument("--difficulty-scope", default="group", choices=("group", "batch"))
-    p.add_argument("--cold-start-steps", type=int, default=0, help="SFT steps before GRPO (sft_cold_start.py)")
+    p.add_argument("--cold-start-steps", type=int, default=None,
+                   help="SFT steps before GRPO (sft_cold_start.py); default 80 for a fresh 'tiny' model, else 0")
     p.add_argument("--min-pixels", type=int, default=None)
     p.add_argument("--max-pixels", type=int, default=None, help="default: the processor's (paper: 1003520)")
     p.add_argument("--freeze-vision", action="store_true")
@@ -269,9 +269,12 @@ def main(argv: list[str] | None = None) -> int:
 
     records = demo_or_data(args.data, out, n_pairs=args.demo_pairs, size=args.demo_size, seed=args.seed,
                            split=args.split or None)
-    if args.cold_start_steps > 0:
-        print(f"cold start: {args.cold_start_steps} SFT steps")
-        run_sft(model, processor, records, out / "cold_start", max_steps=args.cold_start_steps,
+    cold = args.cold_start_steps
+    if cold is None:
+        cold = 80 if args.model.startswith(TINY_PREFIX) else 0
+    if cold > 0:
+        print(f"cold start: {cold} SFT steps (phase 1; --cold-start-steps 0 skips it)", flush=True)
+        run_sft(model, processor, records, out / "cold_start", max_steps=cold,
                 learning_rate=1e-2 if tiny else 1e-5, seed=args.seed, use_cpu=tiny or not torch.cuda.is_available(),
                 quiet=True)
     train = to_trl_dataset(records, seed=args.seed)  # validated: raises naming a bad row
