@@ -149,6 +149,7 @@ def test_reward_kwargs_options():
         ([[1, 2, 30, 40]], None, {"centre_norm": "paper"}, r"unknown reward_kwargs centre_norm; known: localization_weight"),
         ([[1, 2, 30, 40]], None, {"format_weight": -1}, r"reward_kwargs.format_weight must be a finite number >= 0"),
         ([[1, 2, 30, 40]], None, {"center_norm": "diou"}, r"center_norm"),
+        ([[1, 2, 30, 40]], None, {"max_pixels": 0}, r"reward_kwargs.max_pixels must be a positive integer"),
     ],
 )
 def test_user_mistakes_raise_value_error(gt, info, kwargs, match):

@@ -99,6 +99,12 @@ class RewardOptions:
         for name in ("multi_box", "require_answer"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"reward_kwargs.{name} must be true or false, got {getattr(self, name)!r}")
+        for name in ("min_pixels", "max_pixels", "factor"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"reward_kwargs.{name} must be a positive integer, got {value!r}")
+        if self.min_pixels > self.max_pixels:
+            raise ValueError(f"reward_kwargs.min_pixels={self.min_pixels} must be <= max_pixels={self.max_pixels}")
         _check_space(self.space, "reward_kwargs.space")
         _check_gt_space(self.gt_space, "reward_kwargs.gt_space")
         self.dclr  # validates w_center / w_area / eps / center_norm (raises ValueError)
