@@ -24,7 +24,8 @@ provided, in this order of precedence, by
 3. with ``+algorithm.differad.weight_source=score``, the summed reward itself (for a reward that
    is the localization score alone).
 
-Otherwise the estimator raises ``ValueError`` rather than weigh by the wrong signal.
+Otherwise the estimator raises ``ValueError`` rather than weigh by the wrong signal. veRL's
+deprecated legacy trainer (``trainer.use_v1=False``) has no bridge: use ``weight_source=score`` there.
 
 Options (``+algorithm.differad.<name>=<value>`` on the command line), see :class:`DifferadConfig`.
 """
