@@ -567,7 +567,8 @@ def test_gpu_check_script_overrides_compose(tmp_path):
     calls.mkdir()
     shim = tmp_path / "bin" / "python3"
     shim.parent.mkdir()
-    shim.write_text(f'#!/usr/bin/env bash\nprintf "%s\\n" "$@" > {shlex.quote(str(calls))}/$(date +%s%N)\ncat > /dev/null\n')
+    record = f'printf "%s\\n" "$@" > {shlex.quote(str(calls))}/$(date +%s%N)'
+    shim.write_text(f"#!/usr/bin/env bash\n{record}\ncat > /dev/null\n")
     shim.chmod(shim.stat().st_mode | stat.S_IXUSR)
     env = {**os.environ, "PATH": f"{shim.parent}:{os.environ['PATH']}", "WORK": str(tmp_path / "work")}
     subprocess.run(["bash", str(script)], check=True, env=env, timeout=60)
@@ -582,3 +583,84 @@ def test_gpu_check_script_overrides_compose(tmp_path):
     # veRL's own trainer code builds our sampler from this config
     trainer = SimpleNamespace(config=cfg, trainer_mode="sync", _add_prompts_to_generate=lambda k: k)
     assert isinstance(PPOTrainer._build_replay_buffer(trainer), DifferadReplayBuffer)
+
+
+# ------------------------------------------------------------------------------------------------
+# opt-in: the whole thing on a local Ray cluster with the real TransferQueue
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not __import__("os").environ.get("DIFFERAD_RAY_E2E"),
+    reason="starts Ray + TransferQueue + 3 actors (~1-2 min on 2 cores); set DIFFERAD_RAY_E2E=1",
+)
+def test_ray_transferqueue_end_to_end(env):
+    """veRL's manager and agent-loop worker Ray actors (2), the real TransferQueue, veRL's
+    reward-loop actor and replay buffer; two-image prompts. The workers get the tiny processor set
+    after veRL's init (veRL's HFModelConfig cannot load the tiny build's processor class)."""
+    from types import SimpleNamespace
+
+    import ray
+    import transfer_queue as tq
+    from omegaconf import open_dict
+    from verl.experimental.reward_loop.reward_loop import RewardLoopWorker
+    from verl.trainer.ppo.v1.trainer_base import PPOTrainer
+
+    from differad_rl.integrations.verl.cpu_backend import HFGenerationClient
+    from differad_rl.integrations.verl.resampling import (
+        DifferadAgentLoopManagerTQ,
+        DifferadAgentLoopWorkerTQ,
+        DifferadReplayBuffer,
+    )
+
+    cfg = copy.deepcopy(env["cfg"])
+    with open_dict(cfg):
+        cfg.actor_rollout_ref.rollout.agent.num_workers = 2
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+    try:
+        tq.init()
+        reward = ray.remote(RewardLoopWorker).remote(cfg)
+        client = HFGenerationClient(cfg, env["model"], env["processor"], seed=0)
+        processor_path = env["cfg"].actor_rollout_ref.model.path
+
+        class TinyProcessorWorker(DifferadAgentLoopWorkerTQ):  # local: Ray ships it by value
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **kwargs)
+                from differad_rl.integrations.tiny_qwen_vl import load_tiny_processor
+
+                self.processor = load_tiny_processor(processor_path)
+
+        class Manager(DifferadAgentLoopManagerTQ):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **kwargs)
+                self.agent_loop_workers_class = ray.remote(TinyProcessorWorker)
+
+        manager = Manager.create(config=cfg, llm_client=client, reward_loop_worker_handles=[reward])
+        batch = prompt_batch(["real", "spread", "perfect", "real"])
+        PPOTrainer._submit_batch_to_rollout(
+            SimpleNamespace(trainer_mode="sync", global_steps=1, agent_loop_manager=manager), batch
+        )
+        buffer = DifferadReplayBuffer(
+            trainer_mode="sync",
+            trainer_config={},
+            max_off_policy_threshold=None,
+            max_off_policy_strategy="drop",
+            sampler_kwargs={},
+            refill_fn=lambda k: pytest.fail("no refill expected"),
+            train_batch_size=4,
+            gen_batch_size=4,
+            poll_interval=0.5,
+        )
+        sampled, metrics = buffer.sample(global_steps=1, partition_id="train", batch_size=4)  # waits for the workers
+        assert len(sampled.keys) == 4 * N
+        p = "training/differad_resample/"
+        assert metrics[p + "groups/total"] == 4
+        assert metrics[p + "groups_resampled/total"] == 2
+        assert metrics[p + "regenerations/total"] == 4  # 2 degenerate groups × K = 2 rounds
+        assert metrics[p + "rounds_used/max"] == 2
+        assert metrics[p + "degenerate_before"] == pytest.approx(0.5)
+    finally:
+        try:
+            tq.close()
+        finally:
+            ray.shutdown()

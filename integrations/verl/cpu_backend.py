@@ -10,7 +10,8 @@ On a GPU machine the client forwards to vLLM or SGLang servers. Neither runs on 
 multimodal inputs, reward loop, post-processing) can be exercised end to end on a laptop or in CI.
 
 It is a test/demo backend: one request at a time (a lock around the model), no batching, no
-prefix cache. Sampling parameters map as vLLM reads them: ``temperature`` (0 = greedy), ``top_p``,
+prefix cache. It pickles (model included), so veRL can hand it to its Ray agent-loop workers.
+Sampling parameters map as vLLM reads them: ``temperature`` (0 = greedy), ``top_p``,
 ``top_k`` (``-1``/``0`` = off), ``repetition_penalty``, ``max_tokens`` (default: the rollout's
 ``response_length``), ``logprobs`` (return the sampled tokens' log-probabilities under the raw
 model distribution, as vLLM's default does).
@@ -64,6 +65,17 @@ class HFGenerationClient(LLMServerClient):
         self.global_steps = int(global_steps)
         self.seed = seed
         self.requests = 0
+        self._lock = threading.Lock()
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="hf-generate")
+
+    def __getstate__(self) -> dict[str, Any]:
+        # picklable, so it can be handed to veRL's agent-loop workers (Ray actors) like the real client
+        state = dict(self.__dict__)
+        del state["_lock"], state["_executor"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
         self._lock = threading.Lock()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="hf-generate")
 

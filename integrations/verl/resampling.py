@@ -27,11 +27,11 @@ veRL's DAPO dynamic sampling (``algorithm.filter_groups``: evict zero-variance g
 prompts) is a different algorithm; it stays usable on top (see :class:`DifferadReplayBuffer`), so
 both can run side by side or one at a time for comparison.
 
-Configuration (top-level ``differad.resample`` node; ``+`` on the command line because veRL's
-schema does not know it — extra keys under ``actor_rollout_ref.rollout.agent`` or ``algorithm``
-would break veRL's dataclass conversion of those nodes)::
+Configuration (a top-level ``differad.resample`` node, with ``+`` on the command line because
+veRL's schema does not know it; an extra key under ``actor_rollout_ref.rollout.agent`` would break
+veRL's conversion of the rollout node to its ``RolloutConfig`` dataclass in every worker)::
 
-    actor_rollout_ref.rollout.agent.agent_loop_manager_class=differad_rl.integrations.verl.resampling.DifferadAgentLoopManagerTQ
+    +actor_rollout_ref.rollout.agent.agent_loop_manager_class=differad_rl.integrations.verl.resampling.DifferadAgentLoopManagerTQ
     trainer.v1.sampler.custom_sampler.path=pkg://differad_rl.integrations.verl.resampling
     trainer.v1.sampler.custom_sampler.name=DifferadReplayBuffer       # DifferadReplayBufferAsync for async modes
     +differad.resample.rounds=2          # K; 0 = off (the statistics are still reported)
@@ -160,7 +160,8 @@ class ResampleConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"unknown option(s) {', '.join(f'{CONFIG_NODE}.{k}' for k in unknown)}; known: {sorted(known)}")
+            names = ", ".join(f"{CONFIG_NODE}.{k}" for k in unknown)
+            raise ValueError(f"unknown option(s) {names}; known: {sorted(known)}")
         return cls(**values)
 
 
@@ -420,8 +421,8 @@ def _never_called(groups: torch.Tensor, round_index: int) -> torch.Tensor:
 class DifferadAgentLoopManagerTQ(AgentLoopManagerTQ):
     """veRL's V1 ``AgentLoopManagerTQ`` whose workers resample degenerate groups.
 
-    Select it with
-    ``actor_rollout_ref.rollout.agent.agent_loop_manager_class=differad_rl.integrations.verl.resampling.DifferadAgentLoopManagerTQ``.
+    Select it with ``+actor_rollout_ref.rollout.agent.agent_loop_manager_class=`` :data:`MANAGER_FQN`
+    (``differad_rl.integrations.verl.resampling.DifferadAgentLoopManagerTQ``).
     The configuration is validated here, in the trainer process, before any worker starts.
     """
 
