@@ -333,8 +333,9 @@ class DifferadAgentLoopWorkerTQ(_WorkerTQBase):
             params = dict(sampling_params)
             if not do_sample:
                 apply_greedy_sampling_params(params)
-            # greedy decoding would regenerate the very same group: report, don't regenerate
-            rounds = self.resample_config.rounds if do_sample else 0
+            # greedy decoding would regenerate the very same group, and a single sample is no
+            # group: report, don't regenerate
+            rounds = self.resample_config.rounds if do_sample and n >= 2 else 0
             group = await self._resample_group(prompt, params, trajectory, trace, n, rounds)
             for sample in group:
                 await _WorkerTQBase._agent_loop_postprocess(self, sample.outputs, sample.validate, **sample.kwargs)
@@ -429,6 +430,14 @@ class DifferadAgentLoopManagerTQ(AgentLoopManagerTQ):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         config = kwargs.get("config", args[0] if args else None)
         self.resample_config = validate_trainer_config(config)
+        sampler = _get(_get(_get(_get(config, "trainer"), "v1"), "sampler"), "custom_sampler")
+        if _get(sampler, "name") not in _SAMPLER_NAMES:
+            logger.warning(
+                "differad resampling is on but its statistics are logged only with "
+                "trainer.v1.sampler.custom_sampler.path=pkg://%s and .name=DifferadReplayBuffer "
+                "(DifferadReplayBufferAsync for async trainer modes)",
+                __name__,
+            )
         super().__init__(*args, **kwargs)
         # AgentLoopManagerTQ.__init__ installs veRL's worker; use ours (a Ray actor class).
         self.agent_loop_workers_class = ray.remote(DifferadAgentLoopWorkerTQ)
