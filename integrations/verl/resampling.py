@@ -76,6 +76,7 @@ from differad_rl.resampling import ResampleStats, resample_groups
 
 __all__ = [
     "CONFIG_NODE",
+    "MANAGER_FQN",
     "METRIC_PREFIX",
     "RECORD_KEY",
     "DifferadAgentLoopManagerTQ",
@@ -85,6 +86,7 @@ __all__ = [
     "ResampleConfig",
     "group_record",
     "resample_metrics",
+    "validate_trainer_config",
 ]
 
 logger = logging.getLogger(__name__)
@@ -100,6 +102,7 @@ METRIC_PREFIX = "training/differad_resample/"
 """Prefix of the logged statistics."""
 
 MANAGER_FQN = f"{__name__}.DifferadAgentLoopManagerTQ"
+"""Value for ``+actor_rollout_ref.rollout.agent.agent_loop_manager_class``."""
 _SAMPLER_NAMES = ("DifferadReplayBuffer", "DifferadReplayBufferAsync")
 _DRIVER_THREADS = 64
 
@@ -373,7 +376,7 @@ class DifferadAgentLoopWorkerTQ(_WorkerTQBase):
         driver = functools.partial(resample_groups, tol=cfg.tol, perfect=cfg.perfect)
         if rounds == 0 or not bool(degenerate_groups(rewards, n, cfg.tol, cfg.perfect).any()):
             # the driver will not regenerate: run it inline for its statistics
-            _, stats = driver(rewards, n, _never_called, 0 if rounds == 0 else rounds)
+            _, stats = driver(rewards, n, _never_called, rounds)
         else:
             loop = asyncio.get_running_loop()
 
