@@ -107,12 +107,12 @@ class StepPrinter:
 
         self.rows: list[dict[str, Any]] = []
         self.path = out_dir / "metrics.jsonl"
-        self.path.write_text("")
         printer = self
 
         class _CB(TrainerCallback):
             def on_log(self, args, state, control, logs=None, **kw):  # noqa: D401
-                if logs and "reward" in logs:
+                # every process logs the same (gathered) numbers: print and write once
+                if logs and "reward" in logs and state.is_world_process_zero:
                     printer.add(state.global_step, logs)
 
         self.callback = _CB()
@@ -135,7 +135,7 @@ class StepPrinter:
             "loss": g("loss"),
         }
         self.rows.append(row)
-        with self.path.open("a") as fh:
+        with self.path.open("w" if len(self.rows) == 1 else "a") as fh:
             fh.write(json.dumps(row) + "\n")
         if len(self.rows) == 1:
             print("step  reward   dclr  format   mIoU  acc@.3 | w_mean w_max | degen→after resampled rounds")
@@ -255,20 +255,25 @@ def main(argv: list[str] | None = None) -> int:
         to_trl_dataset,
     )
 
+    from accelerate import PartialState
+
     torch.manual_seed(args.seed)
     tiny = args.model.startswith(TINY_PREFIX) or (Path(args.model) / "tiny_build.json").is_file()
     max_pixels = args.max_pixels if args.max_pixels is not None else (1003520 if args.paper else None)
-    model, processor = load_model_and_processor(
-        args.model, cache_dir=out / "tiny_models", min_pixels=args.min_pixels, max_pixels=max_pixels,
-        bf16=args.bf16 or (args.paper and torch.cuda.is_available()), attn_implementation=args.attn_implementation)
+    state = PartialState()  # under accelerate launch: build tiny model / demo pairs once, on rank 0 first
+    with state.main_process_first():
+        model, processor = load_model_and_processor(
+            args.model, cache_dir=out / "tiny_models", min_pixels=args.min_pixels, max_pixels=max_pixels,
+            bf16=args.bf16 or (args.paper and torch.cuda.is_available()),
+            attn_implementation=args.attn_implementation)
+        records = demo_or_data(args.data, out, n_pairs=args.demo_pairs, size=args.demo_size, seed=args.seed,
+                               split=args.split or None)
     if args.freeze_vision or args.paper:
         print(f"froze {freeze_vision_tower(model):,} vision-tower parameters")
     spec = coordinate_spec(processor, model=model)  # raises on a bare tokenizer
     print(f"model {args.model}: space={spec.space} min_pixels={spec.min_pixels} max_pixels={spec.max_pixels} "
           f"factor={spec.factor}")
 
-    records = demo_or_data(args.data, out, n_pairs=args.demo_pairs, size=args.demo_size, seed=args.seed,
-                           split=args.split or None)
     cold = args.cold_start_steps
     if cold is None:
         cold = 80 if args.model.startswith(TINY_PREFIX) else 0
