@@ -415,6 +415,43 @@ def test_dapo_filter_groups_side_by_side(env, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------
+# the CPU generation backend
+
+
+def test_hf_backend_sampling_contract(env):
+    import pickle
+
+    from PIL import Image
+    from verl.utils.ray_utils import get_event_loop
+
+    from differad_rl.integrations.verl.cpu_backend import HFGenerationClient
+
+    client = HFGenerationClient(env["cfg"], env["model"], env["processor"], seed=1)
+    tok = env["processor"].tokenizer
+    prompt = tok("<think>", add_special_tokens=False)["input_ids"]
+    loop = get_event_loop()
+
+    def gen(params, **kw):
+        return loop.run_until_complete(client.generate("r", prompt_ids=prompt, sampling_params=params, **kw))
+
+    sampled = gen({"temperature": 1.0, "top_p": 1.0, "top_k": -1, "logprobs": True})
+    assert 0 < len(sampled.token_ids) <= RESPONSE_LENGTH
+    assert len(sampled.log_probs) == len(sampled.token_ids) and max(sampled.log_probs) <= 0.0
+    assert sampled.extra_fields["global_steps"] == 0
+    greedy = [gen({"temperature": 0, "top_p": 1.0, "top_k": -1}).token_ids for _ in range(2)]
+    assert greedy[0] == greedy[1] and gen({"temperature": 0, "max_tokens": 3}).log_probs is None
+    assert len(gen({"temperature": 0, "max_tokens": 3}).token_ids) <= 3
+    with pytest.raises(ValueError, match="image placeholder tokens"):
+        gen({"temperature": 0}, image_data=[Image.new("RGB", (56, 56))])  # the prompt has no image tokens
+    with pytest.raises(ValueError, match="text and images only"):
+        gen({"temperature": 0}, video_data=[object()])
+    clone = pickle.loads(pickle.dumps(client))  # veRL ships the client to its Ray workers
+    assert loop.run_until_complete(
+        clone.generate("r", prompt_ids=prompt, sampling_params={"temperature": 0})
+    ).token_ids == greedy[0]
+
+
+# ------------------------------------------------------------------------------------------------
 # configuration
 
 
