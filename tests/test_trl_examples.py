@@ -149,3 +149,19 @@ def test_sft_targets_score_full_reward(family, tmp_path, monkeypatch):
     assert fmt(completions=completions, **kw) == [1.0, 1.0, 1.0]
     scores = dclr(completions=completions, **kw)
     assert scores[2] == 1.0 and all(s > 0.97 for s in scores[:2])  # only integer rounding is lost
+
+
+def test_real_loading_path_refuses_a_bare_tokenizer(tmp_path, monkeypatch):
+    """The hub/folder path (AutoModelForImageTextToText / AutoProcessor) runs here on a local folder
+    without the tiny manifest: AutoProcessor falls back to the tokenizer, and the script refuses."""
+    import shutil
+
+    from differad_rl.integrations.tiny_qwen_vl import tiny_model_for
+
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    sft = importlib.import_module("sft_cold_start")
+    folder = tmp_path / "plain"
+    shutil.copytree(tiny_model_for("qwen2_vl", cache_dir=tmp_path / "tiny"), folder)
+    (folder / "tiny_build.json").unlink()
+    with pytest.raises(ValueError, match="not a multimodal processor"):
+        sft.load_model_and_processor(str(folder))
