@@ -24,6 +24,7 @@ sys.path.insert(0, ABLATION)
 from policy import Actions, BoxPolicy, log_prob, sample_actions, to_boxes  # noqa: E402
 from reward_kinds import REWARD_KINDS, iou_area_penalty_scores, score  # noqa: E402
 from signal_density import DensityConfig, _pair_resolution, _rowwise_spearman, run_density  # noqa: E402
+from size_bias import ANSWERS, canonical_rewards  # noqa: E402
 from training import _PromptStream  # noqa: E402
 
 from arms import Arm  # noqa: E402
@@ -39,7 +40,7 @@ def test_quick_run_end_to_end(tmp_path):
         capture_output=True, text=True, timeout=150,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    for name in ("density.md", "density.png", "ablation.md", "curves.png", "runs.json"):
+    for name in ("density.md", "density.png", "size_bias.md", "ablation.md", "curves.png", "runs.json"):
         assert (out / name).stat().st_size > 0
     runs = json.loads((out / "runs.json").read_text())["runs"]
     assert {r["arm"] for r in runs} >= {"grpo_iou", "grpo_dclr", "full", "dclr_dapo"}
@@ -126,3 +127,14 @@ def test_configs_validate():
         Arm("x", "x", "dclr", resample_rounds=1, dapo=True)
     with pytest.raises(ValueError, match="groups"):
         DensityConfig(groups=0)
+
+
+def test_canonical_answers_exact_is_perfect_and_misses_get_no_iou():
+    rows = canonical_rewards(sides=(0.05,))
+    by = {r["answer"]: r for r in rows}
+    assert set(by) == set(ANSWERS)
+    for kind in REWARD_KINDS:
+        assert abs(by["exact"][kind] - 1.0) < 1e-6
+    assert by["near miss"]["iou"] == 0.0 and by["far miss"]["iou"] == 0.0
+    assert by["near miss"]["dclr_enclosing"] > by["near miss"]["dclr"] > 0.0
+    assert abs(by["4:1 strip, same centre & area"]["iou"] - 1 / 3) < 1e-6

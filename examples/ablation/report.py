@@ -23,16 +23,17 @@ def arms_markdown(arms: tuple[Arm, ...], runs: list[dict]) -> str:
     head = (
         "| arm | " + " | ".join(n for _, n in METRIC_NAMES)
         + " | seeds | generations (mean) | steps (mean) | degenerate groups, first draw | extra generations"
-        + " (resampling / DAPO draws) | mean answered box area | s per run |"
+        + " (resampling / DAPO draws) | mean answered box area | median box elongation | s per run |"
     )
-    lines = [head, "|---" * (len(METRIC_NAMES) + 8) + "|"]
+    lines = [head, "|---" * (len(METRIC_NAMES) + 9) + "|"]
     start = list({r["seed"]: r["curve"][0] for r in runs}.values())  # identical for every arm of a seed
     if start:
         lines.append(
             "| cold start only (generation 0, all arms) | "
             + " | ".join(_mean_std([c[k] for c in start]) for k, _ in METRIC_NAMES)
             + " | – | 0 | 0 | – | – | "
-            + f"{100 * np.nanmean([c['box_area'] for c in start]):.1f} % | – |"
+            + f"{100 * np.nanmean([c['box_area'] for c in start]):.1f} % | "
+            + f"{np.nanmean([c['box_elongation'] for c in start]):.1f} | – |"
         )
     for arm in arms:
         rs = [r for r in runs if r["arm"] == arm.name]
@@ -44,24 +45,27 @@ def arms_markdown(arms: tuple[Arm, ...], runs: list[dict]) -> str:
         extra = np.mean([r["extra_generations"] / max(r["generations"], 1) for r in rs])
         secs = np.mean([r["seconds"] for r in rs])
         area = np.nanmean([r["final"]["box_area"] for r in rs])
+        elong = np.nanmean([r["final"]["box_elongation"] for r in rs])
         lines.append(
             f"| {arm.label} | "
             + " | ".join(_mean_std([r["final"][k] for r in rs]) for k, _ in METRIC_NAMES)
-            + f" | {len(rs)} | {gens:.0f} | {steps:.0f} | {100 * degen:.0f} % | {100 * extra:.0f} % | {100 * area:.1f} % | {secs:.0f} |"
+            + f" | {len(rs)} | {gens:.0f} | {steps:.0f} | {100 * degen:.0f} % | {100 * extra:.0f} % | {100 * area:.1f} % | {elong:.1f} | {secs:.0f} |"
         )
     return "\n".join(lines) + "\n"
 
 
 def curves_plot(arms: tuple[Arm, ...], runs: list[dict], path: str) -> None:
-    """mIoU and Acc@0.3 vs generations consumed; mean over seeds with a ±1 std band."""
+    """mIoU, Acc@0.3 (mean over seeds ± 1 std) and the median box elongation (geometric mean over
+    seeds, ×/÷ one geometric std) vs generations consumed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    panels = (*METRIC_NAMES[:2], ("box_elongation", "median box elongation max(w,h)/min(w,h)"))
+    fig, axes = plt.subplots(1, 3, figsize=(18, 5))
     cmap = plt.get_cmap("tab10")
-    for j, (key, name) in enumerate(METRIC_NAMES[:2]):
+    for j, (key, name) in enumerate(panels):
         ax = axes[j]
         for i, arm in enumerate(arms):
             rs = [r for r in runs if r["arm"] == arm.name]
@@ -73,12 +77,19 @@ def curves_plot(arms: tuple[Arm, ...], runs: list[dict], path: str) -> None:
             ys = np.stack(
                 [np.interp(grid, [c["generations"] for c in r["curve"]], [c[key] for c in r["curve"]]) for r in rs]
             )
-            m, s = ys.mean(0), ys.std(0)
+            if key == "box_elongation":  # ratio ≥ 1 on a log axis: geometric mean and band
+                ly = np.log(ys)
+                m, lo, hi = np.exp(ly.mean(0)), np.exp(ly.mean(0) - ly.std(0)), np.exp(ly.mean(0) + ly.std(0))
+            else:
+                m, sd = ys.mean(0), ys.std(0)
+                lo, hi = m - sd, m + sd
             style = "--" if arm.reward.startswith("iou") else "-"
             ax.plot(grid, m, style, color=cmap(i % 10), label=arm.label, lw=1.6)
-            ax.fill_between(grid, m - s, m + s, color=cmap(i % 10), alpha=0.12)
-        ax.set_xlabel("generations consumed (sampled completions, regenerations and extra draws included)")
+            ax.fill_between(grid, lo, hi, color=cmap(i % 10), alpha=0.12)
+        ax.set_xlabel("generations consumed (regenerations and extra draws included)")
         ax.set_ylabel(f"held-out {name}")
+        if key == "box_elongation":
+            ax.set_yscale("log")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     fig.suptitle("Stand-in box policy (not an MLLM): held-out metrics vs generation budget, mean ± std over seeds")

@@ -7,7 +7,15 @@ scores four answers:
 - ``near miss``: the true size, shifted by 1.5 sides (no overlap, centre 1.5 sides away);
 - ``far miss``: the true size, shifted by 0.3 of the image;
 - ``2× side, centred``: the same centre, twice the side (4× area, IoU = 0.25);
-- ``whole image``: the box (0, 0, 512, 512).
+- ``whole image``: the box (0, 0, 512, 512);
+- ``4:1 strip, same centre & area``: a box 2s wide and s/2 high on the true centre
+  (IoU = (s · s/2) / (s² + s² − s²/2) = 1/3);
+- ``full-width strip, same area``: a strip across the whole image width, as high as keeps the true
+  area, on the defect's row (what the stand-in policy learned under DCLR).
+
+DCLR's S term sees only centre distance and area, so any box with the true centre and the true area
+has S = 1 and therefore R = IoU + (1 − IoU) · 1 = 1, whatever its shape; and a wide box inflates the
+paper's normaliser max(diag_p, diag_g), so its centre score stays high even when its centre is off.
 
 If ``whole image`` scores above the misses, a policy whose samples mostly miss is rewarded for
 growing its boxes: DCLR's area term saturates at 0 once the predicted area exceeds twice the true
@@ -21,7 +29,15 @@ import torch
 from reward_kinds import REWARD_KINDS, REWARD_LABELS, score
 
 IMAGE = 512.0
-ANSWERS = ("exact", "near miss", "far miss", "2× side, centred", "whole image")
+ANSWERS = (
+    "exact",
+    "near miss",
+    "far miss",
+    "2× side, centred",
+    "whole image",
+    "4:1 strip, same centre & area",
+    "full-width strip, same area",
+)
 
 
 def canonical_rewards(sides: tuple[float, ...] = (0.03, 0.05, 0.1)) -> list[dict]:
@@ -39,6 +55,8 @@ def canonical_rewards(sides: tuple[float, ...] = (0.03, 0.05, 0.1)) -> list[dict
                 shift(0.3 * IMAGE),
                 torch.tensor([cx - a, cy - a, cx + a, cy + a], dtype=torch.float64),
                 torch.tensor([0, 0, IMAGE, IMAGE], dtype=torch.float64),
+                torch.tensor([cx - a, cy - a / 4, cx + a, cy + a / 4], dtype=torch.float64),
+                torch.tensor([0, cy - a * a / IMAGE / 2, IMAGE, cy + a * a / IMAGE / 2], dtype=torch.float64),
             ]
         )
         gts = gt.expand(len(ANSWERS), 4)

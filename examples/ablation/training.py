@@ -90,7 +90,8 @@ def _score(kind: str, actions: Actions, data: PairTensors, idx: torch.Tensor, g:
 
 def evaluate(policy: BoxPolicy, data: PairTensors) -> dict[str, float]:
     """Greedy held-out metrics (mIoU, Acc@0.3, F1@0.3) plus ``box_area``: the mean area of the
-    answered non-zero boxes as a share of the image (NaN if every answer is "normal")."""
+    answered non-zero boxes as a share of the image, and ``box_elongation``: their median
+    max(w, h) / min(w, h) (both NaN if every answer is "normal")."""
     policy.eval()
     with torch.no_grad():
         mu, _, nl = policy(data.images)
@@ -100,6 +101,9 @@ def evaluate(policy: BoxPolicy, data: PairTensors) -> dict[str, float]:
     area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) / (data.width * data.height)
     answered = area > 0
     out["box_area"] = float(area[answered].mean()) if bool(answered.any()) else float("nan")
+    w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    elong = torch.maximum(w, h) / torch.minimum(w, h).clamp(min=1e-6)
+    out["box_elongation"] = float(elong[answered].median()) if bool(answered.any()) else float("nan")
     return out
 
 
