@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import MISSING as _MISSING
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -212,26 +212,37 @@ def load_pairs(path: str | os.PathLike[str]) -> list[PairRecord]:
         ValueError: bad JSON or an invalid record; the message starts with ``<file>:<line>:``.
     """
     p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"pairs file not found: {p}")
     base = str(p.resolve().parent)
     records: list[PairRecord] = []
+    for lineno, obj in iter_jsonl(p, what="pairs file"):
+        try:
+            rec = PairRecord.from_dict(obj)
+        except ValueError as exc:
+            raise ValueError(f"{p}:{lineno}: {exc}") from None
+        rec.reference = _resolve(rec.reference, base)
+        rec.target = _resolve(rec.target, base)
+        records.append(rec)
+    return records
+
+
+def iter_jsonl(path: str | os.PathLike[str], *, what: str = "file") -> Iterator[tuple[int, Any]]:
+    """Yield ``(line_number, object)`` for each non-blank line of a JSONL file.
+
+    Raises:
+        FileNotFoundError: the file does not exist (the message names it as ``what``).
+        ValueError: a line is not valid JSON; the message starts with ``<file>:<line>:``.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{what} not found: {p}")
     with p.open("r", encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
+                yield lineno, json.loads(line)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{p}:{lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from None
-            try:
-                rec = PairRecord.from_dict(obj)
-            except ValueError as exc:
-                raise ValueError(f"{p}:{lineno}: {exc}") from None
-            rec.reference = _resolve(rec.reference, base)
-            rec.target = _resolve(rec.target, base)
-            records.append(rec)
-    return records
 
 
 def _relativize(path_str: str, bases: tuple[str, ...]) -> str:

@@ -35,7 +35,6 @@ the ``<answer>`` tag mandatory (``require_answer=True``): an output without it i
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -45,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from differad_rl.coords import SPACES, from_model_space
+from differad_rl.data.records import iter_jsonl
 from differad_rl.eval.metrics import _as_pred, _compute, _sample_ious, _update, ragged_ground_truth
 from differad_rl.parsing import completion_text, parse_boxes_batch
 
@@ -138,41 +138,32 @@ def read_predictions(path: str | os.PathLike[str]) -> Predictions:
     Duplicate ids raise ``ValueError`` naming them.
     """
     p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"prediction file not found: {p}")
     ids: list[str] = []
     outputs: list[str | None] = []
     boxes: list[Any] = []
     nan4 = [float("nan")] * 4
-    with p.open("r", encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{p}:{lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from None
-            if not isinstance(obj, dict) or "id" not in obj:
-                raise ValueError(f"{p}:{lineno}: each line must be an object with an 'id' field")
-            if "output" in obj:
-                out = obj["output"]  # a string, or a chat message list (TRL's conversational form)
-                outputs.append(out if isinstance(out, str) else ("" if out is None else completion_text(out)))
+    for lineno, obj in iter_jsonl(p, what="prediction file"):
+        if not isinstance(obj, dict) or "id" not in obj:
+            raise ValueError(f"{p}:{lineno}: each line must be an object with an 'id' field")
+        if "output" in obj:
+            out = obj["output"]  # a string, or a chat message list (TRL's conversational form)
+            outputs.append(out if isinstance(out, str) else ("" if out is None else completion_text(out)))
+            boxes.append(nan4)
+        elif "box" in obj:
+            box = obj["box"]
+            if box is None:
                 boxes.append(nan4)
-            elif "box" in obj:
-                box = obj["box"]
-                if box is None:
-                    boxes.append(nan4)
-                else:
-                    if not isinstance(box, list | tuple) or len(box) != 4:
-                        raise ValueError(f"{p}:{lineno}: field 'box' must be 4 numbers or null, got {box!r}")
-                    try:
-                        boxes.append([float(v) for v in box])
-                    except (TypeError, ValueError):
-                        raise ValueError(f"{p}:{lineno}: field 'box' must be 4 numbers, got {box!r}") from None
-                outputs.append(None)
             else:
-                raise ValueError(f"{p}:{lineno}: record {obj['id']!r} has neither 'output' nor 'box'")
-            ids.append(str(obj["id"]))
+                if not isinstance(box, list | tuple) or len(box) != 4:
+                    raise ValueError(f"{p}:{lineno}: field 'box' must be 4 numbers or null, got {box!r}")
+                try:
+                    boxes.append([float(v) for v in box])
+                except (TypeError, ValueError):
+                    raise ValueError(f"{p}:{lineno}: field 'box' must be 4 numbers, got {box!r}") from None
+            outputs.append(None)
+        else:
+            raise ValueError(f"{p}:{lineno}: record {obj['id']!r} has neither 'output' nor 'box'")
+        ids.append(str(obj["id"]))
     given = np.fromiter((o is None for o in outputs), dtype=bool, count=len(outputs))
     arr = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     return Predictions(ids, outputs, arr, given)
