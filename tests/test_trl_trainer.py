@@ -103,7 +103,7 @@ def test_version_guard_and_internals():
 
     with pytest.raises(ImportError, match="_calculate_rewards"):
         compat.check_trl_internals(Changed)
-    with pytest.raises(NotImplementedError, match="pixel_attention_mask"):
+    with pytest.raises(compat.UnsupportedOutputError, match="pixel_attention_mask"):
         compat.check_output_keys({"prompt_ids": None, "pixel_attention_mask": None})
 
 
@@ -394,7 +394,7 @@ def test_splice_rows_property(dst_p, dst_c, src_n, data):
 
 def test_splice_rows_rejects_unknown_keys():
     dst = {"prompt_ids": torch.zeros(2, 3, dtype=torch.long), "surprise": torch.zeros(2)}
-    with pytest.raises(NotImplementedError, match="surprise"):
+    with pytest.raises(compat.UnsupportedOutputError, match="surprise"):
         splice_rows(dst, dict(dst), torch.tensor([0]), pad_token_id=0)
 
 

@@ -130,15 +130,19 @@ def check_trl_internals(trainer_cls: type | None = None) -> None:
         )
 
 
+class UnsupportedOutputError(RuntimeError):
+    """Group resampling met a generation output it cannot splice (a newer TRL or a non-Qwen-VL model)."""
+
+
 def check_output_keys(output: dict) -> None:
-    """Raise :class:`NotImplementedError` if the generation output has a key the splice does not handle.
+    """Raise :class:`UnsupportedOutputError` if the generation output has a key the splice does not handle.
 
     Called before group resampling splices regenerated rows into a batch: an unknown key would be
     silently left stale (e.g. a new per-row tensor of a newer TRL), so it fails loudly instead.
     """
     unknown = sorted(set(output) - set(KNOWN_OUTPUT_KEYS))
     if unknown:
-        raise NotImplementedError(
+        raise UnsupportedOutputError(
             f"group resampling cannot splice the generation output keys {unknown} (trl {_installed_trl_version()}); "
             f"handled keys: {sorted(KNOWN_OUTPUT_KEYS)}. Set resample_rounds=0 or use trl{SUPPORTED_TRL} with a "
             "Qwen-VL-style model (pixel values split by image_grid_thw)."

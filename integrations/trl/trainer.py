@@ -39,7 +39,7 @@ from trl.trainer.utils import nanstd
 from differad_rl.groups import degenerate_groups, difficulty_weights
 from differad_rl.resampling import resample_groups
 
-from .compat import KNOWN_OUTPUT_KEYS, check_output_keys, check_trl_version
+from .compat import KNOWN_OUTPUT_KEYS, UnsupportedOutputError, check_output_keys, check_trl_version
 from .config import DifferADGRPOConfig
 
 __all__ = ["DifferADGRPOTrainer", "splice_rows", "trl_advantages"]
@@ -174,7 +174,7 @@ def splice_rows(
             out[key] = value
     if "pixel_values" in dst:
         if "image_grid_thw" not in dst or "num_images" not in dst:
-            raise NotImplementedError(
+            raise UnsupportedOutputError(
                 "group resampling splices pixel values by image_grid_thw (Qwen-VL); this batch has "
                 f"keys {sorted(dst)}"
             )
