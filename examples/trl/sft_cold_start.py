@@ -257,7 +257,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", default=None, help="pairs JSONL (default: the embedded demo pairs)")
     p.add_argument("--split", default="train", help="use records of this split ('' = all; falls back to all)")
     p.add_argument("--output-dir", default="runs/sft_cold_start")
-    p.add_argument("--max-steps", type=int, default=80, help="-1 = use --epochs")
+    p.add_argument("--max-steps", type=int, default=150, help="-1 = use --epochs")
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--grad-accum", type=int, default=1)
@@ -282,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     tiny = args.model.startswith(TINY_PREFIX) or (Path(args.model) / "tiny_build.json").is_file()
+    if tiny and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(1)  # ~0.2M-parameter model: thread start-up costs more than it saves
     model, processor = load_model_and_processor(
         args.model, cache_dir=out / "tiny_models", min_pixels=args.min_pixels, max_pixels=args.max_pixels,
         bf16=args.bf16)

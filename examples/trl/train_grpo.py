@@ -12,11 +12,15 @@ protocol, in original target pixels), the difficulty weights (mean/max) and the 
 (degenerate share before/after, groups regenerated, rounds used). At the end it saves a checkpoint
 (``--output-dir/checkpoint``), ``reward_curve.png`` and ``metrics.jsonl``. A random tiny model never
 writes a well-formed box (every group would be degenerate, all rewards 0), so with the default
-tiny model the script first runs phase 1 in-process — 80 steps of ``sft_cold_start.py``'s SFT
+tiny model the script first runs phase 1 in-process — 150 steps of ``sft_cold_start.py``'s SFT
 (``--cold-start-steps``; 0 turns it off). The two phases as separate runs, as in the paper::
 
     python examples/trl/sft_cold_start.py --output-dir runs/sft
     python examples/trl/train_grpo.py --model runs/sft/checkpoint --output-dir runs/grpo
+
+Several processes work the same way (decisions are taken from gathered rewards); a quick CPU check
+with two gloo processes: ``torchrun --nproc_per_node 2 examples/trl/train_grpo.py --cold-start-steps 0
+--max-steps 2`` (the in-process cold start is meant for the single-process demo).
 
 The paper's GPU recipe (DESIGN §1: G = 8, 8 completions per device, gradient accumulation 2, bf16,
 frozen vision tower, max_pixels = 1,003,520, one epoch, β = 0.04, truncated completions masked,
@@ -36,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -170,7 +175,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-difficulty-weights", action="store_true")
     p.add_argument("--difficulty-scope", default="group", choices=("group", "batch"))
     p.add_argument("--cold-start-steps", type=int, default=None,
-                   help="SFT steps before GRPO (sft_cold_start.py); default 80 for a fresh 'tiny' model, else 0")
+                   help="SFT steps before GRPO (sft_cold_start.py); default 150 for a fresh 'tiny' model, else 0")
     p.add_argument("--min-pixels", type=int, default=None)
     p.add_argument("--max-pixels", type=int, default=None, help="default: the processor's (paper: 1003520)")
     p.add_argument("--freeze-vision", action="store_true")
@@ -259,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     tiny = args.model.startswith(TINY_PREFIX) or (Path(args.model) / "tiny_build.json").is_file()
     max_pixels = args.max_pixels if args.max_pixels is not None else (1003520 if args.paper else None)
+    if tiny and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(1)  # ~0.2M-parameter model: thread start-up costs more than it saves
     state = PartialState()  # under accelerate launch: build tiny model / demo pairs once, on rank 0 first
     with state.main_process_first():
         model, processor = load_model_and_processor(
@@ -275,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cold = args.cold_start_steps
     if cold is None:
-        cold = 80 if args.model.startswith(TINY_PREFIX) else 0
+        cold = 150 if args.model.startswith(TINY_PREFIX) else 0
     if cold > 0:
         print(f"cold start: {cold} SFT steps (phase 1; --cold-start-steps 0 skips it)", flush=True)
         run_sft(model, processor, records, out / "cold_start", max_steps=cold,
