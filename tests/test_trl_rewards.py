@@ -258,7 +258,18 @@ def _tiny_pairs(tmp_path, n=4):
     return recs
 
 
+@pytest.fixture()
+def one_thread():
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny model: threads cost more than they save
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("family", FAMILIES)
 def test_two_grpo_steps_per_family(family, tiny_cache, tmp_path):
     import torch
