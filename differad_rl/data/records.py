@@ -32,6 +32,8 @@ from differad_rl.data.atomic import atomic_write_text
 __all__ = [
     "PairRecord",
     "ZERO_BOX",
+    "as_records",
+    "iter_jsonl",
     "load_pairs",
     "write_pairs",
     "to_hf_dataset",
@@ -223,6 +225,14 @@ def load_pairs(path: str | os.PathLike[str]) -> list[PairRecord]:
         rec.target = _resolve(rec.target, base)
         records.append(rec)
     return records
+
+
+def as_records(source: str | os.PathLike[str] | Iterable[PairRecord | Mapping[str, Any]]) -> list[PairRecord]:
+    """Pair records from a JSONL path (:func:`load_pairs`) or an iterable of records / dicts
+    (dicts are validated by :meth:`PairRecord.from_dict`)."""
+    if isinstance(source, (str, os.PathLike)):
+        return load_pairs(source)
+    return [r if isinstance(r, PairRecord) else PairRecord.from_dict(r) for r in source]
 
 
 def iter_jsonl(path: str | os.PathLike[str], *, what: str = "file") -> Iterator[tuple[int, Any]]:

@@ -32,7 +32,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from differad_rl import prompts as _prompts
-from differad_rl.data.records import PairRecord, load_pairs
+from differad_rl.data.records import PairRecord, as_records
 
 __all__ = [
     "build_messages",
@@ -90,11 +90,6 @@ def pair_to_row(record: PairRecord, instruction: str, *, load_images: bool = Tru
     }
 
 
-def _records(source: str | os.PathLike[str] | Iterable[PairRecord | Mapping[str, Any]]) -> list[PairRecord]:
-    if isinstance(source, (str, os.PathLike)):
-        return load_pairs(source)
-    return [r if isinstance(r, PairRecord) else PairRecord.from_dict(r) for r in source]
-
 
 def pairs_to_rows(
     source: str | os.PathLike[str] | Iterable[PairRecord | Mapping[str, Any]],
@@ -111,7 +106,7 @@ def pairs_to_rows(
     Raises ``ValueError`` (naming the row id) when ``validate`` and a row is invalid.
     """
     rng = random.Random(seed)
-    rows = [pair_to_row(r, draw_instruction(rng, format_hint), load_images=load_images) for r in _records(source)]
+    rows = [pair_to_row(r, draw_instruction(rng, format_hint), load_images=load_images) for r in as_records(source)]
     if validate:
         validate_trl_rows(rows)
     return rows

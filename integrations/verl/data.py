@@ -42,7 +42,7 @@ from typing import Any
 
 from differad_rl import prompts as _prompts
 from differad_rl.coords import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, SPACES
-from differad_rl.data.records import PairRecord, load_pairs
+from differad_rl.data.records import PairRecord, as_records
 
 __all__ = [
     "EXTRA_INFO_KEYS",
@@ -156,11 +156,6 @@ def pair_to_row(record: PairRecord, index: int, instruction: str, options: Parqu
     }
 
 
-def _records(source: str | os.PathLike[str] | Iterable[PairRecord | Mapping[str, Any]]) -> list[PairRecord]:
-    if isinstance(source, (str, os.PathLike)):
-        return load_pairs(source)
-    return [r if isinstance(r, PairRecord) else PairRecord.from_dict(r) for r in source]
-
 
 def pairs_to_rows(
     source: str | os.PathLike[str] | Iterable[PairRecord | Mapping[str, Any]],
@@ -171,7 +166,7 @@ def pairs_to_rows(
     """Rows for a pairs JSONL path or records; row ``i``'s instruction is the ``i``-th draw of
     ``random.Random(options.seed)``. Raises ``ValueError`` naming the record for an unreadable image."""
     options = options or ParquetOptions()
-    records = _records(source)
+    records = as_records(source)
     rng = random.Random(options.seed)
     it: Iterable[tuple[int, PairRecord]] = enumerate(records)
     if progress:
