@@ -160,3 +160,14 @@ def test_cli_demo_data(tmp_path: Path, capsys):
     assert _data_cli(["demo-data", "--out", str(tmp_path / "d"), "--n-pairs", "6", "--size", "64", "--quiet"]) == 0
     assert "6 pairs" in capsys.readouterr().out
     assert len(load_pairs(tmp_path / "d" / "pairs.jsonl")) == 6
+
+
+def test_relative_out_dir_writes_paths_relative_to_the_jsonl(tmp_path, monkeypatch):
+    """A cwd-relative out_dir must still give image paths that resolve from the JSONL's folder."""
+    from differad_rl.data import build_demo_pairs, load_pairs
+
+    monkeypatch.chdir(tmp_path)
+    path = build_demo_pairs("runs/demo", n_pairs=8, size=64, seed=3, progress=False)
+    monkeypatch.chdir("/")
+    for rec in load_pairs(tmp_path / path):
+        assert Path(rec.reference).is_file() and Path(rec.target).is_file()

@@ -493,7 +493,7 @@ def build_demo_pairs(
         normal_fraction=normal_fraction,
         categories=tuple(categories) if categories is not None else DEFAULT_CATEGORIES,
     )
-    out = Path(out_dir)
+    out = Path(out_dir).absolute()  # image paths are written relative to it: never cwd-relative
     params = cfg.to_json()
     if not force and _existing_set_ok(out, params):
         return out / PAIRS_FILE

@@ -494,7 +494,7 @@ def build_pair_dir(
     from differad_rl.data.records import to_hf_dataset, write_pairs
 
     cfg = config or PairingConfig()
-    out = Path(out_dir)
+    out = Path(out_dir).absolute()  # image paths are written relative to it: never cwd-relative
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / BUILD_MANIFEST).is_file())):
         raise ValueError(f"out_dir {out} exists and is not a differad-rl pair build; refusing to overwrite it")
     plans = plan_pairs(samples, cfg, textures)
