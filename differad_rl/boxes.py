@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 CENTER_NORMS: tuple[str, ...] = ("paper", "enclosing")
+SIZE_TERMS: tuple[str, ...] = ("area", "sides")
 
 
 def as_boxes(boxes: Any, *, name: str = "boxes") -> Tensor:
@@ -93,6 +94,24 @@ def area_consistency(p: Any, g: Any, eps: float = 1e-6) -> Tensor:
     return 1 - ((box_area(p) - ag).abs() / (ag + eps)).clamp(max=1.0)
 
 
+def side_consistency(p: Any, g: Any, eps: float = 1e-6) -> Tensor:
+    """Side consistency ``s_s = 1 − min(1, (|w_p − w_g| / (w_g + ε) + |h_p − h_g| / (h_g + ε)) / 2)``.
+
+    A shape-aware replacement for :func:`area_consistency` (``size_term="sides"``, beyond the paper):
+    equal area is not enough, width and height must both match, so a thin strip of the right area
+    no longer scores as well as the true box.
+    """
+    p, g = _pair(p, g)
+    wp, hp = (p[..., 2] - p[..., 0]).clamp(min=0), (p[..., 3] - p[..., 1]).clamp(min=0)
+    wg, hg = (g[..., 2] - g[..., 0]).clamp(min=0), (g[..., 3] - g[..., 1]).clamp(min=0)
+    return 1 - (((wp - wg).abs() / (wg + eps) + (hp - hg).abs() / (hg + eps)) / 2).clamp(max=1.0)
+
+
+def _check_size_term(size_term: str) -> None:
+    if size_term not in SIZE_TERMS:
+        raise ValueError(f"size_term={size_term!r} is not known; expected one of {SIZE_TERMS}")
+
+
 def consistency_score(
     p: Any,
     g: Any,
@@ -100,12 +119,17 @@ def consistency_score(
     w_area: float = 0.4,
     eps: float = 1e-6,
     center_norm: str = "paper",
+    size_term: str = "area",
 ) -> Tensor:
-    """``S = (w_c · s_c + w_a · s_a) / (w_c + w_a)``: the centre/area part of DCLR, in ``[0, 1]``."""
+    """``S = (w_c · s_c + w_a · s_a) / (w_c + w_a)``: the centre/size part of DCLR, in ``[0, 1]``.
+
+    ``s_a`` is :func:`area_consistency` with ``size_term="area"`` (the paper) or
+    :func:`side_consistency` with ``size_term="sides"``.
+    """
+    _check_size_term(size_term)
     total = w_center + w_area
-    return (
-        w_center * center_consistency(p, g, eps, center_norm) + w_area * area_consistency(p, g, eps)
-    ) / total
+    size = area_consistency(p, g, eps) if size_term == "area" else side_consistency(p, g, eps)
+    return (w_center * center_consistency(p, g, eps, center_norm) + w_area * size) / total
 
 
 def dclr(
@@ -115,15 +139,18 @@ def dclr(
     w_area: float = 0.4,
     eps: float = 1e-6,
     center_norm: str = "paper",
+    size_term: str = "area",
 ) -> Tensor:
     """Dual-consistency localization reward for valid boxes: ``R = IoU + (1 − IoU) · S``.
 
     ``S`` is :func:`consistency_score`. ``R ≥ IoU``, ``R ∈ [0, 1]`` and ``R = 1`` when the boxes
-    coincide. Note: ``R = 1`` also when the boxes share centre and area but differ in shape (e.g. a
-    box and its transpose), since then ``S = 1``; the formula is the paper's and is kept as is.
+    coincide. With the paper's ``size_term="area"``, ``R = 1`` also when the boxes share centre and
+    area but differ in shape (a box and its transpose, or a thin strip of the right area), since then
+    ``S = 1`` — a policy can learn to exploit it (see the ablation in ``examples/ablation``). With
+    ``size_term="sides"``, ``R = 1`` iff the boxes coincide.
     """
     iou = box_iou(p, g)
-    return iou + (1 - iou) * consistency_score(p, g, w_center, w_area, eps, center_norm)
+    return iou + (1 - iou) * consistency_score(p, g, w_center, w_area, eps, center_norm, size_term)
 
 
 def is_zero_box(boxes: Any) -> Tensor:
@@ -144,7 +171,8 @@ def pairwise_dclr(
     w_area: float = 0.4,
     eps: float = 1e-6,
     center_norm: str = "paper",
+    size_term: str = "area",
 ) -> Tensor:
     """DCLR of every prediction against every ground-truth box: ``(P, 4), (N, 4) -> (P, N)``."""
     pt, gt = _pair(p, g)
-    return dclr(pt[:, None, :], gt[None, :, :], w_center, w_area, eps, center_norm)
+    return dclr(pt[:, None, :], gt[None, :, :], w_center, w_area, eps, center_norm, size_term)

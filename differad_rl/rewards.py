@@ -30,7 +30,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
-from differad_rl.boxes import CENTER_NORMS, box_iou, consistency_score, dclr, is_degenerate, is_zero_box
+from differad_rl.boxes import CENTER_NORMS, SIZE_TERMS, box_iou, consistency_score, dclr, is_degenerate, is_zero_box
 from differad_rl.coords import DEFAULT_FACTOR, DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, check_space, to_model_space
 from differad_rl.parsing import answer_span, completion_text, is_well_formatted, parse_boxes, parse_boxes_batch
 
@@ -47,12 +47,15 @@ class DCLRConfig:
         eps: ``ε`` of both consistency terms.
         center_norm: ``"paper"`` (distance over the larger box diagonal) or ``"enclosing"``
             (distance over the enclosing box diagonal, DIoU-style; never saturates).
+        size_term: ``"area"`` (the paper's area consistency; blind to shape) or ``"sides"``
+            (width and height consistency; DCLR = 1 only for the true box).
     """
 
     w_center: float = 0.6
     w_area: float = 0.4
     eps: float = 1e-6
     center_norm: str = "paper"
+    size_term: str = "area"
 
     def __post_init__(self) -> None:
         for name in ("w_center", "w_area"):
@@ -67,6 +70,8 @@ class DCLRConfig:
             raise ValueError(f"eps must be a finite number > 0, got {self.eps!r}")
         if self.center_norm not in CENTER_NORMS:
             raise ValueError(f"center_norm={self.center_norm!r} is not known; expected one of {CENTER_NORMS}")
+        if self.size_term not in SIZE_TERMS:
+            raise ValueError(f"size_term={self.size_term!r} is not known; expected one of {SIZE_TERMS}")
 
 
 def check_gt_boxes(gt: Any, *, name: str = "solution", n: int | None = None) -> Tensor:
@@ -133,11 +138,11 @@ def localization_scores(
     p_safe = torch.where(usable[:, None], p, unit)
     g_safe = torch.where(usable[:, None], g, unit)
     if kind == "dclr":
-        raw = dclr(p_safe, g_safe, cfg.w_center, cfg.w_area, cfg.eps, cfg.center_norm)
+        raw = dclr(p_safe, g_safe, cfg.w_center, cfg.w_area, cfg.eps, cfg.center_norm, cfg.size_term)
     elif kind == "iou":
         raw = box_iou(p_safe, g_safe)
     else:
-        raw = consistency_score(p_safe, g_safe, cfg.w_center, cfg.w_area, cfg.eps, cfg.center_norm)
+        raw = consistency_score(p_safe, g_safe, cfg.w_center, cfg.w_area, cfg.eps, cfg.center_norm, cfg.size_term)
     zero = torch.zeros((), dtype=g.dtype, device=g.device)
     return torch.where(gt_zero, pred_zero.to(g.dtype), torch.where(usable, raw, zero))
 
@@ -173,7 +178,7 @@ def multi_box_score(
         return 0.0
     ok = torch.isfinite(p).all(dim=1) & ~is_degenerate(torch.nan_to_num(p))
     p_safe = torch.where(ok[:, None], p, torch.tensor([0.0, 0.0, 1.0, 1.0], dtype=p.dtype))
-    m = dclr(p_safe[:, None, :], g[None, :, :], cfg.w_center, cfg.w_area, cfg.eps, cfg.center_norm)
+    m = dclr(p_safe[:, None, :], g[None, :, :], cfg.w_center, cfg.w_area, cfg.eps, cfg.center_norm, cfg.size_term)
     m = torch.where(ok[:, None], m, torch.zeros_like(m)).numpy()
     rows, cols = linear_sum_assignment(m, maximize=True)
     return float(m[rows, cols].sum() / max(p.shape[0], g.shape[0]))
@@ -323,12 +328,13 @@ class FormatReward:
         return [1.0 if is_well_formatted(c) else 0.0 for c in completions]
 
 
-def _config(w_center: float, w_area: float, eps: float, center_norm: str) -> DCLRConfig:
-    return DCLRConfig(w_center=w_center, w_area=w_area, eps=eps, center_norm=center_norm)
+def _config(w_center: float, w_area: float, eps: float, center_norm: str, size_term: str) -> DCLRConfig:
+    return DCLRConfig(w_center=w_center, w_area=w_area, eps=eps, center_norm=center_norm, size_term=size_term)
 
 
 def get_dclr_reward(*, w_center: float = 0.6, w_area: float = 0.4, eps: float = 1e-6,
-                    center_norm: str = "paper", name: str = "dclr_reward", **space_kwargs: Any) -> LocalizationReward:
+                    center_norm: str = "paper", size_term: str = "area", name: str = "dclr_reward",
+                    **space_kwargs: Any) -> LocalizationReward:
     """DCLR reward callable. ``space_kwargs``: ``require_answer``, ``space``, ``gt_space``,
     ``min_pixels``, ``max_pixels``, ``factor`` (see :class:`LocalizationReward`).
 
@@ -336,7 +342,8 @@ def get_dclr_reward(*, w_center: float = 0.6, w_area: float = 0.4, eps: float = 
     >>> r(["<think>.</think><answer>(10,10),(20,20)</answer>"], solution=[[10, 10, 20, 20]])
     [1.0]
     """
-    return LocalizationReward("dclr", _config(w_center, w_area, eps, center_norm), name=name, **space_kwargs)
+    return LocalizationReward("dclr", _config(w_center, w_area, eps, center_norm, size_term), name=name,
+                              **space_kwargs)
 
 
 def get_iou_reward(*, name: str = "iou_reward", **space_kwargs: Any) -> LocalizationReward:
@@ -345,17 +352,18 @@ def get_iou_reward(*, name: str = "iou_reward", **space_kwargs: Any) -> Localiza
 
 
 def get_consistency_reward(*, w_center: float = 0.6, w_area: float = 0.4, eps: float = 1e-6,
-                           center_norm: str = "paper", name: str = "consistency_reward",
+                           center_norm: str = "paper", size_term: str = "area", name: str = "consistency_reward",
                            **space_kwargs: Any) -> LocalizationReward:
     """Centre/area consistency ``S`` alone, with the zero-box rule (ablation)."""
-    return LocalizationReward("consistency", _config(w_center, w_area, eps, center_norm), name=name, **space_kwargs)
+    return LocalizationReward("consistency", _config(w_center, w_area, eps, center_norm, size_term), name=name,
+                              **space_kwargs)
 
 
 def get_multi_box_reward(*, w_center: float = 0.6, w_area: float = 0.4, eps: float = 1e-6,
-                         center_norm: str = "paper", name: str = "multi_box_reward",
+                         center_norm: str = "paper", size_term: str = "area", name: str = "multi_box_reward",
                          **space_kwargs: Any) -> MultiBoxReward:
     """Several-box DCLR reward with Hungarian matching (see :func:`multi_box_score`)."""
-    return MultiBoxReward(_config(w_center, w_area, eps, center_norm), name=name, **space_kwargs)
+    return MultiBoxReward(_config(w_center, w_area, eps, center_norm, size_term), name=name, **space_kwargs)
 
 
 def get_format_reward(*, name: str = "format_reward") -> FormatReward:

@@ -40,20 +40,27 @@ def area_score(p, g, eps=1e-6):
     return 1.0 - min(1.0, abs(area(p) - area(g)) / (area(g) + eps))
 
 
-def consistency(p, g, w_center=0.6, w_area=0.4, eps=1e-6, center_norm="paper"):
-    return (w_center * center(p, g, eps, center_norm) + w_area * area_score(p, g, eps)) / (w_center + w_area)
+def side_score(p, g, eps=1e-6):
+    wp, hp = max(p[2] - p[0], 0.0), max(p[3] - p[1], 0.0)
+    wg, hg = max(g[2] - g[0], 0.0), max(g[3] - g[1], 0.0)
+    return 1.0 - min(1.0, (abs(wp - wg) / (wg + eps) + abs(hp - hg) / (hg + eps)) / 2)
 
 
-def dclr(p, g, w_center=0.6, w_area=0.4, eps=1e-6, center_norm="paper"):
+def consistency(p, g, w_center=0.6, w_area=0.4, eps=1e-6, center_norm="paper", size_term="area"):
+    size = area_score(p, g, eps) if size_term == "area" else side_score(p, g, eps)
+    return (w_center * center(p, g, eps, center_norm) + w_area * size) / (w_center + w_area)
+
+
+def dclr(p, g, w_center=0.6, w_area=0.4, eps=1e-6, center_norm="paper", size_term="area"):
     i = iou(p, g)
-    return i + (1.0 - i) * consistency(p, g, w_center, w_area, eps, center_norm)
+    return i + (1.0 - i) * consistency(p, g, w_center, w_area, eps, center_norm, size_term)
 
 
 def is_zero(b):
     return all(v == 0 for v in b)
 
 
-def localization(pred, gt, kind="dclr", w_center=0.6, w_area=0.4, eps=1e-6, center_norm="paper"):
+def localization(pred, gt, kind="dclr", w_center=0.6, w_area=0.4, eps=1e-6, center_norm="paper", size_term="area"):
     """Zero-box rule + degenerate rule + formula. ``pred`` is None when nothing parsed."""
     if is_zero(gt):
         return 1.0 if pred is not None and is_zero(pred) else 0.0
@@ -64,8 +71,8 @@ def localization(pred, gt, kind="dclr", w_center=0.6, w_area=0.4, eps=1e-6, cent
     if kind == "iou":
         return iou(pred, gt)
     if kind == "consistency":
-        return consistency(pred, gt, w_center, w_area, eps, center_norm)
-    return dclr(pred, gt, w_center, w_area, eps, center_norm)
+        return consistency(pred, gt, w_center, w_area, eps, center_norm, size_term)
+    return dclr(pred, gt, w_center, w_area, eps, center_norm, size_term)
 
 
 def multi_box(preds, gts, **cfg):

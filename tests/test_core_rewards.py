@@ -18,6 +18,7 @@ from differad_rl.boxes import (
     is_degenerate,
     is_zero_box,
     pairwise_dclr,
+    side_consistency,
 )
 from differad_rl.coords import to_model_space
 from differad_rl.parsing import render_box
@@ -78,6 +79,9 @@ def test_formulas_equal_oracle(norm):
         (consistency_score(p, g, center_norm=norm), [oracle.consistency(a, b, center_norm=norm) for a, b in pairs]),
         (dclr(p, g, center_norm=norm), [oracle.dclr(a, b, center_norm=norm) for a, b in pairs]),
         (dclr(p, g, 0.3, 0.9, 1e-3, norm), [oracle.dclr(a, b, 0.3, 0.9, 1e-3, norm) for a, b in pairs]),
+        (side_consistency(p, g), [oracle.side_score(a, b) for a, b in pairs]),
+        (dclr(p, g, center_norm=norm, size_term="sides"),
+         [oracle.dclr(a, b, center_norm=norm, size_term="sides") for a, b in pairs]),
     ]
     for got, want in checks:
         np.testing.assert_allclose(got.numpy(), want, rtol=0, atol=1e-9)
@@ -106,10 +110,11 @@ def test_localization_scores_equal_oracle_with_rules():
     valid = torch.tensor([p is not None for p in preds])
     for kind in ("dclr", "iou", "consistency"):
         for norm in NORMS:
-            cfg = DCLRConfig(center_norm=norm)
-            got = localization_scores(arr, valid, torch.tensor(gts, dtype=torch.float64), kind, cfg)
-            want = [oracle.localization(p, g, kind, center_norm=norm) for p, g in zip(preds, gts)]
-            np.testing.assert_allclose(got.numpy(), want, rtol=0, atol=1e-9)
+            for size_term in ("area", "sides"):
+                cfg = DCLRConfig(center_norm=norm, size_term=size_term)
+                got = localization_scores(arr, valid, torch.tensor(gts, dtype=torch.float64), kind, cfg)
+                want = [oracle.localization(p, g, kind, center_norm=norm, size_term=size_term) for p, g in zip(preds, gts)]
+                np.testing.assert_allclose(got.numpy(), want, rtol=0, atol=1e-9)
 
 
 @settings(max_examples=300, deadline=None)
@@ -135,7 +140,29 @@ def test_dclr_is_one_iff_coincide_or_same_centre_and_area(p, g, norm):
         and math.isclose(oracle.area(p), oracle.area(g), rel_tol=1e-12)
     )
     if r >= 1.0 - 1e-12:
-        assert p == pytest.approx(g, abs=1e-6) or same_centre_area
+        assert p == pytest.approx(g, rel=1e-5, abs=1e-3) or same_centre_area
+
+
+@settings(max_examples=300, deadline=None)
+@given(p=valid_box(), g=valid_box(), norm=st.sampled_from(NORMS))
+def test_sides_dclr_is_one_iff_boxes_coincide(p, g, norm):
+    r = float(dclr(T(p), T(g), center_norm=norm, size_term="sides"))
+    assert 0.0 <= r <= 1.0 + 1e-12 and r >= float(box_iou(T(p), T(g))) - 1e-12
+    if p == g:
+        assert r == pytest.approx(1.0, abs=1e-12)
+    if r >= 1.0 - 1e-12:
+        assert p == pytest.approx(g, rel=1e-5, abs=1e-3)
+
+
+def test_sides_term_closes_the_shape_loophole():
+    g = T([100.0, 100.0, 200.0, 150.0])
+    strip = T([50.0, 112.5, 250.0, 137.5])  # same centre and area, twice as wide, half as tall
+    assert float(dclr(strip, g)) == pytest.approx(1.0)
+    assert float(dclr(strip, g, size_term="sides")) == pytest.approx(0.8)  # IoU 1/3, s_s 0.25
+    with pytest.raises(ValueError, match="size_term='volume'"):
+        DCLRConfig(size_term="volume")
+    r = get_dclr_reward(size_term="sides")
+    assert r(["<answer>(50,112.5),(250,137.5)</answer>"], [[100, 100, 200, 150]])[0] == pytest.approx(0.8)
 
 
 def test_transposed_box_scores_one_documented_exception():

@@ -125,6 +125,9 @@ def test_reward_kwargs_options():
     base = compute_score("d", text, [[100, 100, 110, 110]])
     encl = compute_score("d", text, [[100, 100, 110, 110]], center_norm="enclosing")
     assert base["localization"] < encl["localization"]  # the paper's centre term is blind that far away
+    strip = "<think>.</think><answer>(50,112.5),(250,137.5)</answer>"  # true centre and area, wrong shape
+    assert compute_score("d", strip, [[100, 100, 200, 150]])["localization"] == pytest.approx(1.0)
+    assert compute_score("d", strip, [[100, 100, 200, 150]], size_term="sides")["localization"] == pytest.approx(0.8)
     weighted = compute_score("d", text, [[0, 0, 10, 10]], localization_weight=2.0, format_weight=0.5)
     assert weighted["score"] == pytest.approx(2.5)
     # space as a reward kwarg (set once in the config), size per row

@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     data_dir = args.data_dir or os.path.join(
         tempfile.gettempdir(), "differad_ablation", f"demo-{n_pairs}-{size}-0"
     )
-    train, test, pairs_path = load_demo_splits(data_dir, n_pairs=n_pairs, size=size, seed=0, res=res)
+    train, test, _ = load_demo_splits(data_dir, n_pairs=n_pairs, size=size, seed=0, res=res)
     data_path = os.path.join(tmp_root, "tensors.pt")
     torch.save({"train": train, "test": test}, data_path)
 
@@ -152,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
 
     table = arms_markdown(arms, runs)
     meta = (
-        f"Demo pairs: {len(train)} train / {len(test)} held-out ({pairs_path}, size {size}, policy input {res}²); "
+        f"Demo pairs: {len(train)} train / {len(test)} held-out (build_demo_pairs(n_pairs={n_pairs}, size={size}, "
+        f"seed=0), policy input {res}²); "
         f"budget {cfg.budget} generations per run, {cfg.prompts_per_step} prompts × G = {cfg.group_size} per step, "
         f"lr {cfg.lr}, initial σ {cfg.init_std}, cold start {cs_cfg.steps} steps; {seeds} seed(s); "
         f"{workers} worker(s); whole study {elapsed / 60:.1f} min wall clock"

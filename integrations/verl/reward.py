@@ -68,7 +68,8 @@ class RewardOptions:
         localization_weight: weight of the localization reward in ``score`` (default 1).
         format_weight: weight of the format reward in ``score`` (default 1; TRL sums reward
             functions with weight 1 each).
-        w_center, w_area, eps, center_norm: DCLR parameters (:class:`differad_rl.rewards.DCLRConfig`).
+        w_center, w_area, eps, center_norm, size_term: DCLR parameters
+            (:class:`differad_rl.rewards.DCLRConfig`).
         multi_box: ``True`` scores all predicted vs all ground-truth boxes (Hungarian, DESIGN §3);
             ``False`` (paper) the first predicted box vs the first (largest) ground-truth box.
         require_answer: boxes only count inside ``<answer>…</answer>`` (default ``True``).
@@ -83,6 +84,7 @@ class RewardOptions:
     w_area: float = 0.4
     eps: float = 1e-6
     center_norm: Literal["paper", "enclosing"] = "paper"
+    size_term: Literal["area", "sides"] = "area"
     multi_box: bool = False
     require_answer: bool = True
     space: str | None = None
@@ -107,11 +109,12 @@ class RewardOptions:
             raise ValueError(f"reward_kwargs.min_pixels={self.min_pixels} must be <= max_pixels={self.max_pixels}")
         _check_space(self.space, "reward_kwargs.space")
         _check_gt_space(self.gt_space, "reward_kwargs.gt_space")
-        self.dclr  # validates w_center / w_area / eps / center_norm (raises ValueError)
+        self.dclr  # validates w_center / w_area / eps / center_norm / size_term (raises ValueError)
 
     @functools.cached_property
     def dclr(self) -> DCLRConfig:
-        return DCLRConfig(w_center=self.w_center, w_area=self.w_area, eps=self.eps, center_norm=self.center_norm)
+        return DCLRConfig(w_center=self.w_center, w_area=self.w_area, eps=self.eps, center_norm=self.center_norm,
+                          size_term=self.size_term)
 
     @classmethod
     def known_options(cls) -> tuple[str, ...]:
