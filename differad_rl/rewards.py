@@ -20,6 +20,7 @@ is counted (``<name>/unparsable`` through TRL's ``log_metric`` when it is passed
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -83,6 +84,15 @@ def check_gt_boxes(gt: Any, *, name: str = "solution", n: int | None = None) -> 
     """
     if isinstance(gt, Tensor):
         t = gt if gt.is_floating_point() else gt.to(torch.float64)
+    elif isinstance(gt, (list, tuple)) and all(isinstance(b, (list, tuple)) and len(b) == 4 for b in gt):
+        # fast path for the common case (a dataset column): a list of 4-number lists
+        try:
+            flat = np.fromiter(itertools.chain.from_iterable(gt), dtype=np.float64, count=4 * len(gt))
+        except (ValueError, TypeError) as err:
+            raise ValueError(
+                f"{name} must hold one box [x1, y1, x2, y2] per sample; could not read it as numbers ({err})"
+            ) from None
+        t = torch.from_numpy(flat.reshape(-1, 4))
     else:
         try:
             t = torch.as_tensor(np.asarray(gt, dtype=np.float64))
