@@ -5,6 +5,9 @@ Targets (ratios printed by conftest.py after ``pytest benchmarks/bench_verl.py -
 * no slower than veRL's ``grpo_vectorized`` (which computes no difficulty weights);
 * ≥ 10× faster than veRL's ``compute_grpo_outcome_advantage`` (per-sample Python loop).
 
+torch runs with one intra-op thread (both sides alike): on this 2-core machine the second thread only
+adds contention, and under load it made every side 2-3x slower and the ratios noise.
+
 The batch is what the V1 trainer hands the estimator: uuid4 ``uid`` strings in an object array,
 rows shuffled (balance_batch), an int64 ``response_mask`` with random lengths, the outcome reward
 on the last response token.
@@ -27,6 +30,14 @@ from differad_rl.groups import difficulty_weights_by_id, group_advantages_by_id 
 from differad_rl.integrations.verl import estimator as est  # noqa: E402
 
 N_RESP, RESP_LEN, G = 8192, 512, 8
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
