@@ -52,14 +52,6 @@ def make_texts(n: int, seed: int = 0) -> tuple[list[str], list[list[float]]]:
     return texts, sols
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def texts():
     t, s = make_texts(N_TEXTS)

@@ -32,14 +32,6 @@ from differad_rl.integrations.verl import estimator as est  # noqa: E402
 N_RESP, RESP_LEN, G = 8192, 512, 8
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def batch():
     gen = torch.Generator().manual_seed(0)

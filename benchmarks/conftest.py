@@ -8,6 +8,20 @@ target="<what the ratio must satisfy>", ratio_min=<float> or ratio_max=<float>)`
 
 from __future__ import annotations
 
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Every benchmark runs torch on one intra-op thread, peers alike: the peers are single-threaded
+    Python, and on a 2-core machine torch's second thread only adds contention at these sizes (on a
+    loaded machine it made tensor code 2-8x slower and the ratios noise)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     session = getattr(config, "_benchmarksession", None)
