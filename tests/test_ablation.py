@@ -22,6 +22,7 @@ ABLATION = os.path.join(ROOT, "examples", "ablation")
 sys.path.insert(0, ABLATION)
 
 from policy import Actions, BoxPolicy, log_prob, sample_actions, to_boxes  # noqa: E402
+from differad_rl.rewards import DCLRConfig, localization_scores  # noqa: E402
 from reward_kinds import REWARD_KINDS, iou_area_penalty_scores, score  # noqa: E402
 from signal_density import DensityConfig, _pair_resolution, _rowwise_spearman, run_density  # noqa: E402
 from size_bias import ANSWERS, canonical_rewards  # noqa: E402
@@ -43,9 +44,12 @@ def test_quick_run_end_to_end(tmp_path):
     for name in ("density.md", "density.png", "size_bias.md", "ablation.md", "curves.png", "runs.json"):
         assert (out / name).stat().st_size > 0
     runs = json.loads((out / "runs.json").read_text())["runs"]
-    assert {r["arm"] for r in runs} >= {"grpo_iou", "grpo_dclr", "full", "dclr_dapo"}
+    assert {r["arm"] for r in runs} >= {
+        "grpo_iou", "grpo_dclr", "full", "dclr_dapo", "grpo_dclr_sides", "full_sides_enc", "iou_w", "iou_dapo"
+    }
     table = (out / "ablation.md").read_text()
-    assert "GRPO + IoU" in table and "full" in table
+    assert "GRPO + IoU" in table and "full" in table and "DCLR-sides" in table
+    assert "DCLR-sides" in (out / "size_bias.md").read_text() and "DCLR-sides" in (out / "density.md").read_text()
     with open(out / "curves.png", "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
@@ -138,3 +142,26 @@ def test_canonical_answers_exact_is_perfect_and_misses_get_no_iou():
     assert by["near miss"]["iou"] == 0.0 and by["far miss"]["iou"] == 0.0
     assert by["near miss"]["dclr_enclosing"] > by["near miss"]["dclr"] > 0.0
     assert abs(by["4:1 strip, same centre & area"]["iou"] - 1 / 3) < 1e-6
+
+
+def test_sides_kinds_are_the_core_sides_config_and_see_shape():
+    gt = torch.tensor([[100.0, 100, 140, 140]] * 3)
+    # exact box; its 2:1 reshaping with the true centre and area; the same strip, transposed
+    pred = torch.tensor([[100.0, 100, 140, 140], [80, 110, 160, 130], [110, 80, 130, 160]])
+    valid = torch.ones(3, dtype=torch.bool)
+    for kind, norm in (("dclr_sides", "paper"), ("dclr_sides_enclosing", "enclosing")):
+        r = score(kind, pred, valid, gt)
+        core = localization_scores(pred, valid, gt, kind="dclr", config=DCLRConfig(center_norm=norm, size_term="sides"))
+        assert torch.equal(r, core)
+        assert abs(float(r[0]) - 1.0) < 1e-6 and float(r[1]) < 0.95 and float(r[2]) < 0.95
+    # the paper's area term is blind to the same reshaping: R = 1
+    assert torch.allclose(score("dclr", pred, valid, gt), torch.ones(3, dtype=torch.float32), atol=1e-6)
+
+
+def test_canonical_strips_lose_their_perfect_score_under_sides():
+    by = {r["answer"]: r for r in canonical_rewards(sides=(0.05,))}
+    strip = by["4:1 strip, same centre & area"]
+    assert abs(strip["dclr"] - 1.0) < 1e-6 and abs(strip["dclr_enclosing"] - 1.0) < 1e-6
+    # IoU 1/3, s_s = 1 - (1 + 0.5) / 2 = 0.25, S = 0.6 + 0.4 * 0.25 = 0.7, R = 1/3 + 2/3 * 0.7 = 0.8
+    assert abs(strip["dclr_sides"] - 0.8) < 1e-6
+    assert by["full-width strip, same area"]["dclr_sides"] < by["full-width strip, same area"]["dclr"] - 0.3

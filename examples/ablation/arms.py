@@ -38,16 +38,28 @@ class Arm:
 
 
 ARMS: tuple[Arm, ...] = (
+    # IoU (plain GRPO, then each group trick; ω and DAPO on IoU too, for a fair comparison)
     Arm("grpo_iou", "GRPO + IoU", "iou"),
+    Arm("iou_w", "GRPO + IoU + difficulty ω", "iou", difficulty=True),
+    Arm("iou_rs2", "GRPO + IoU + resampling K=2", "iou", resample_rounds=2),
+    Arm("iou_dapo", "GRPO + IoU + DAPO filtering", "iou", dapo=True),
+    # DCLR as in the paper (size_term="area": shape-blind)
     Arm("grpo_dclr", "GRPO + DCLR", "dclr"),
     Arm("grpo_dclr_enc", "GRPO + DCLR (enclosing centre)", "dclr_enclosing"),
     Arm("dclr_w", "GRPO + DCLR + difficulty ω", "dclr", difficulty=True),
     Arm("dclr_rs1", "GRPO + DCLR + resampling K=1", "dclr", resample_rounds=1),
     Arm("dclr_rs2", "GRPO + DCLR + resampling K=2", "dclr", resample_rounds=2),
     Arm("dclr_dapo", "GRPO + DCLR + DAPO filtering", "dclr", dapo=True),
-    Arm("iou_rs2", "GRPO + IoU + resampling K=2", "iou", resample_rounds=2),
     Arm("full", "full: DCLR + ω + resampling K=2", "dclr", difficulty=True, resample_rounds=2),
     Arm("full_enc", "full, enclosing centre", "dclr_enclosing", difficulty=True, resample_rounds=2),
+    # Shape-aware DCLR (DCLRConfig(size_term="sides"))
+    Arm("grpo_dclr_sides", "GRPO + DCLR-sides", "dclr_sides"),
+    Arm("grpo_dclr_sides_enc", "GRPO + DCLR-sides (enclosing centre)", "dclr_sides_enclosing"),
+    Arm("dclr_sides_rs2", "GRPO + DCLR-sides + resampling K=2", "dclr_sides", resample_rounds=2),
+    Arm("full_sides", "full with sides: DCLR-sides + ω + resampling K=2", "dclr_sides", difficulty=True,
+        resample_rounds=2),
+    Arm("full_sides_enc", "full with sides, enclosing centre", "dclr_sides_enclosing", difficulty=True,
+        resample_rounds=2),
 )
 
 

@@ -18,20 +18,28 @@ def _mean_std(values: list[float]) -> str:
     return f"{a.mean():.3f} ± {sd:.3f}"
 
 
+def late_mean(run: dict, key: str = "miou") -> float:
+    """Mean of ``key`` over the evaluation points in the second half of the budget (generations >
+    half the last point's): one run's level late in training, less noisy than its final point."""
+    top = run["curve"][-1]["generations"]
+    return float(np.mean([c[key] for c in run["curve"] if c["generations"] > top / 2]))
+
+
 def arms_markdown(arms: tuple[Arm, ...], runs: list[dict]) -> str:
-    """One row per arm: final metrics (mean ± sample std over seeds) and budget statistics."""
+    """One row per arm: final metrics (mean ± sample std over seeds), the late mIoU
+    (:func:`late_mean`, mean ± std over seeds) and budget statistics."""
     head = (
         "| arm | " + " | ".join(n for _, n in METRIC_NAMES)
-        + " | seeds | generations (mean) | steps (mean) | degenerate groups, first draw | extra generations"
+        + " | late mIoU (2nd-half mean) | seeds | generations (mean) | steps (mean) | degenerate groups, first draw | extra generations"
         + " (resampling / DAPO draws) | mean answered box area | median box elongation | s per run |"
     )
-    lines = [head, "|---" * (len(METRIC_NAMES) + 9) + "|"]
+    lines = [head, "|---" * (len(METRIC_NAMES) + 10) + "|"]
     start = list({r["seed"]: r["curve"][0] for r in runs}.values())  # identical for every arm of a seed
     if start:
         lines.append(
             "| cold start only (generation 0, all arms) | "
             + " | ".join(_mean_std([c[k] for c in start]) for k, _ in METRIC_NAMES)
-            + " | – | 0 | 0 | – | – | "
+            + " | – | – | 0 | 0 | – | – | "
             + f"{100 * np.nanmean([c['box_area'] for c in start]):.1f} % | "
             + f"{np.nanmean([c['box_elongation'] for c in start]):.1f} | – |"
         )
@@ -49,22 +57,27 @@ def arms_markdown(arms: tuple[Arm, ...], runs: list[dict]) -> str:
         lines.append(
             f"| {arm.label} | "
             + " | ".join(_mean_std([r["final"][k] for r in rs]) for k, _ in METRIC_NAMES)
+            + f" | {_mean_std([late_mean(r) for r in rs])}"
             + f" | {len(rs)} | {gens:.0f} | {steps:.0f} | {100 * degen:.0f} % | {100 * extra:.0f} % | {100 * area:.1f} % | {elong:.1f} | {secs:.0f} |"
         )
     return "\n".join(lines) + "\n"
 
 
 def curves_plot(arms: tuple[Arm, ...], runs: list[dict], path: str) -> None:
-    """mIoU, Acc@0.3 (mean over seeds ± 1 std) and the median box elongation (geometric mean over
-    seeds, ×/÷ one geometric std) vs generations consumed."""
+    """mIoU, Acc@0.3, mean answered box area (mean over seeds ± 1 std) and the median box elongation
+    (geometric mean over seeds, ×/÷ one geometric std) vs generations consumed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = (*METRIC_NAMES[:2], ("box_elongation", "median box elongation max(w,h)/min(w,h)"))
-    fig, axes = plt.subplots(1, 3, figsize=(18, 5))
-    cmap = plt.get_cmap("tab10")
+    panels = (
+        *METRIC_NAMES[:2],
+        ("box_area", "mean answered box area (share of the image)"),
+        ("box_elongation", "median box elongation max(w,h)/min(w,h)"),
+    )
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 6.2))
+    cmap = plt.get_cmap("tab20")
     for j, (key, name) in enumerate(panels):
         ax = axes[j]
         for i, arm in enumerate(arms):
@@ -83,16 +96,18 @@ def curves_plot(arms: tuple[Arm, ...], runs: list[dict], path: str) -> None:
             else:
                 m, sd = ys.mean(0), ys.std(0)
                 lo, hi = m - sd, m + sd
-            style = "--" if arm.reward.startswith("iou") else "-"
-            ax.plot(grid, m, style, color=cmap(i % 10), label=arm.label, lw=1.6)
-            ax.fill_between(grid, lo, hi, color=cmap(i % 10), alpha=0.12)
+            # IoU arms dashed, shape-blind DCLR (area term) dotted, shape-aware DCLR-sides solid.
+            style = "--" if arm.reward.startswith("iou") else ("-" if "sides" in arm.reward else ":")
+            ax.plot(grid, m, style, color=cmap(i % 20), label=arm.label, lw=1.6)
+            ax.fill_between(grid, lo, hi, color=cmap(i % 20), alpha=0.10)
         ax.set_xlabel("generations consumed (regenerations and extra draws included)")
         ax.set_ylabel(f"held-out {name}")
         if key == "box_elongation":
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=6, fontsize=8, frameon=False)
     fig.suptitle("Stand-in box policy (not an MLLM): held-out metrics vs generation budget, mean ± std over seeds")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.14, 1, 1))
     save_figure(fig, path)
     plt.close(fig)

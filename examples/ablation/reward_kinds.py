@@ -1,4 +1,4 @@
-"""The four localization rewards the ablation compares, behind one batch function.
+"""The six localization rewards the ablation compares, behind one batch function.
 
 Kinds (all scores in [0, 1], the zero-box rule of DESIGN §3 applied by the core):
 
@@ -15,6 +15,12 @@ Kinds (all scores in [0, 1], the zero-box rule of DESIGN §3 applied by the core
 - ``"dclr"``: DCLR with the paper's centre term (``DCLRConfig(center_norm="paper")``).
 - ``"dclr_enclosing"``: DCLR with the centre distance normalised by the diagonal of the smallest
   box enclosing both (``DCLRConfig(center_norm="enclosing")``).
+- ``"dclr_sides"``: DCLR with the shape-aware size term (``DCLRConfig(size_term="sides")``, paper
+  centre term): the area consistency s_a is replaced by
+  ``s_s = 1 − min(1, (|w_p − w_g| / (w_g + ε) + |h_p − h_g| / (h_g + ε)) / 2)``, so R = 1 iff the
+  boxes coincide (a strip with the true centre and area no longer scores 1).
+- ``"dclr_sides_enclosing"``: the same with the enclosing centre term
+  (``DCLRConfig(size_term="sides", center_norm="enclosing")``).
 """
 
 from __future__ import annotations
@@ -24,12 +30,24 @@ import torch
 from differad_rl.boxes import box_area, box_iou, is_zero_box
 from differad_rl.rewards import DCLRConfig, localization_scores
 
-REWARD_KINDS: tuple[str, ...] = ("iou", "iou_area_penalty", "dclr", "dclr_enclosing")
+REWARD_KINDS: tuple[str, ...] = (
+    "iou", "iou_area_penalty", "dclr", "dclr_enclosing", "dclr_sides", "dclr_sides_enclosing"
+)
 REWARD_LABELS: dict[str, str] = {
     "iou": "IoU",
     "iou_area_penalty": "IoU − area penalty (original, baseline)",
     "dclr": "DCLR (paper centre term)",
     "dclr_enclosing": "DCLR (enclosing centre term)",
+    "dclr_sides": "DCLR-sides (paper centre term)",
+    "dclr_sides_enclosing": "DCLR-sides (enclosing centre term)",
+}
+
+#: DCLR configuration of each DCLR kind (the package's own ``DCLRConfig``).
+DCLR_CONFIGS: dict[str, DCLRConfig] = {
+    "dclr": DCLRConfig(center_norm="paper"),
+    "dclr_enclosing": DCLRConfig(center_norm="enclosing"),
+    "dclr_sides": DCLRConfig(center_norm="paper", size_term="sides"),
+    "dclr_sides_enclosing": DCLRConfig(center_norm="enclosing", size_term="sides"),
 }
 
 AREA_PENALTY_LAMBDA = 0.5
@@ -74,10 +92,6 @@ def score(kind: str, pred: torch.Tensor, pred_valid: torch.Tensor, gt: torch.Ten
         return localization_scores(pred, pred_valid, gt, kind="iou")
     if kind == "iou_area_penalty":
         return iou_area_penalty_scores(pred, pred_valid, gt)
-    if kind == "dclr":
-        return localization_scores(pred, pred_valid, gt, kind="dclr", config=DCLRConfig(center_norm="paper"))
-    if kind == "dclr_enclosing":
-        return localization_scores(
-            pred, pred_valid, gt, kind="dclr", config=DCLRConfig(center_norm="enclosing")
-        )
+    if kind in DCLR_CONFIGS:
+        return localization_scores(pred, pred_valid, gt, kind="dclr", config=DCLR_CONFIGS[kind])
     raise ValueError(f"kind must be one of {REWARD_KINDS}, got {kind!r}")

@@ -13,9 +13,11 @@ scores four answers:
 - ``full-width strip, same area``: a strip across the whole image width, as high as keeps the true
   area, on the defect's row (what the stand-in policy learned under DCLR).
 
-DCLR's S term sees only centre distance and area, so any box with the true centre and the true area
-has S = 1 and therefore R = IoU + (1 − IoU) · 1 = 1, whatever its shape; and a wide box inflates the
-paper's normaliser max(diag_p, diag_g), so its centre score stays high even when its centre is off.
+DCLR's S term (paper, ``size_term="area"``) sees only centre distance and area, so any box with the
+true centre and the true area has S = 1 and therefore R = IoU + (1 − IoU) · 1 = 1, whatever its shape;
+and a wide box inflates the paper's normaliser max(diag_p, diag_g), so its centre score stays high even
+when its centre is off. The shape-aware ``size_term="sides"`` kinds (``dclr_sides*``) score width and
+height separately: the 4:1 strip's sides are off by 100 % and 50 %, so s_s = 0.25 and its S drops.
 
 If ``whole image`` scores above the misses, a policy whose samples mostly miss is rewarded for
 growing its boxes: DCLR's area term saturates at 0 once the predicted area exceeds twice the true
