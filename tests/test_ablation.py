@@ -165,3 +165,16 @@ def test_canonical_strips_lose_their_perfect_score_under_sides():
     # IoU 1/3, s_s = 1 - (1 + 0.5) / 2 = 0.25, S = 0.6 + 0.4 * 0.25 = 0.7, R = 1/3 + 2/3 * 0.7 = 0.8
     assert abs(strip["dclr_sides"] - 0.8) < 1e-6
     assert by["full-width strip, same area"]["dclr_sides"] < by["full-width strip, same area"]["dclr"] - 0.3
+
+
+def test_reward_iou_alignment_iou_agrees_with_itself(tmp_path):
+    from alignment import alignment_markdown, reward_iou_alignment
+    from cold_start import ColdStartConfig
+    from pairs import load_demo_splits
+
+    train, _, _ = load_demo_splits(str(tmp_path / "demo"), n_pairs=32, size=64, seed=0, res=32)
+    out = reward_iou_alignment(train, 0, TrainConfig(width=4), ColdStartConfig(steps=2), ("iou", "dclr_sides"))
+    assert out["iou"]["overlap_share"] > 0
+    assert abs(out["iou"]["rho_overlap"] - 1.0) < 1e-9  # IoU ranks groups exactly as IoU does
+    assert -1.0 <= out["dclr_sides"]["rho_all"] <= 1.0
+    assert "DCLR-sides" in alignment_markdown([out])
