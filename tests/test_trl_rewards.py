@@ -316,3 +316,14 @@ def test_package_import_runs_the_version_guard():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300).stdout
     assert "REFUSED" in out and "trl 1.17.0 is installed" in out and ">=1.16.0,<1.17" in out
+
+
+def test_one_set_of_dclr_options_configures_a_whole_reward_list():
+    from differad_rl.integrations.trl import differad_rewards
+
+    fs = differad_rewards("qwen2_vl", names=("dclr", "iou", "multi_box", "format"),
+                          size_term="sides", center_norm="enclosing")
+    assert [f.__name__ for f in fs] == ["dclr_reward", "iou_reward", "multi_box_reward", "format_reward"]
+    strip = ["<think>.</think><answer>(50,112),(250,137)</answer>"]
+    kw = {"solution": [[100, 100, 200, 150]], "image_size": [[1000, 1000]]}
+    assert fs[0](strip, **kw)[0] < 0.9  # the sides term sees the wrong shape

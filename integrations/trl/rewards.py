@@ -59,6 +59,7 @@ REWARD_FACTORIES: Mapping[str, str] = {
     "format": "get_format_reward",
 }
 _BOX_REWARDS = frozenset({"dclr", "iou", "consistency", "multi_box"})
+_DCLR_OPTIONS = frozenset({"w_center", "w_area", "eps", "center_norm", "size_term"})
 
 
 def reward_names() -> tuple[str, ...]:
@@ -392,4 +393,14 @@ def differad_rewards(
     spec = coordinate_spec(
         processor_or_space, model=model, space=space, min_pixels=min_pixels, max_pixels=max_pixels, factor=factor
     )
-    return [get_reward(n, spec, **(options if n in _BOX_REWARDS else {})) for n in names]
+    return [get_reward(n, spec, **_options_for(n, options)) for n in names]
+
+
+def _options_for(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """The shared ``options`` that reward ``name`` takes: none for ``format``; for ``iou`` all but the
+    DCLR parameters (IoU has none), so one set of options can configure a whole reward list."""
+    if name not in _BOX_REWARDS:
+        return {}
+    if name == "iou":
+        return {k: v for k, v in options.items() if k not in _DCLR_OPTIONS}
+    return dict(options)
