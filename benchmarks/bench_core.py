@@ -65,21 +65,21 @@ STRICT = re.compile(r"<answer>\s*\(\s*(\d+)\s*,\s*(\d+)\s*\)\s*,\s*\(\s*(\d+)\s*
 def test_regex_floor(benchmark, texts):
     t, _ = texts
     search = _BOX_RE.search
-    out = benchmark.pedantic(lambda: [search(x) for x in t], rounds=5, iterations=1)
+    out = benchmark.pedantic(lambda: [search(x) for x in t], rounds=9, iterations=1)
     assert sum(m is not None for m in out) == N_TEXTS
 
 
 def test_strict_qwen_regex(benchmark, texts):
     t, _ = texts
     search = STRICT.search
-    out = benchmark.pedantic(lambda: [search(x) for x in t], rounds=5, iterations=1)
+    out = benchmark.pedantic(lambda: [search(x) for x in t], rounds=9, iterations=1)
     assert sum(m is not None for m in out) == N_TEXTS
 
 
 def test_dclr_reward_vs_strict_regex(benchmark, texts):
     t, s = texts
     benchmark.extra_info.update(peer="test_strict_qwen_regex", target="information only")
-    benchmark.pedantic(lambda: dclr_reward(t, s), rounds=5, iterations=1)
+    benchmark.pedantic(lambda: dclr_reward(t, s), rounds=9, iterations=1)
 
 
 def test_scalar_oracle(benchmark, texts):
@@ -98,7 +98,7 @@ def test_dclr_reward_vs_oracle(benchmark, texts):
     side's time, so this ratio is capped by parsing; the scoring ratio is the next pair."""
     t, s = texts
     benchmark.extra_info.update(peer="test_scalar_oracle", target="information (parsing shared by both sides)")
-    out = benchmark.pedantic(lambda: dclr_reward(t, s), rounds=5, iterations=1)
+    out = benchmark.pedantic(lambda: dclr_reward(t, s), rounds=9, iterations=1)
     ref = [oracle.localization(parse_box(x), tuple(map(float, g))) for x, g in zip(t[:2000], s[:2000])]
     np.testing.assert_allclose(out[:2000], ref, atol=1e-9)
 
@@ -122,7 +122,7 @@ def test_localization_scores_vs_oracle(benchmark, parsed):
     boxes, valid, s = parsed
     benchmark.extra_info.update(peer="test_scalar_oracle_scoring", target=">= 10x faster", ratio_min=10.0)
     b, v = torch.from_numpy(boxes), torch.from_numpy(valid)
-    out = benchmark.pedantic(lambda: localization_scores(b, v, s).tolist(), rounds=5, iterations=1)
+    out = benchmark.pedantic(lambda: localization_scores(b, v, s).tolist(), rounds=9, iterations=1)
     assert len(out) == N_TEXTS
 
 
@@ -130,7 +130,7 @@ def test_dclr_reward_vs_regex_floor(benchmark, texts):
     t, s = texts
     benchmark.extra_info.update(peer="test_regex_floor", target="within 1.5x of one regex pass (ratio >= 0.667)",
                                 ratio_min=1 / 1.5)
-    benchmark.pedantic(lambda: dclr_reward(t, s), rounds=5, iterations=1)
+    benchmark.pedantic(lambda: dclr_reward(t, s), rounds=9, iterations=1)
 
 
 # --- group algorithms vs veRL ---------------------------------------------------------------------
