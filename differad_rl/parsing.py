@@ -38,6 +38,7 @@ BOX_FORMATS: tuple[str, ...] = ("qwen", "qwen_tokens", "bracket", "internvl", "m
 
 ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+_OPEN_LEN = len(ANSWER_OPEN)
 
 # Python >= 3.11 has possessive quantifiers: a number or a whitespace run, once read, is never
 # re-read on failure. They match exactly what the greedy forms match here (what follows each
@@ -167,9 +168,9 @@ def parse_boxes_batch(
             text = completion_text(text)
         lo, hi = 0, len(text)
         start = text.find(ANSWER_OPEN)
-        end = text.find(ANSWER_CLOSE, start + 8) if start >= 0 else -1
+        end = text.find(ANSWER_CLOSE, start + _OPEN_LEN) if start >= 0 else -1
         if end >= 0:
-            lo, hi = start + 8, end
+            lo, hi = start + _OPEN_LEN, end
         elif require_answer:
             continue
         m = search(text, lo, hi) or bare(text, lo, hi)

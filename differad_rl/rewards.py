@@ -134,15 +134,19 @@ def localization_scores(
     """
     if kind not in LOCALIZATION_KINDS:
         raise ValueError(f"kind={kind!r} is not known; expected one of {LOCALIZATION_KINDS}")
-    cfg = config or DCLRConfig()
-    g = check_gt_boxes(gt, name="gt")
+    return _scores(pred, pred_valid, check_gt_boxes(gt, name="gt"), kind, config or DCLRConfig())
+
+
+def _scores(pred: Any, pred_valid: Any, g: Tensor, kind: str, cfg: DCLRConfig) -> Tensor:
+    """:func:`localization_scores` on ground truth already validated by :func:`check_gt_boxes`."""
     p = torch.as_tensor(pred, dtype=g.dtype, device=g.device)
     if p.shape != g.shape:
         raise ValueError(f"pred must have the shape of gt {tuple(g.shape)}, got {tuple(p.shape)}")
     valid = torch.as_tensor(pred_valid, dtype=torch.bool, device=g.device) & torch.isfinite(p).all(dim=1)
     gt_zero = is_zero_box(g)
-    pred_zero = valid & is_zero_box(torch.nan_to_num(p))
-    usable = valid & ~is_degenerate(torch.nan_to_num(p)) & ~gt_zero
+    p_finite = torch.nan_to_num(p)
+    pred_zero = valid & is_zero_box(p_finite)
+    usable = valid & ~is_degenerate(p_finite) & ~gt_zero
     # Masked rows get a harmless stand-in so no NaN reaches the formula; they are overwritten below.
     unit = torch.tensor([0.0, 0.0, 1.0, 1.0], dtype=g.dtype, device=g.device)
     p_safe = torch.where(usable[:, None], p, unit)
@@ -281,11 +285,11 @@ class LocalizationReward(_Reward):
     def scores(self, completions: Sequence[Any], solution: Any, **kwargs: Any) -> Tensor:
         """The rewards as a float64 tensor ``(N,)`` (the list-returning ``__call__`` wraps this)."""
         n = len(completions)
-        gt = self._to_space(check_gt_boxes(solution, n=n), kwargs, n)
+        # validated once; the conversion scales by positive factors, so it stays valid
+        gt = torch.as_tensor(self._to_space(check_gt_boxes(solution, n=n), kwargs, n))
         boxes, valid = parse_boxes_batch(completions, require_answer=self.require_answer)
         self._log_unparsable(kwargs, valid)
-        return localization_scores(torch.from_numpy(boxes).to(gt.dtype), torch.from_numpy(valid), gt,
-                                   self.kind, self.config)
+        return _scores(torch.from_numpy(boxes).to(gt.dtype), torch.from_numpy(valid), gt, self.kind, self.config)
 
     def __call__(self, completions: Sequence[Any], solution: Any, **kwargs: Any) -> list[float]:
         return self.scores(completions, solution, **kwargs).tolist()
