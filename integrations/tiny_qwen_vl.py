@@ -29,6 +29,7 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -238,16 +239,63 @@ def _train_tokenizer(corpus: list[str], vocab_size: int) -> PreTrainedTokenizerF
 # --------------------------------------------------------------------------------------------
 # Model configuration
 # --------------------------------------------------------------------------------------------
-def _model_config(family: str, tokenizer: PreTrainedTokenizerFast) -> Any:
+@dataclass(frozen=True)
+class TinyArch:
+    """Sizes of a tiny build (everything else follows the family's published architecture).
+
+    The default (text 64 × 2 layers, vision 32 × 2 blocks, ~0.25M parameters) is for the plumbing
+    tests; :data:`LEARNER_ARCH` is wide and deep enough to learn to localize on CPU.
+    ``vision_positions`` (Qwen3-VL only) is the learned position-embedding grid's cell count (a
+    perfect square; 64 = an 8 × 8 grid, interpolated to the image's token grid).
+    """
+
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    vision_hidden_size: int = 32
+    vision_depth: int = 2
+    vision_heads: int = 2
+    vision_positions: int = 64
+
+    def __post_init__(self) -> None:
+        for name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "vision_hidden_size",
+                     "vision_depth", "vision_heads", "vision_positions"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"TinyArch.{name}={getattr(self, name)} must be >= 1")
+        if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
+            raise ValueError(f"TinyArch: hidden_size={self.hidden_size} must be a multiple of num_heads="
+                             f"{self.num_heads}, itself a multiple of num_kv_heads={self.num_kv_heads}")
+        if self.vision_hidden_size % self.vision_heads:
+            raise ValueError(f"TinyArch: vision_hidden_size={self.vision_hidden_size} must be a multiple of "
+                             f"vision_heads={self.vision_heads}")
+        if round(self.vision_positions ** 0.5) ** 2 != self.vision_positions:
+            raise ValueError(f"TinyArch.vision_positions={self.vision_positions} must be a perfect square")
+
+
+#: A tiny model that can learn the task on 2 CPU cores (~1M parameters; see examples/trl/README.md).
+LEARNER_ARCH = TinyArch(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, vision_hidden_size=64,
+                        vision_depth=2, vision_heads=2, vision_positions=64)
+
+
+def _mrope_section(head_dim: int) -> list[int]:
+    """Temporal/height/width split of the ``head_dim / 2`` rotary frequencies (2 : 3 : 3, as [2, 3, 3]
+    for head_dim 16 and Qwen's [16, 24, 24] for head_dim 128)."""
+    half = head_dim // 2
+    hw = (3 * half) // 8
+    return [half - 2 * hw, hw, hw]
+
+
+def _model_config(family: str, tokenizer: PreTrainedTokenizerFast, arch: TinyArch = TinyArch()) -> Any:
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
     vocab = len(tokenizer)
     text = dict(
         vocab_size=vocab,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        hidden_size=arch.hidden_size,
+        intermediate_size=2 * arch.hidden_size,
+        num_hidden_layers=arch.num_layers,
+        num_attention_heads=arch.num_heads,
+        num_key_value_heads=arch.num_kv_heads,
         max_position_embeddings=4096,
         bos_token_id=None,  # like Qwen's chat models: no BOS is prepended
         eos_token_id=ids["<|im_end|>"],
@@ -263,33 +311,39 @@ def _model_config(family: str, tokenizer: PreTrainedTokenizerFast) -> Any:
     )
     patch = _PATCH[family]
     if family == "qwen2_vl":
-        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]}
-        vision = dict(depth=2, embed_dim=32, hidden_size=64, mlp_ratio=2, num_heads=2, patch_size=patch,
+        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": _mrope_section(arch.hidden_size // arch.num_heads)}
+        vision = dict(depth=arch.vision_depth, embed_dim=arch.vision_hidden_size, hidden_size=arch.hidden_size,
+                      mlp_ratio=2, num_heads=arch.vision_heads, patch_size=patch,
                       spatial_merge_size=_MERGE, temporal_patch_size=2)
         return Qwen2VLConfig(text_config=text, vision_config=vision, **top)
     if family == "qwen2_5_vl":
-        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]}
-        vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=patch,
-                      spatial_merge_size=_MERGE, temporal_patch_size=2, window_size=112, out_hidden_size=64,
-                      fullatt_block_indexes=[1])
+        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": _mrope_section(arch.hidden_size // arch.num_heads)}
+        vision = dict(depth=arch.vision_depth, hidden_size=arch.vision_hidden_size,
+                      intermediate_size=2 * arch.vision_hidden_size, num_heads=arch.vision_heads, patch_size=patch,
+                      spatial_merge_size=_MERGE, temporal_patch_size=2, window_size=112,
+                      out_hidden_size=arch.hidden_size, fullatt_block_indexes=[arch.vision_depth - 1])
         return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **top)
-    text["head_dim"] = 16
-    text["rope_parameters"] = {"rope_type": "default", "rope_theta": 5e6, "mrope_section": [2, 3, 3],
+    text["head_dim"] = arch.hidden_size // arch.num_heads
+    text["rope_parameters"] = {"rope_type": "default", "rope_theta": 5e6, "mrope_section": _mrope_section(arch.hidden_size // arch.num_heads),
                                "mrope_interleaved": True}
     for k in ("bos_token_id", "eos_token_id"):
         text.pop(k)
-    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=patch,
-                  spatial_merge_size=_MERGE, temporal_patch_size=2, out_hidden_size=64,
-                  num_position_embeddings=64, deepstack_visual_indexes=[1])
+    vision = dict(depth=arch.vision_depth, hidden_size=arch.vision_hidden_size,
+                  intermediate_size=2 * arch.vision_hidden_size, num_heads=arch.vision_heads, patch_size=patch,
+                  spatial_merge_size=_MERGE, temporal_patch_size=2, out_hidden_size=arch.hidden_size,
+                  num_position_embeddings=arch.vision_positions, deepstack_visual_indexes=[arch.vision_depth - 1])
     return Qwen3VLConfig(text_config=text, vision_config=vision, **top)
 
 
 # --------------------------------------------------------------------------------------------
 # Build / load
 # --------------------------------------------------------------------------------------------
-def _manifest(family: str, seed: int, min_pixels: int, max_pixels: int, vocab_size: int) -> dict[str, Any]:
+def _manifest(family: str, seed: int, min_pixels: int, max_pixels: int, vocab_size: int,
+              arch: TinyArch = TinyArch()) -> dict[str, Any]:
     corpus_hash = hashlib.sha256("\n".join(_tokenizer_corpus(seed)).encode()).hexdigest()[:16]
+    extra = {} if arch == TinyArch() else {"arch": asdict(arch)}
     return {
+        **extra,
         "build_version": BUILD_VERSION,
         "family": family,
         "seed": seed,
@@ -348,6 +402,7 @@ def build_tiny_qwen_vl(
     min_pixels: int | None = None,
     max_pixels: int | None = None,
     vocab_size: int = 600,
+    arch: TinyArch | None = None,
 ) -> Path:
     """Build (or reuse) a tiny random Qwen-VL of ``family`` in ``out_dir``; return the folder.
 
@@ -361,6 +416,8 @@ def build_tiny_qwen_vl(
         min_pixels, max_pixels: the image processor's pixel budget (defaults:
             :func:`default_pixel_budget`). For Qwen2.5-VL these decide the coordinate space.
         vocab_size: BPE vocabulary size before the special / reasoning tokens.
+        arch: the sizes (:class:`TinyArch`; default: the ~0.25M-parameter plumbing model;
+            :data:`LEARNER_ARCH` learns the task on CPU).
 
     Raises:
         ValueError: unknown ``family``, a pixel budget that is not ``0 < min_pixels <= max_pixels``,
@@ -375,7 +432,8 @@ def build_tiny_qwen_vl(
     if vocab_size < 300:
         raise ValueError(f"vocab_size={vocab_size} must be >= 300 (256 byte symbols + special tokens)")
     out = Path(out_dir)
-    manifest = _manifest(family, seed, min_pixels, max_pixels, vocab_size)
+    arch = TinyArch() if arch is None else arch
+    manifest = _manifest(family, seed, min_pixels, max_pixels, vocab_size, arch)
     if _read_manifest(out) == manifest:
         return out
     if out.exists():
@@ -395,7 +453,7 @@ def build_tiny_qwen_vl(
         processor = _PROCESSORS[family](
             image_processor=image_processor, tokenizer=tokenizer, chat_template=QWEN_VL_CHAT_TEMPLATE
         )
-        config = _model_config(family, tokenizer)
+        config = _model_config(family, tokenizer, arch)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = _MODELS[family](config)
@@ -482,6 +540,11 @@ def tiny_model_for(
     """
     _check_family(space)
     root = Path(cache_dir or os.environ.get("DIFFERAD_TINY_CACHE") or Path.home() / ".cache/differad_rl/tiny")
-    tag = "-".join(f"{k}{v}" for k, v in sorted(kwargs.items()))
+    def part(k: str, v: Any) -> str:
+        if isinstance(v, TinyArch):  # a short, stable name for the sizes
+            v = hashlib.sha256(json.dumps(asdict(v), sort_keys=True).encode()).hexdigest()[:8]
+        return f"{k}{v}"
+
+    tag = "-".join(part(k, v) for k, v in sorted(kwargs.items()) if v is not None)
     name = f"{space}-v{BUILD_VERSION}" + (f"-{tag}" if tag else "")
     return build_tiny_qwen_vl(space, root / name, **kwargs)  # type: ignore[arg-type]
