@@ -23,6 +23,13 @@ The real thing (GPU; the paper fine-tunes on "spot the difference" pairs)::
 
 Writes ``--output-dir/checkpoint`` (model + processor, loadable by ``train_grpo.py --model``) and
 ``--output-dir/sft_loss.png``.
+
+Loading follows :mod:`differad_rl.integrations.loading` (shared with ``train_grpo.py`` and
+``differad-rl predict``): hub ids and folders go through ``AutoProcessor.from_pretrained`` /
+``AutoModelForImageTextToText.from_pretrained``, tiny builds (``--model tiny``, ``tiny:<family>``, or a
+folder with ``tiny_build.json``) through their own loader; left padding is forced and checked;
+``--bf16`` trains under bf16 autocast over fp32 master weights (bf16 *weights* would round most
+updates at lr 1e-5 away).
 """
 
 from __future__ import annotations
@@ -40,95 +47,36 @@ import numpy as np
 from differad_rl.coords import to_model_space
 from differad_rl.data.atomic import atomic_write_text
 from differad_rl.data.records import PairRecord, load_pairs
+from differad_rl.integrations.loading import (
+    TINY,
+    freeze_vision_tower,
+    is_tiny,
+    keep_tiny_manifest,
+    load_model_and_processor,
+    set_pixel_budget,
+)
 from differad_rl.parsing import render_box
 
-TINY_PREFIX = "tiny"
+__all__ = [
+    "TINY_PREFIX",
+    "answer_text",
+    "demo_or_data",
+    "freeze_vision_tower",
+    "is_tiny",
+    "keep_tiny_manifest",
+    "load_model_and_processor",
+    "run_sft",
+    "save_curve",
+    "set_pixel_budget",
+    "sft_rows",
+]
+
+# The one loader every entry point shares (padding side, dtype, pixel budget, family and tiny
+# detection: differad_rl.integrations.loading); re-exported here for the GRPO example.
+TINY_PREFIX = TINY  # the exact keyword "tiny" / "tiny:<family>", not a name prefix (see is_tiny)
 
 
 # ------------------------------------------------------------------------------- shared helpers
-def load_model_and_processor(
-    model: str,
-    *,
-    cache_dir: str | os.PathLike[str] | None = None,
-    min_pixels: int | None = None,
-    max_pixels: int | None = None,
-    bf16: bool = False,
-    attn_implementation: str | None = None,
-) -> tuple[Any, Any]:
-    """``"tiny"`` / ``"tiny:<family>"``: a tiny random Qwen-VL built offline; else a hub id or folder.
-
-    The real path loads ``AutoModelForImageTextToText`` / ``AutoProcessor`` and sets the pixel budget
-    on the image processor (it decides Qwen2.5-VL's coordinate space). A processor that is not
-    multimodal (AutoProcessor's silent fallback to a tokenizer) raises.
-    """
-    import torch
-
-    if model == TINY_PREFIX or model.startswith(TINY_PREFIX + ":"):
-        from differad_rl.integrations.tiny_qwen_vl import load_tiny_qwen_vl, tiny_model_for
-
-        family = model.split(":", 1)[1] if ":" in model else "qwen2_5_vl"
-        kw = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
-        return load_tiny_qwen_vl(tiny_model_for(family, cache_dir=cache_dir, **kw))
-    if (Path(model) / "tiny_build.json").is_file():  # a saved tiny checkpoint (e.g. this script's output)
-        from differad_rl.integrations.tiny_qwen_vl import load_tiny_qwen_vl
-
-        m, p = load_tiny_qwen_vl(model)
-        if min_pixels is not None or max_pixels is not None:
-            set_pixel_budget(p, min_pixels, max_pixels)
-        return m, p
-
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-    from transformers.processing_utils import ProcessorMixin
-
-    processor = AutoProcessor.from_pretrained(model)
-    if not isinstance(processor, ProcessorMixin) or getattr(processor, "image_processor", None) is None:
-        raise ValueError(f"--model {model}: AutoProcessor returned {type(processor).__name__}, not a multimodal processor")
-    set_pixel_budget(processor, min_pixels, max_pixels)
-    kw: dict[str, Any] = {"dtype": torch.bfloat16 if bf16 else torch.float32}
-    if attn_implementation:
-        kw["attn_implementation"] = attn_implementation
-    return AutoModelForImageTextToText.from_pretrained(model, **kw), processor
-
-
-def keep_tiny_manifest(model: Any, checkpoint_dir: Path) -> None:
-    """A fine-tuned tiny model's checkpoint keeps its build manifest (marked as a checkpoint), so
-    :func:`~differad_rl.integrations.tiny_qwen_vl.load_tiny_qwen_vl` loads it with its processor class."""
-    src = Path(getattr(model, "name_or_path", "") or ".")
-    if (src / "tiny_build.json").is_file():
-        from differad_rl.integrations.tiny_qwen_vl import mark_tiny_checkpoint
-
-        mark_tiny_checkpoint(src, checkpoint_dir)
-
-
-def set_pixel_budget(processor: Any, min_pixels: int | None, max_pixels: int | None) -> None:
-    """Set the image processor's ``size`` = {shortest_edge: min_pixels, longest_edge: max_pixels}."""
-    if min_pixels is None and max_pixels is None:
-        return
-    ip = processor.image_processor
-    size = dict(ip.size) if not hasattr(ip.size, "__dataclass_fields__") else {
-        "shortest_edge": ip.size.shortest_edge, "longest_edge": ip.size.longest_edge}
-    if min_pixels is not None:
-        size["shortest_edge"] = int(min_pixels)
-    if max_pixels is not None:
-        size["longest_edge"] = int(max_pixels)
-    ip.size = type(ip.size)(**size) if hasattr(ip.size, "__dataclass_fields__") else size
-    for name, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)):
-        if v is not None and hasattr(ip, name):
-            setattr(ip, name, int(v))
-
-
-def freeze_vision_tower(model: Any) -> int:
-    """Freeze the vision encoder (``visual`` sub-module), as in the paper; returns #frozen params."""
-    visual = getattr(model, "visual", None) or getattr(getattr(model, "model", None), "visual", None)
-    if visual is None:
-        raise ValueError(f"{type(model).__name__}: no 'visual' sub-module to freeze")
-    n = 0
-    for p in visual.parameters():
-        p.requires_grad_(False)
-        n += p.numel()
-    return n
-
-
 def demo_or_data(data: str | None, out_dir: Path, *, n_pairs: int, size: int, seed: int, split: str | None) -> list[PairRecord]:
     """Records of ``--data`` (a pairs JSONL), else the embedded demo pairs built under ``out_dir``."""
     if data:
@@ -265,7 +213,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--min-pixels", type=int, default=None)
     p.add_argument("--max-pixels", type=int, default=None)
     p.add_argument("--freeze-vision", action="store_true")
-    p.add_argument("--bf16", action="store_true", help="bf16 on GPU (default: fp32 on CPU)")
+    p.add_argument("--bf16", action="store_true",
+                   help="bf16 autocast on GPU over fp32 master weights (default: fp32 on CPU)")
     p.add_argument("--demo-pairs", type=int, default=32)
     p.add_argument("--demo-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
@@ -281,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.manual_seed(args.seed)
     random.seed(args.seed)
-    tiny = args.model.startswith(TINY_PREFIX) or (Path(args.model) / "tiny_build.json").is_file()
+    tiny = is_tiny(args.model)  # the keyword or the tiny manifest, never a name prefix
     if tiny and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(1)  # ~0.2M-parameter model: thread start-up costs more than it saves
     model, processor = load_model_and_processor(
