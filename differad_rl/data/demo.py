@@ -99,6 +99,7 @@ class DemoConfig:
     max_shift: float = 3.0
     max_rotation_deg: float = 1.5
     multi_every: int = 8
+    size_bins: tuple[str, ...] = tuple(b[0] for b in SIZE_BINS)
 
     def __post_init__(self) -> None:
         if self.n_pairs < 1:
@@ -119,12 +120,21 @@ class DemoConfig:
             raise ValueError(
                 f"max_shift and max_rotation_deg must be >= 0, got {self.max_shift}, {self.max_rotation_deg}"
             )
+        names = [b[0] for b in SIZE_BINS]
+        if not self.size_bins or any(b not in names for b in self.size_bins) or len(set(self.size_bins)) != len(
+            self.size_bins
+        ):
+            raise ValueError(f"size_bins must be distinct names out of {names}, got {list(self.size_bins)}")
         if self.multi_every < 0:
             raise ValueError(f"multi_every must be >= 0 (0 = never two defects), got {self.multi_every}")
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["categories"] = list(self.categories)
+        if self.size_bins == DemoConfig.size_bins:  # the default: manifests of older sets stay valid
+            del d["size_bins"]
+        else:
+            d["size_bins"] = list(self.size_bins)
         d["version"] = DEMO_VERSION
         return d
 
@@ -379,7 +389,8 @@ def _plan(cfg: DemoConfig) -> list[_PairSpec]:
     normal[rng.permutation(n)[:n_normal]] = True
     # defect kind × size bin cycle over anomalous pairs, in a seeded order
     anomalous = np.nonzero(~normal)[0]
-    combos = [(k, b) for b in range(len(SIZE_BINS)) for k in range(len(DEFECT_KINDS))]
+    bin_ids = [i for i, b in enumerate(SIZE_BINS) if b[0] in cfg.size_bins]
+    combos = [(k, b) for b in bin_ids for k in range(len(DEFECT_KINDS))]
     perm = rng.permutation(len(combos))
     kinds: dict[int, tuple[str, ...]] = {}
     bins: dict[int, tuple[int, ...]] = {}
@@ -388,7 +399,7 @@ def _plan(cfg: DemoConfig) -> list[_PairSpec]:
         ks, bs = [DEFECT_KINDS[k]], [b]
         if cfg.multi_every and j % cfg.multi_every == cfg.multi_every - 1:
             ks.append(DEFECT_KINDS[int(rng.integers(len(DEFECT_KINDS)))])
-            bs.append(int(rng.integers(0, 2)))  # the second defect is tiny or small
+            bs.append(bin_ids[int(rng.integers(0, min(2, len(bin_ids))))])  # the two smallest allowed bins
         kinds[int(i)], bins[int(i)] = tuple(ks), tuple(bs)
     # split held out by pair, stratified by (category, normal): strata are shuffled and laid end to
     # end, then every position p with floor((p + 1) f + u) > floor(p f + u) is a test pair (systematic
@@ -461,6 +472,8 @@ def build_demo_pairs(
     normal_fraction: float = 0.25,
     workers: int | None = None,
     categories: Sequence[str] | None = None,
+    size_bins: Sequence[str] | None = None,
+    multi_every: int = 8,
     progress: bool = True,
     force: bool = False,
 ) -> Path:
@@ -477,6 +490,9 @@ def build_demo_pairs(
             (fork on Linux); where it is spawn (macOS, Windows) call this under
             ``if __name__ == "__main__":`` or pass ``workers=1``.
         categories: ``skimage.data`` image names (default :data:`DEFAULT_CATEGORIES`).
+        size_bins: names of the :data:`SIZE_BINS` the defects are drawn from (default: all four,
+            tiny to large); e.g. ``("medium", "large")`` for defects of 3–15 % of the image.
+        multi_every: every ``multi_every``-th anomalous pair gets a second, smaller defect (0 = never).
         progress: show a tqdm bar.
         force: rebuild even if a matching set exists.
 
@@ -492,6 +508,8 @@ def build_demo_pairs(
         test_fraction=test_fraction,
         normal_fraction=normal_fraction,
         categories=tuple(categories) if categories is not None else DEFAULT_CATEGORIES,
+        multi_every=multi_every,
+        **({} if size_bins is None else {"size_bins": tuple(size_bins)}),
     )
     out = Path(out_dir).absolute()  # image paths are written relative to it: never cwd-relative
     params = cfg.to_json()

@@ -76,16 +76,39 @@ __all__ = [
 TINY_PREFIX = TINY  # the exact keyword "tiny" / "tiny:<family>", not a name prefix (see is_tiny)
 
 
+# ------------------------------------------------------------------------------- the learner recipe
+#: ``--recipe learner``: what the main job's shipped cold start was trained with (examples/trl/README.md).
+#: A tiny model learns to localize only where it can see: Qwen3-VL (its vision tower's learned position
+#: embedding puts *where* into each visual token; Qwen2/2.5-VL's rotary-only towers leave it out of the
+#: token contents), images of 128 px = 4 × 4 visual tokens of 32 px, and defects of 3–15 % of the image
+#: (one defect per target; a quarter of the targets normal). 2,000 pairs, 100 held out.
+LEARNER_DEMO: dict[str, Any] = {"n_pairs": 2000, "size": 128, "seed": 0, "test_fraction": 0.05,
+                                "normal_fraction": 0.25, "size_bins": ("medium", "large"), "multi_every": 0}
+LEARNER_FAMILY = "qwen3_vl"
+LEARNER_PIXELS = 128 * 128  # min = max: every 128 px image is fed as it is (4 × 4 tokens)
+LEARNER_SFT: dict[str, Any] = {"max_steps": 4000, "batch_size": 8, "learning_rate": 3e-3, "lr_scheduler": "cosine"}
+
+
+def learner_model(cache_dir: str | os.PathLike[str] | None, seed: int = 0) -> Path:
+    """Build (or reuse) the recipe's untrained tiny Qwen3-VL (:data:`~differad_rl.integrations.tiny_qwen_vl.LEARNER_ARCH`)."""
+    from differad_rl.integrations.tiny_qwen_vl import LEARNER_ARCH, tiny_model_for
+
+    return tiny_model_for(LEARNER_FAMILY, cache_dir=cache_dir, seed=seed, min_pixels=LEARNER_PIXELS,
+                          max_pixels=LEARNER_PIXELS, arch=LEARNER_ARCH)
+
+
 # ------------------------------------------------------------------------------- shared helpers
-def demo_or_data(data: str | None, out_dir: Path, *, n_pairs: int, size: int, seed: int, split: str | None) -> list[PairRecord]:
-    """Records of ``--data`` (a pairs JSONL), else the embedded demo pairs built under ``out_dir``."""
+def demo_or_data(data: str | None, out_dir: Path, *, n_pairs: int, size: int, seed: int, split: str | None,
+                 **demo: Any) -> list[PairRecord]:
+    """Records of ``--data`` (a pairs JSONL), else the embedded demo pairs built under ``out_dir``
+    (``demo``: more :func:`~differad_rl.data.demo.build_demo_pairs` options)."""
     if data:
         records = load_pairs(data)
     else:
         from differad_rl.data.demo import build_demo_pairs
 
         path = build_demo_pairs(out_dir / "demo_pairs", n_pairs=n_pairs, size=size, seed=seed, progress=False,
-                                workers=1)
+                                workers=1, **demo)
         records = load_pairs(path)
     if split:
         chosen = [r for r in records if r.split == split]
@@ -164,8 +187,13 @@ def run_sft(
     max_length: int | None = None,
     logging_steps: int = 1,
     quiet: bool = False,
+    lr_scheduler: str = "constant",
+    save_steps: int = 0,
 ) -> Any:
-    """Run TRL's SFTTrainer on the pairs (completion-only loss); returns the trainer."""
+    """Run TRL's SFTTrainer on the pairs (completion-only loss); returns the trainer.
+
+    ``save_steps > 0`` keeps a trainer checkpoint every that many steps under ``output_dir/trainer``.
+    """
     import datasets
     from trl import SFTConfig, SFTTrainer
 
@@ -178,9 +206,11 @@ def run_sft(
         per_device_train_batch_size=batch_size,
         gradient_accumulation_steps=grad_accum,
         learning_rate=learning_rate,
-        lr_scheduler_type="constant",
+        lr_scheduler_type=lr_scheduler,
         logging_steps=logging_steps,
-        save_strategy="no",
+        save_strategy="steps" if save_steps > 0 else "no",
+        save_steps=save_steps if save_steps > 0 else 500,
+        save_only_model=True,
         report_to="none",
         seed=seed,
         bf16=bf16,
@@ -201,13 +231,18 @@ def run_sft(
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="tiny", help="'tiny', 'tiny:<family>', a hub id or a folder (default: tiny Qwen2.5-VL)")
+    p.add_argument("--recipe", default=None, choices=("learner",),
+                   help="'learner': the main job's cold start (tiny Qwen3-VL, LEARNER_ARCH, 128 px demo pairs with "
+                        "3-15 %% defects, 4,000 steps, cosine lr 3e-3); explicit options still win")
+    p.add_argument("--model", default=None, help="'tiny', 'tiny:<family>', a hub id or a folder (default: tiny Qwen2.5-VL)")
     p.add_argument("--data", default=None, help="pairs JSONL (default: the embedded demo pairs)")
     p.add_argument("--split", default="train", help="use records of this split ('' = all; falls back to all)")
     p.add_argument("--output-dir", default="runs/sft_cold_start")
-    p.add_argument("--max-steps", type=int, default=150, help="-1 = use --epochs")
+    p.add_argument("--max-steps", type=int, default=None, help="default 150 (4000 with --recipe learner); -1 = use --epochs")
     p.add_argument("--epochs", type=float, default=1.0)
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=None, help="default 4 (8 with --recipe learner)")
+    p.add_argument("--lr-scheduler", default=None, help="default constant (cosine with --recipe learner)")
+    p.add_argument("--save-steps", type=int, default=0, help="keep a trainer checkpoint every N steps (0 = none)")
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--learning-rate", type=float, default=None, help="default 1e-2 (tiny) / 1e-5 (real models)")
     p.add_argument("--min-pixels", type=int, default=None)
@@ -215,8 +250,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--freeze-vision", action="store_true")
     p.add_argument("--bf16", action="store_true",
                    help="bf16 autocast on GPU over fp32 master weights (default: fp32 on CPU)")
-    p.add_argument("--demo-pairs", type=int, default=32)
-    p.add_argument("--demo-size", type=int, default=64)
+    p.add_argument("--demo-pairs", type=int, default=None, help="default 32 (2000 with --recipe learner)")
+    p.add_argument("--demo-size", type=int, default=None, help="default 64 (128 with --recipe learner)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
     return p.parse_args(argv)
@@ -230,21 +265,30 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.manual_seed(args.seed)
     random.seed(args.seed)
+    learner = args.recipe == "learner"
+    if args.model is None:
+        args.model = str(learner_model(out / "tiny_models", seed=args.seed)) if learner else TINY
     tiny = is_tiny(args.model)  # the keyword or the tiny manifest, never a name prefix
     if tiny and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(1)  # ~0.2M-parameter model: thread start-up costs more than it saves
+        torch.set_num_threads(1)  # ~1M-parameter model: thread start-up costs more than it saves
     model, processor = load_model_and_processor(
         args.model, cache_dir=out / "tiny_models", min_pixels=args.min_pixels, max_pixels=args.max_pixels,
         bf16=args.bf16)
     if args.freeze_vision:
         print(f"froze {freeze_vision_tower(model):,} vision parameters")
-    records = demo_or_data(args.data, out, n_pairs=args.demo_pairs, size=args.demo_size, seed=args.seed,
-                           split=args.split or None)
-    lr = args.learning_rate if args.learning_rate is not None else (1e-2 if tiny else 1e-5)
+    demo = dict(LEARNER_DEMO) if learner else {"n_pairs": 32, "size": 64, "seed": args.seed}
+    demo.update({k: v for k, v in (("n_pairs", args.demo_pairs), ("size", args.demo_size)) if v is not None})
+    records = demo_or_data(args.data, out, split=args.split or None, **demo)
+    sft = dict(LEARNER_SFT) if learner else {"max_steps": 150, "batch_size": 4, "lr_scheduler": "constant",
+                                             "learning_rate": 1e-2 if tiny else 1e-5}
+    sft.update({k: v for k, v in (("max_steps", args.max_steps), ("batch_size", args.batch_size),
+                                  ("learning_rate", args.learning_rate), ("lr_scheduler", args.lr_scheduler))
+                if v is not None})
+    print(f"SFT: {len(records)} pairs, {sft}", flush=True)
     gpu = torch.cuda.is_available() and not tiny
-    trainer = run_sft(model, processor, records, out, max_steps=args.max_steps, epochs=args.epochs,
-                      batch_size=args.batch_size, grad_accum=args.grad_accum, learning_rate=lr, seed=args.seed,
-                      bf16=args.bf16, use_cpu=not gpu, quiet=args.quiet)
+    trainer = run_sft(model, processor, records, out, epochs=args.epochs, grad_accum=args.grad_accum,
+                      seed=args.seed, bf16=args.bf16, use_cpu=not gpu, quiet=args.quiet,
+                      save_steps=args.save_steps, logging_steps=10 if learner else 1, **sft)
     logs = [r for r in trainer.state.log_history if "loss" in r]
     steps = [float(r["step"]) for r in logs]
     losses = [float(r["loss"]) for r in logs]
