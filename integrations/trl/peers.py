@@ -19,7 +19,9 @@ this module maps the :class:`~differad_rl.integrations.trl.config.DifferADGRPOCo
   group is filtered nothing is masked (the advantages are still set to 0), since an empty batch
   has no loss. veRL's own ``algorithm.filter_groups`` refills with new prompts.
 
-Every decision is taken from the rewards gathered over all processes, so all ranks agree.
+Every decision is taken from the rewards gathered over all processes, so all ranks agree. With
+``degeneracy_rule="emit"`` the logged ``differad/degenerate_before`` / ``degenerate_after`` are the shares
+of groups with no correct completion.
 Logged per step: ``differad/weight_mean``, ``differad/weight_max`` (weights), ``differad/filtered``
 (share of groups dropped).
 """

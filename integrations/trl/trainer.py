@@ -18,7 +18,11 @@ module only wires them into TRL 1.16's generation step:
    ``num_items_in_batch`` is recounted.
 3. Weights (``difficulty_weighting``): Â_i = ω_g · A_i, with ω from the gathered localization reward.
 
-With both features off the trainer returns ``super()``'s output untouched: it is plain GRPOTrainer.
+4. The peers' strategies (DESIGN §9), opt-in: ``degeneracy_rule="emit"`` changes the groups step 2
+   regenerates; ``advantage_weighting="emit"|"univg"`` and ``group_filter="dapo"|"easyr1"`` are applied
+   last by :func:`~differad_rl.integrations.trl.peers.apply_peer_strategies`.
+
+With every feature off the trainer returns ``super()``'s output untouched: it is plain GRPOTrainer.
 Only the training batch is changed; evaluation batches are TRL's.
 
 Logged per step (``train/differad/...``): ``weight_mean``, ``weight_max``, ``degenerate_before``,
