@@ -207,9 +207,10 @@ def test_bad_model_output_never_raises(processors):
 
 
 def test_names_registry_and_errors(processors):
-    assert set(reward_names()) == {"dclr", "iou", "consistency", "multi_box", "format"}
-    with pytest.raises(ValueError, match="'giou' is unknown; known rewards: dclr, iou, consistency, multi_box, format"):
-        differad_rewards(processors["qwen2_vl"], names=("dclr", "giou"))
+    peers = ("iou_threshold", "iou_squared", "giou", "diou", "ciou", "matched_hits")  # DESIGN §9
+    assert reward_names() == ("dclr", "iou", "consistency", "multi_box", "format", *peers)
+    with pytest.raises(ValueError, match="'dice' is unknown; known rewards: dclr, iou, consistency, multi_box, format, iou_"):
+        differad_rewards(processors["qwen2_vl"], names=("dclr", "dice"))
     with pytest.raises(ValueError, match="duplicate"):
         differad_rewards(processors["qwen2_vl"], names=("dclr", "dclr"))
     with pytest.raises(ValueError, match="at least one"):
@@ -234,7 +235,9 @@ def test_options_reach_the_core(processors):
 def test_picklable_with_names(processors):
     fns = differad_rewards(processors["qwen2_5_vl"], names=reward_names())
     assert [f.__name__ for f in fns] == ["dclr_reward", "iou_reward", "consistency_reward",
-                                          "multi_box_reward", "format_reward"]
+                                          "multi_box_reward", "format_reward", "iou_threshold_reward",
+                                          "iou_squared_reward", "giou_reward", "diou_reward", "ciou_reward",
+                                          "matched_hits_reward"]
     kw = {"solution": [[3.0, 4.0, 50.0, 60.0]], "image_size": [[90, 80]]}
     comps = [_completion(_answer((3, 5, 40, 55)))]
     for f in fns:

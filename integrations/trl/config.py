@@ -12,6 +12,8 @@ from typing import Any
 
 from trl import GRPOConfig
 
+from .peers import check_peer_fields
+
 __all__ = ["DifferADGRPOConfig"]
 
 _SCOPES = ("group", "batch")
@@ -47,6 +49,11 @@ class DifferADGRPOConfig(GRPOConfig):
         degenerate_tol (`float`, defaults to `1e-6`):
             Standard-deviation tolerance under which a group's localization rewards count as equal.
 
+    The peers' strategies (DESIGN §9; :mod:`differad_rl.integrations.trl.peers`), all off by default:
+    ``advantage_weighting`` (``None``/``"differad"``/``"emit"``/``"univg"``), ``correct_threshold``,
+    ``univg_form``, ``univg_power``, ``degeneracy_rule`` (``"differad"``/``"emit"``), ``group_filter``
+    (``None``/``"dapo"``/``"easyr1"``), ``group_filter_low``, ``group_filter_high``.
+
     Use :meth:`paper` for the reference hyperparameters of DESIGN §1.
     """
 
@@ -74,6 +81,30 @@ class DifferADGRPOConfig(GRPOConfig):
         default=1e-6,
         metadata={"help": "A group is degenerate when its localization-reward std is below this (and none is 1)."},
     )
+    # --- the peers' strategies (DESIGN §9; integrations/trl/peers.py), all off by default -----------------
+    advantage_weighting: str | None = field(
+        default=None,
+        metadata={"help": "None/'differad' (the method's ω), 'emit' (× 1 + share wrong) or 'univg' (× f(batch mIoU))."},
+    )
+    correct_threshold: float = field(
+        default=0.0,
+        metadata={"help": "EMIT: a completion is correct iff its localization reward is > this (EMIT's rule: > 0)."},
+    )
+    univg_form: str = field(
+        default="power",
+        metadata={"help": "UniVG-R1 factor: 'power' (1.05 − m)^univg_power, 'exp' exp(1 − m), 'log' −log(0.02 + m)."},
+    )
+    univg_power: float = field(default=1.0, metadata={"help": "UniVG-R1's exponent w of the 'power' form."})
+    degeneracy_rule: str = field(
+        default="differad",
+        metadata={"help": "Groups resample_rounds regenerates: 'differad' (degenerate) or 'emit' (none correct)."},
+    )
+    group_filter: str | None = field(
+        default=None,
+        metadata={"help": "Drop groups from the loss: 'dapo' (zero variance) or 'easyr1' (mean outside the band)."},
+    )
+    group_filter_low: float = field(default=0.01, metadata={"help": "EasyR1 band: keep iff low < group mean."})
+    group_filter_high: float = field(default=0.99, metadata={"help": "EasyR1 band: keep iff group mean < high."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -96,6 +127,7 @@ class DifferADGRPOConfig(GRPOConfig):
         if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not (math.isfinite(tol) and tol >= 0):
             raise ValueError(f"degenerate_tol must be a finite number >= 0, got {tol!r}")
         self.degenerate_tol = float(tol)
+        check_peer_fields(self)
 
     @property
     def differad_active(self) -> bool:

@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from differad_rl import box_rewards as _peer_core
 from differad_rl import coords as _coords
 from differad_rl import rewards as _core
 
@@ -47,6 +48,7 @@ __all__ = [
     "get_reward",
     "reward_names",
     "target_image_sizes",
+    "PEER_REWARD_FACTORIES",
     "REWARD_FACTORIES",
 ]
 
@@ -58,7 +60,18 @@ REWARD_FACTORIES: Mapping[str, str] = {
     "multi_box": "get_multi_box_reward",
     "format": "get_format_reward",
 }
-_BOX_REWARDS = frozenset({"dclr", "iou", "consistency", "multi_box"})
+#: the peers' box rewards (DESIGN §9), name → the factory in :mod:`differad_rl.box_rewards`
+PEER_REWARD_FACTORIES: Mapping[str, str] = {
+    "iou_threshold": "get_iou_threshold_reward",
+    "iou_squared": "get_iou_squared_reward",
+    "giou": "get_giou_reward",
+    "diou": "get_diou_reward",
+    "ciou": "get_ciou_reward",
+    "matched_hits": "get_matched_hits_reward",
+}
+REWARD_FACTORIES = {**REWARD_FACTORIES, **PEER_REWARD_FACTORIES}
+_BOX_REWARDS = frozenset({"dclr", "iou", "consistency", "multi_box", *PEER_REWARD_FACTORIES})
+_MULTI_BOX_REWARDS = frozenset({"multi_box", "matched_hits"})
 _DCLR_OPTIONS = frozenset({"w_center", "w_area", "eps", "center_norm", "size_term"})
 
 
@@ -349,12 +362,12 @@ def get_reward(name: str, spec: CoordinateSpec | Any, **options: Any) -> Callabl
             raise ValueError(f"reward {name!r} takes no options, got {sorted(options)}")
         return getattr(_core, REWARD_FACTORIES[name])()
     spec = coordinate_spec(spec)
-    factory = getattr(_core, REWARD_FACTORIES[name])
+    factory = getattr(_peer_core if name in PEER_REWARD_FACTORIES else _core, REWARD_FACTORIES[name])
     kw: dict[str, Any] = dict(options)
     kw.update(gt_space="pixel", space=spec.space)
     kw.update(spec.coord_kwargs())
     inner = factory(**kw)
-    return TargetSizeReward(inner, getattr(inner, "__name__", f"{name}_reward"), multi_box=name == "multi_box")
+    return TargetSizeReward(inner, getattr(inner, "__name__", f"{name}_reward"), multi_box=name in _MULTI_BOX_REWARDS)
 
 
 def differad_rewards(
@@ -401,6 +414,6 @@ def _options_for(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
     DCLR parameters (IoU has none), so one set of options can configure a whole reward list."""
     if name not in _BOX_REWARDS:
         return {}
-    if name == "iou":
+    if name == "iou" or name in PEER_REWARD_FACTORIES:  # the DCLR parameters are not theirs
         return {k: v for k, v in options.items() if k not in _DCLR_OPTIONS}
     return dict(options)

@@ -18,7 +18,11 @@ module only wires them into TRL 1.16's generation step:
    ``num_items_in_batch`` is recounted.
 3. Weights (``difficulty_weighting``): Â_i = ω_g · A_i, with ω from the gathered localization reward.
 
-With both features off the trainer returns ``super()``'s output untouched: it is plain GRPOTrainer.
+4. The peers' strategies (DESIGN §9), opt-in: ``degeneracy_rule="emit"`` changes the groups step 2
+   regenerates; ``advantage_weighting="emit"|"univg"`` and ``group_filter="dapo"|"easyr1"`` are applied
+   last by :func:`~differad_rl.integrations.trl.peers.apply_peer_strategies`.
+
+With every feature off the trainer returns ``super()``'s output untouched: it is plain GRPOTrainer.
 Only the training batch is changed; evaluation batches are TRL's.
 
 Logged per step (``train/differad/...``): ``weight_mean``, ``weight_max``, ``degenerate_before``,
@@ -37,10 +41,11 @@ from trl import GRPOTrainer
 from trl.trainer.utils import nanstd
 
 from differad_rl.groups import degenerate_groups, difficulty_weights
-from differad_rl.resampling import resample_groups
+from differad_rl.group_filters import regenerate_groups
 
 from .compat import KNOWN_OUTPUT_KEYS, UnsupportedOutputError, check_output_keys, check_trl_version
 from .config import DifferADGRPOConfig
+from .peers import apply_peer_strategies, peers_active, resample_rule
 
 __all__ = ["DifferADGRPOTrainer", "splice_rows", "trl_advantages"]
 
@@ -216,10 +221,12 @@ class DifferADGRPOTrainer(GRPOTrainer):
         self._degenerate_tol = float(getattr(cfg, "degenerate_tol", 1e-6))
         self._last_rewards_per_func: torch.Tensor | None = None
         self._loc_index: int | None = None
+        self._peers_on = peers_active(cfg)  # the peers' weightings / group filters (peers.py)
+        self._resample_rule = resample_rule(cfg)
         loc_name = getattr(cfg, "localization_reward", None)
-        if self._dw_on or self._resample_k > 0 or loc_name is not None:  # a wrong name fails even when unused
+        if self._dw_on or self._resample_k > 0 or self._peers_on or loc_name is not None:  # a wrong name fails
             index = self._resolve_localization_reward(loc_name)
-            self._loc_index = index if self._dw_on or self._resample_k > 0 else None
+            self._loc_index = index if self._dw_on or self._resample_k > 0 or self._peers_on else None
         if self._resample_k > 0:
             blockers = {
                 "use_vllm=True": bool(getattr(self, "use_vllm", False)),
@@ -282,6 +289,8 @@ class DifferADGRPOTrainer(GRPOTrainer):
             metrics[_METRIC_PREFIX + "weight_mean"].append(weights.float().mean().item())
             metrics[_METRIC_PREFIX + "weight_max"].append(weights.float().max().item())
             self._replace_logged_advantages(self._logged_advantages_global(weights))
+        if self._peers_on:
+            output = apply_peer_strategies(self, inputs, output, loc, mode)
         return output
 
     # ------------------------------------------------------------------------------------ resampling
@@ -324,7 +333,7 @@ class DifferADGRPOTrainer(GRPOTrainer):
             new_loc = state["rpf"][rows_given.to(state["rpf"].device), self._loc_index]
             return torch.nan_to_num(new_loc, nan=0.0)
 
-        final_loc, stats = resample_groups(loc, g, regenerate, self._resample_k, tol=self._degenerate_tol)
+        final_loc, stats = regenerate_groups(loc, g, regenerate, self._resample_k, self._resample_rule)
         metrics = self._metrics[mode]
         metrics[_METRIC_PREFIX + "degenerate_before"].append(float(stats.degenerate_before))
         metrics[_METRIC_PREFIX + "degenerate_after"].append(float(stats.degenerate_after))

@@ -41,6 +41,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from differad_rl.group_weights import MEAN_REWARD_FORMS, mean_reward_weight, wrong_share_weights_by_id
 from differad_rl.groups import difficulty_weights_by_id, group_advantages_by_id
 
 __all__ = [
@@ -73,6 +74,15 @@ class DifferadConfig:
         weight_source: ``"localization"`` (the reward's per-sample localization score) or
             ``"score"`` (the summed reward; for rewards that are localization only).
         localization_key: the reward's extra-info key holding the localization score.
+        weighting: the peers' weightings (DESIGN §9), replacing ω when set: ``"emit"`` — × (1 + share
+            of the group's wrong completions, localization ``<= correct_threshold``), × 1 when all are
+            wrong (:func:`differad_rl.group_weights.wrong_share_weights_by_id`); ``"univg"`` — × one
+            factor of the batch's mean localization ``m``: ``univg_form`` ``"power"`` ``(1.05 − m)^univg_power``,
+            ``"exp"`` ``exp(1 − m)``, ``"log"`` ``−log(0.02 + m)`` floored at 0
+            (:func:`differad_rl.group_weights.mean_reward_weight`); ``"differad"`` — ω even when
+            ``difficulty_weights=false``; ``None`` (default) — ``difficulty_weights`` decides.
+        correct_threshold: EMIT's "correct" (localization ``> correct_threshold``; EMIT's rule is ``> 0``).
+        univg_form, univg_power: UniVG-R1's factor (defaults: its code's ``"power"``, 1).
     """
 
     tau: float = 0.3
@@ -82,6 +92,10 @@ class DifferadConfig:
     difficulty_weights: bool = True
     weight_source: Literal["localization", "score"] = "localization"
     localization_key: str = "localization"
+    weighting: Literal["differad", "emit", "univg"] | None = None
+    correct_threshold: float = 0.0
+    univg_form: Literal["power", "exp", "log"] = "power"
+    univg_power: float = 1.0
 
     def __post_init__(self) -> None:
         if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)) or not 0.0 <= float(self.tau) <= 1.0:
@@ -104,6 +118,23 @@ class DifferadConfig:
             raise ValueError(
                 f"algorithm.differad.localization_key must be a non-empty string, got {self.localization_key!r}"
             )
+        if self.weighting not in (None, "differad", "emit", "univg"):
+            raise ValueError(
+                f"algorithm.differad.weighting must be 'differad', 'emit', 'univg' or null, got {self.weighting!r}"
+            )
+        for name in ("correct_threshold", "univg_power"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
+                raise ValueError(f"algorithm.differad.{name} must be a finite number, got {value!r}")
+        if self.univg_form not in MEAN_REWARD_FORMS:
+            raise ValueError(f"algorithm.differad.univg_form must be one of {MEAN_REWARD_FORMS}, got {self.univg_form!r}")
+
+    @property
+    def active_weighting(self) -> str | None:
+        """The weighting applied: ``weighting`` when set, else ``"differad"`` iff ``difficulty_weights``."""
+        if self.weighting is not None:
+            return self.weighting
+        return "differad" if self.difficulty_weights else None
 
     @classmethod
     def known_options(cls) -> tuple[str, ...]:
@@ -235,9 +266,15 @@ def compute_differad_advantage(
         if ids.numel() != scores.numel():
             raise ValueError(f"index has {ids.numel()} entries for {scores.numel()} samples")
         adv = group_advantages_by_id(scores, ids, scale=cfg.scale, eps=cfg.eps)
-        if cfg.difficulty_weights:
+        weighting = cfg.active_weighting
+        if weighting is not None:
             loc = _resolve_localization(localization, scores, cfg)
-            adv = adv * difficulty_weights_by_id(loc, ids, tau=cfg.tau, scope=cfg.scope)
+            if weighting == "differad":
+                adv = adv * difficulty_weights_by_id(loc, ids, tau=cfg.tau, scope=cfg.scope)
+            elif weighting == "emit":
+                adv = adv * wrong_share_weights_by_id(loc, ids, float(cfg.correct_threshold))
+            else:
+                adv = adv * mean_reward_weight(loc, cfg.univg_form, float(cfg.univg_power))
         # cast the (int) mask once into a fresh tensor, then scale it in place: ~3x faster than the
         # mixed-dtype broadcast product, and never writes into the caller's mask (copy=True)
         advantages = response_mask.to(token_level_rewards.dtype, copy=True).mul_(adv.to(token_level_rewards.dtype).unsqueeze(-1))

@@ -1,0 +1,377 @@
+"""The peers' box rewards, beside the method's DCLR (DESIGN §9): thresholded IoU, IoU², GIoU, DIoU,
+CIoU and Hungarian-matched thresholded hits.
+
+Every reward is in ``[0, 1]`` and follows the method's rules of DESIGN §3, like
+:mod:`differad_rl.rewards`: a ground truth ``(0, 0, 0, 0)`` (normal target) scores 1 iff the answer
+is the zero box, else 0; for an anomalous target a missing, zero or degenerate prediction scores 0.
+The formulas, for valid boxes ``p`` (prediction) and ``g`` (ground truth), continuous geometry:
+
+====================  ==========================================  ==============================
+kind                  reward                                      used by
+====================  ==========================================  ==============================
+``"iou"``             ``IoU``  (:func:`differad_rl.rewards.       VLM-R1
+                      get_iou_reward`)
+``"iou_threshold"``   ``1 if IoU > t else 0`` (``t = 0.5``)       AnomalyR1, Visual-RFT
+``"iou_squared"``     ``IoU²``                                    Perception-R1
+``"giou"``            ``(GIoU + 1) / 2``                          torchvision ``generalized_box_iou``
+``"diou"``            ``(DIoU + 1) / 2``                          torchvision ``distance_box_iou``
+``"ciou"``            ``max(0, (CIoU + 1) / 2)``                  torchvision ``complete_box_iou``
+matched hits          ``Σ_matched (1[IoU > t] + 1[L1 < l]) / 2``  VisionReasoner
+                      ``/ max(P, N)``
+====================  ==========================================  ==============================
+
+Sources (read for these definitions):
+
+* Visual-RFT (arXiv 2503.01785, code Liuziyu77/Visual-RFT): ``src/virft/src/open_r1/grpo.py``
+  ``sort_and_calculate_iou(..., iou_threshold=0.5)`` counts a match iff ``best_iou > iou_threshold``
+  (line 109 ff.). AnomalyR1 uses the same IoU > 0.5 → 1 rule (as its paper states; code not read here).
+* Perception-R1 (arXiv 2504.07954, code linkangheng/PR1): ``src/open_r1/rewards.py``
+  ``pr1_grounding_reward`` appends ``iou**2`` (line 51).
+* torchvision ``ops/boxes.py``: ``generalized_box_iou`` = ``IoU − (C − U) / C`` (``C`` the enclosing
+  box's area, ``U`` the union), ``distance_box_iou`` = ``IoU − ρ² / (c² + eps)`` (``ρ`` the centre
+  distance, ``c`` the enclosing box's diagonal, ``eps = 1e-7``), ``complete_box_iou`` =
+  ``DIoU − α·v`` with ``v = 4/π² · (atan(w_g / h_g) − atan(w_p / h_p))²`` and
+  ``α = v / (1 − IoU + v + eps)``. They are similarity scores in ``(−1, 1]`` (CIoU can go below −1
+  for very different aspect ratios); as rewards they are mapped by ``(x + 1) / 2`` onto ``[0, 1]``
+  (order and the value 1 for coinciding boxes kept), CIoU clamped at 0. Visual-RFT's LISA reward
+  uses the same shift, ``GIoU + 1`` (``src/virft/src/open_r1/grpo_lisa.py``, line 88), unhalved.
+* VisionReasoner (arXiv 2505.12081; training code JIA-Lab-research/Seg-Zero,
+  ``verl/utils/reward_score/vision_reasoner.py``, ``vision_reasoner_accuracy_reward``, read through a
+  fork): per (prediction, ground truth) pair three 0/1 terms — ``IoU > 0.5``, mean absolute corner
+  difference ``< 10`` and point distance ``< 30`` with the point inside the predicted box — a
+  Hungarian matching maximising their sum, and the matched sum over ``max(P, N)``. Our answers carry
+  no point, so the point term is dropped and the sum is divided by 2 (the reward stays in
+  ``[0, 1]``). The L1 threshold is in the model's coordinate units (VisionReasoner: pixels of an
+  840-pixel image; for Qwen2-VL's 0..1000 space 10 units are 1 % of the image side). Their IoU uses
+  the "+1 pixel" convention; ours is continuous (DESIGN §3).
+
+The TRL-shaped callables (``f(completions, solution, **kwargs) -> list[float]``) and their picklable
+``get_*`` factories follow :mod:`differad_rl.rewards` exactly (same ground-truth conversion, same
+``space`` / ``gt_space`` keywords, unparsable share logged through ``log_metric``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+from torch import Tensor
+
+from differad_rl.boxes import _pair, box_area, box_iou, is_degenerate, is_zero_box
+from differad_rl.coords import DEFAULT_FACTOR, DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, to_model_space
+from differad_rl.parsing import answer_span, completion_text, parse_boxes, parse_boxes_batch
+from differad_rl.rewards import DCLRConfig, _image_sizes, _Reward, check_gt_boxes
+
+PEER_BOX_KINDS: tuple[str, ...] = ("iou_threshold", "iou_squared", "giou", "diou", "ciou")
+
+__all__ = [
+    "PEER_BOX_KINDS",
+    "MatchedHitsReward",
+    "PeerBoxReward",
+    "ciou_reward",
+    "complete_iou",
+    "diou_reward",
+    "distance_iou",
+    "generalized_iou",
+    "get_ciou_reward",
+    "get_diou_reward",
+    "get_giou_reward",
+    "get_iou_squared_reward",
+    "get_iou_threshold_reward",
+    "get_matched_hits_reward",
+    "giou_reward",
+    "iou_squared_reward",
+    "iou_threshold_reward",
+    "matched_hits_reward",
+    "matched_hits_score",
+    "peer_box_scores",
+]
+
+
+# ------------------------------------------------------------------------------------ formulas
+def _enclosing_wh(p: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+    return (
+        torch.maximum(p[..., 2], g[..., 2]) - torch.minimum(p[..., 0], g[..., 0]),
+        torch.maximum(p[..., 3], g[..., 3]) - torch.minimum(p[..., 1], g[..., 1]),
+    )
+
+
+def generalized_iou(p: Any, g: Any) -> Tensor:
+    """Elementwise GIoU ``IoU − (C − U) / C`` in ``(−1, 1]`` (torchvision's ``generalized_box_iou``,
+    elementwise instead of pairwise). ``C`` is the area of the smallest box enclosing both and ``U``
+    the union; ``C = 0`` (two empty boxes) gives the IoU (0). Shapes broadcast ``(..., 4) -> (...)``.
+    """
+    p, g = _pair(p, g)
+    iou = box_iou(p, g)
+    ew, eh = _enclosing_wh(p, g)
+    c = ew.clamp(min=0) * eh.clamp(min=0)
+    iw = (torch.minimum(p[..., 2], g[..., 2]) - torch.maximum(p[..., 0], g[..., 0])).clamp(min=0)
+    ih = (torch.minimum(p[..., 3], g[..., 3]) - torch.maximum(p[..., 1], g[..., 1])).clamp(min=0)
+    union = box_area(p) + box_area(g) - iw * ih
+    penalty = torch.where(c > 0, (c - union) / torch.where(c > 0, c, 1), torch.zeros_like(c))
+    return iou - penalty
+
+
+def distance_iou(p: Any, g: Any, eps: float = 1e-7) -> Tensor:
+    """Elementwise DIoU ``IoU − ρ² / (c² + eps)`` in ``(−1, 1]`` (torchvision's ``distance_box_iou``):
+    ``ρ`` the distance of the box centres, ``c`` the diagonal of the smallest enclosing box."""
+    p, g = _pair(p, g)
+    ew, eh = _enclosing_wh(p, g)
+    diag2 = ew**2 + eh**2 + eps
+    rho2 = ((p[..., 0] + p[..., 2] - g[..., 0] - g[..., 2]) / 2) ** 2 + (
+        (p[..., 1] + p[..., 3] - g[..., 1] - g[..., 3]) / 2
+    ) ** 2
+    return box_iou(p, g) - rho2 / diag2
+
+
+def complete_iou(p: Any, g: Any, eps: float = 1e-7) -> Tensor:
+    """Elementwise CIoU ``DIoU − α·v`` (torchvision's ``complete_box_iou``), ``p`` the prediction:
+    ``v = 4/π² · (atan(w_g / h_g) − atan(w_p / h_p))²``, ``α = v / (1 − IoU + v + eps)``.
+    In ``(−2, 1]``, below −1 for distant boxes of very different aspect ratios; boxes must have
+    ``h > 0`` (the caller masks others).
+    """
+    p, g = _pair(p, g)
+    iou = box_iou(p, g)
+    diou = distance_iou(p, g, eps)
+    wp, hp = p[..., 2] - p[..., 0], p[..., 3] - p[..., 1]
+    wg, hg = g[..., 2] - g[..., 0], g[..., 3] - g[..., 1]
+    v = (4 / math.pi**2) * (torch.atan(wg / hg) - torch.atan(wp / hp)) ** 2
+    alpha = v / (1 - iou + v + eps)
+    return diou - alpha * v
+
+
+def _unit(x: Tensor) -> Tensor:
+    return ((x + 1) / 2).clamp(0.0, 1.0)
+
+
+def _raw(kind: str, p: Tensor, g: Tensor, threshold: float, eps: float) -> Tensor:
+    if kind == "iou_threshold":
+        return (box_iou(p, g) > threshold).to(p.dtype)
+    if kind == "iou_squared":
+        return box_iou(p, g) ** 2
+    if kind == "giou":
+        return _unit(generalized_iou(p, g))
+    if kind == "diou":
+        return _unit(distance_iou(p, g, eps))
+    return _unit(complete_iou(p, g, eps))
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in PEER_BOX_KINDS:
+        raise ValueError(f"kind={kind!r} is not known; expected one of {PEER_BOX_KINDS}")
+
+
+def _check_threshold(name: str, value: Any, *, unit: bool) -> float:
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    if not ok or (unit and not 0.0 <= value <= 1.0) or (not unit and value < 0):
+        raise ValueError(f"{name} must be a finite number {'in [0, 1]' if unit else '>= 0'}, got {value!r}")
+    return float(value)
+
+
+def peer_box_scores(
+    pred: Any,
+    pred_valid: Any,
+    gt: Any,
+    kind: str,
+    *,
+    threshold: float = 0.5,
+    eps: float = 1e-7,
+) -> Tensor:
+    """A peer's box reward per sample with the zero-box and degenerate rules, shape ``(N,)``.
+
+    Args:
+        pred: predicted boxes ``(N, 4)``; rows where ``pred_valid`` is False are ignored (may be NaN).
+        pred_valid: ``(N,)`` bool, whether a box was parsed.
+        gt: ground-truth boxes ``(N, 4)`` in the same space (validated by
+            :func:`differad_rl.rewards.check_gt_boxes`).
+        kind: one of :data:`PEER_BOX_KINDS` (module docstring).
+        threshold: IoU threshold of ``"iou_threshold"`` (strict ``>``, Visual-RFT's rule).
+        eps: ``eps`` of DIoU / CIoU (torchvision's 1e-7).
+
+    Returns:
+        Rewards in ``[0, 1]`` with the dtype of ``gt`` (float64 for non-float input); exactly 1 for a
+        prediction equal to a (non-zero) ground truth, for every kind.
+    """
+    _check_kind(kind)
+    threshold = _check_threshold("threshold", threshold, unit=True)
+    return _rule_scores(pred, pred_valid, check_gt_boxes(gt, name="gt"), kind, threshold, eps)
+
+
+def _rule_scores(pred: Any, pred_valid: Any, g: Tensor, kind: str, threshold: float, eps: float) -> Tensor:
+    """The rules of DESIGN §3 around :func:`_raw`, on ground truth already validated.
+
+    Mirrors ``differad_rl.rewards._scores`` (which is tied to the method's own kinds)."""
+    p = torch.as_tensor(pred, dtype=g.dtype, device=g.device)
+    if p.shape != g.shape:
+        raise ValueError(f"pred must have the shape of gt {tuple(g.shape)}, got {tuple(p.shape)}")
+    valid = torch.as_tensor(pred_valid, dtype=torch.bool, device=g.device) & torch.isfinite(p).all(dim=1)
+    gt_zero = is_zero_box(g)
+    p_finite = torch.nan_to_num(p)
+    pred_zero = valid & is_zero_box(p_finite)
+    usable = valid & ~is_degenerate(p_finite) & ~gt_zero
+    unit = torch.tensor([0.0, 0.0, 1.0, 1.0], dtype=g.dtype, device=g.device)
+    raw = _raw(kind, torch.where(usable[:, None], p, unit), torch.where(usable[:, None], g, unit), threshold, eps)
+    zero = torch.zeros((), dtype=g.dtype, device=g.device)
+    return torch.where(gt_zero, pred_zero.to(g.dtype), torch.where(usable, raw, zero))
+
+
+def matched_hits_score(
+    pred_boxes: Sequence[Sequence[float]] | None,
+    gt_boxes: Any,
+    *,
+    iou_threshold: float = 0.5,
+    l1_threshold: float = 10.0,
+) -> float:
+    """VisionReasoner's several-box accuracy without its point term (module docstring).
+
+    Per pair ``h(p, g) = (1[IoU(p, g) > iou_threshold] + 1[mean |p − g| < l1_threshold]) / 2``; the
+    reward is ``Σ h`` over the one-to-one matching that maximises it (Hungarian), over ``max(P, N)``.
+
+    Args:
+        pred_boxes: the ``P`` parsed boxes, or ``None`` when the completion has no answer at all.
+        gt_boxes: ``(N, 4)`` ground truth; ``N = 0`` (or only zero boxes) means a normal target.
+
+    Returns:
+        In ``[0, 1]``. Normal target: 1 iff an answer exists and is empty or only zero boxes. A
+        degenerate, zero or non-finite predicted box counts in ``P`` and matches with 0.
+    """
+    g = torch.as_tensor(np.asarray(gt_boxes, dtype=np.float64).reshape(-1, 4))
+    g = g[~is_zero_box(g)] if g.numel() else g
+    if g.numel():
+        check_gt_boxes(g, name="gt_boxes")
+    if pred_boxes is None:
+        return 0.0
+    p = torch.as_tensor(np.asarray(pred_boxes, dtype=np.float64).reshape(-1, 4))
+    if g.shape[0] == 0:
+        return 1.0 if bool(is_zero_box(p).all()) else 0.0
+    if p.shape[0] == 0:
+        return 0.0
+    ok = torch.isfinite(p).all(dim=1) & ~is_degenerate(torch.nan_to_num(p))
+    p_safe = torch.where(ok[:, None], p, torch.tensor([0.0, 0.0, 1.0, 1.0], dtype=p.dtype))
+    pp, gg = p_safe[:, None, :], g[None, :, :]
+    hits = (box_iou(pp, gg) > iou_threshold).to(p.dtype) + ((pp - gg).abs().mean(-1) < l1_threshold).to(p.dtype)
+    m = torch.where(ok[:, None], hits / 2, torch.zeros_like(hits)).numpy()
+    rows, cols = linear_sum_assignment(m, maximize=True)
+    return float(m[rows, cols].sum() / max(p.shape[0], g.shape[0]))
+
+
+# ------------------------------------------------------------------------------ TRL-shaped rewards
+class PeerBoxReward(_Reward):
+    """Single-box peer reward (``kind`` in :data:`PEER_BOX_KINDS`), TRL-shaped.
+
+    ``solution``: one ``[x1, y1, x2, y2]`` per completion, ``[0, 0, 0, 0]`` for a normal target, in
+    the model's space (or original pixels with ``gt_space="pixel"`` and an ``image_size`` column) —
+    exactly as :class:`differad_rl.rewards.LocalizationReward`.
+    """
+
+    def __init__(self, kind: str, *, threshold: float = 0.5, eps: float = 1e-7, name: str | None = None,
+                 require_answer: bool = True, space: str = "pixel", gt_space: str | None = None,
+                 min_pixels: int = DEFAULT_MIN_PIXELS, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 factor: int = DEFAULT_FACTOR) -> None:
+        _check_kind(kind)
+        super().__init__(name or f"{kind}_reward", DCLRConfig(), require_answer=require_answer, space=space,
+                         gt_space=gt_space, min_pixels=min_pixels, max_pixels=max_pixels, factor=factor)
+        self.kind = kind
+        self.threshold = _check_threshold("threshold", threshold, unit=True)
+        if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
+            raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
+        self.eps = float(eps)
+
+    def scores(self, completions: Sequence[Any], solution: Any, **kwargs: Any) -> Tensor:
+        """The rewards as a float64 tensor ``(N,)`` (the list-returning ``__call__`` wraps this)."""
+        n = len(completions)
+        gt = torch.as_tensor(self._to_space(check_gt_boxes(solution, n=n), kwargs, n))
+        boxes, valid = parse_boxes_batch(completions, require_answer=self.require_answer)
+        self._log_unparsable(kwargs, valid)
+        return _rule_scores(torch.from_numpy(boxes).to(gt.dtype), torch.from_numpy(valid), gt, self.kind,
+                            self.threshold, self.eps)
+
+    def __call__(self, completions: Sequence[Any], solution: Any, **kwargs: Any) -> list[float]:
+        return self.scores(completions, solution, **kwargs).tolist()
+
+
+class MatchedHitsReward(_Reward):
+    """VisionReasoner-style several-box reward (:func:`matched_hits_score`); ``solution``: a list of
+    boxes per completion (``[]`` or ``[[0, 0, 0, 0]]`` = normal)."""
+
+    def __init__(self, *, iou_threshold: float = 0.5, l1_threshold: float = 10.0, name: str = "matched_hits_reward",
+                 require_answer: bool = True, space: str = "pixel", gt_space: str | None = None,
+                 min_pixels: int = DEFAULT_MIN_PIXELS, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 factor: int = DEFAULT_FACTOR) -> None:
+        super().__init__(name, DCLRConfig(), require_answer=require_answer, space=space, gt_space=gt_space,
+                         min_pixels=min_pixels, max_pixels=max_pixels, factor=factor)
+        self.iou_threshold = _check_threshold("iou_threshold", iou_threshold, unit=True)
+        self.l1_threshold = _check_threshold("l1_threshold", l1_threshold, unit=False)
+
+    def __call__(self, completions: Sequence[Any], solution: Any, **kwargs: Any) -> list[float]:
+        n = len(completions)
+        if len(solution) != n:
+            raise ValueError(f"solution has {len(solution)} entries but there are {n} completions")
+        sizes = _image_sizes(kwargs, n) if (self.gt_space == "pixel" and self.space != "pixel") else None
+        out: list[float] = []
+        valid = np.zeros(n, dtype=bool)
+        for i, (completion, gts) in enumerate(zip(completions, solution)):
+            g = np.asarray(gts if gts is not None else [], dtype=np.float64).reshape(-1, 4)
+            if g.size:
+                check_gt_boxes(g, name=f"solution[{i}]")
+            if sizes is not None and g.size:
+                g = to_model_space(g, sizes[0][i], sizes[1][i], self.space, min_pixels=self.min_pixels,
+                                   max_pixels=self.max_pixels, factor=self.factor, round=False)
+            text = completion_text(completion)
+            has_answer = answer_span(text) is not None or not self.require_answer
+            preds = parse_boxes(text, require_answer=self.require_answer) if has_answer else None
+            valid[i] = bool(preds)
+            out.append(matched_hits_score(preds, g, iou_threshold=self.iou_threshold,
+                                          l1_threshold=self.l1_threshold))
+        self._log_unparsable(kwargs, valid)
+        return out
+
+
+def get_iou_threshold_reward(*, threshold: float = 0.5, name: str = "iou_threshold_reward",
+                             **space_kwargs: Any) -> PeerBoxReward:
+    """``1 if IoU > threshold else 0`` (AnomalyR1, Visual-RFT), zero-box rule included.
+    ``space_kwargs``: ``require_answer``, ``space``, ``gt_space``, ``min_pixels``, ``max_pixels``, ``factor``.
+
+    >>> r = get_iou_threshold_reward()
+    >>> r(["<answer>(0,0),(10,10)</answer>", "<answer>(0,0),(10,4)</answer>"], solution=[[0, 0, 10, 8]] * 2)
+    [1.0, 0.0]
+    """
+    return PeerBoxReward("iou_threshold", threshold=threshold, name=name, **space_kwargs)
+
+
+def get_iou_squared_reward(*, name: str = "iou_squared_reward", **space_kwargs: Any) -> PeerBoxReward:
+    """``IoU²`` (Perception-R1), zero-box rule included."""
+    return PeerBoxReward("iou_squared", name=name, **space_kwargs)
+
+
+def get_giou_reward(*, name: str = "giou_reward", **space_kwargs: Any) -> PeerBoxReward:
+    """``(GIoU + 1) / 2`` (torchvision's GIoU), zero-box rule included."""
+    return PeerBoxReward("giou", name=name, **space_kwargs)
+
+
+def get_diou_reward(*, eps: float = 1e-7, name: str = "diou_reward", **space_kwargs: Any) -> PeerBoxReward:
+    """``(DIoU + 1) / 2`` (torchvision's DIoU), zero-box rule included."""
+    return PeerBoxReward("diou", eps=eps, name=name, **space_kwargs)
+
+
+def get_ciou_reward(*, eps: float = 1e-7, name: str = "ciou_reward", **space_kwargs: Any) -> PeerBoxReward:
+    """``max(0, (CIoU + 1) / 2)`` (torchvision's CIoU), zero-box rule included."""
+    return PeerBoxReward("ciou", eps=eps, name=name, **space_kwargs)
+
+
+def get_matched_hits_reward(*, iou_threshold: float = 0.5, l1_threshold: float = 10.0,
+                            name: str = "matched_hits_reward", **space_kwargs: Any) -> MatchedHitsReward:
+    """VisionReasoner's Hungarian-matched thresholded terms (:func:`matched_hits_score`)."""
+    return MatchedHitsReward(iou_threshold=iou_threshold, l1_threshold=l1_threshold, name=name, **space_kwargs)
+
+
+iou_threshold_reward = get_iou_threshold_reward()
+iou_squared_reward = get_iou_squared_reward()
+giou_reward = get_giou_reward()
+diou_reward = get_diou_reward()
+ciou_reward = get_ciou_reward()
+matched_hits_reward = get_matched_hits_reward()

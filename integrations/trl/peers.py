@@ -1,0 +1,162 @@
+"""The peers' strategies (DESIGN §9) in ``DifferADGRPOTrainer``: config checks and the step that applies them.
+
+The algorithms live in the core (:mod:`differad_rl.group_weights`, :mod:`differad_rl.group_filters`);
+this module maps the :class:`~differad_rl.integrations.trl.config.DifferADGRPOConfig` fields onto them:
+
+* ``degeneracy_rule`` — which groups ``resample_rounds`` regenerates (same prompt): ``"differad"``
+  (all localization rewards equal, none perfect; the method) or ``"emit"`` (no completion correct,
+  i.e. every localization reward ``<= correct_threshold``; EMIT's re-roll).
+* ``advantage_weighting`` — ``None``/``"differad"``: the method's ω (``difficulty_weighting``);
+  ``"emit"``: × (1 + share of wrong completions), × 1 when all are wrong; ``"univg"``: × one factor
+  of the batch's mean localization reward (``univg_form`` = ``"power"`` ``(1.05 − m)^univg_power``,
+  ``"exp"`` ``exp(1 − m)``, ``"log"`` ``−log(0.02 + m)``, floored at 0).
+* ``group_filter`` — ``"dapo"`` (all localization rewards of the group identical, perfect groups
+  included) or ``"easyr1"`` (the group's mean localization reward not inside
+  ``(group_filter_low, group_filter_high)``): those groups are dropped from the loss (advantages 0,
+  completion mask 0, ``num_items_in_batch`` recounted). TRL draws no new prompts inside a step, so
+  unlike DAPO / EasyR1 the batch is not refilled: with TRL's token-normalised losses (``loss_type``
+  ``"dapo"``, the default, or ``"bnpo"``) this equals training on the smaller batch. When every
+  group is filtered nothing is masked (the advantages are still set to 0), since an empty batch
+  has no loss. veRL's own ``algorithm.filter_groups`` refills with new prompts.
+
+Every decision is taken from the rewards gathered over all processes, so all ranks agree. With
+``degeneracy_rule="emit"`` the logged ``differad/degenerate_before`` / ``degenerate_after`` are the shares
+of groups with no correct completion.
+Logged per step: ``differad/weight_mean``, ``differad/weight_max`` (weights), ``differad/filtered``
+(share of groups dropped).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from differad_rl.group_filters import Rule, group_rule, out_of_band_groups, zero_variance_groups
+from differad_rl.group_weights import MEAN_REWARD_FORMS, mean_reward_weight, wrong_share_weights
+
+__all__ = [
+    "ADVANTAGE_WEIGHTINGS",
+    "DEGENERACY_RULES",
+    "GROUP_FILTERS",
+    "apply_peer_strategies",
+    "check_peer_fields",
+    "peers_active",
+    "resample_rule",
+]
+
+ADVANTAGE_WEIGHTINGS = (None, "differad", "emit", "univg")
+DEGENERACY_RULES = ("differad", "emit")
+GROUP_FILTERS = (None, "dapo", "easyr1")
+
+_PREFIX = "differad/"
+
+
+def _finite(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def check_peer_fields(cfg: Any) -> None:
+    """Validate the peers' fields of a ``DifferADGRPOConfig`` (called by its ``__post_init__``).
+
+    ``advantage_weighting="differad"`` turns ``difficulty_weighting`` on; another weighting together
+    with ``difficulty_weighting=True`` raises (one weighting at a time).
+
+    Raises:
+        ValueError: naming the field, the value and the accepted values.
+    """
+    if cfg.advantage_weighting not in ADVANTAGE_WEIGHTINGS:
+        raise ValueError(
+            f"advantage_weighting={cfg.advantage_weighting!r} is not known; expected one of {ADVANTAGE_WEIGHTINGS}"
+        )
+    if cfg.advantage_weighting == "differad":
+        cfg.difficulty_weighting = True
+    elif cfg.advantage_weighting is not None and cfg.difficulty_weighting:
+        raise ValueError(
+            f"advantage_weighting={cfg.advantage_weighting!r} and difficulty_weighting=True are two weightings; "
+            "set difficulty_weighting=False (or advantage_weighting='differad')"
+        )
+    cfg.correct_threshold = _finite("correct_threshold", cfg.correct_threshold)
+    if cfg.univg_form not in MEAN_REWARD_FORMS:
+        raise ValueError(f"univg_form={cfg.univg_form!r} is not known; expected one of {MEAN_REWARD_FORMS}")
+    cfg.univg_power = _finite("univg_power", cfg.univg_power)
+    if cfg.degeneracy_rule not in DEGENERACY_RULES:
+        raise ValueError(f"degeneracy_rule={cfg.degeneracy_rule!r} is not known; expected one of {DEGENERACY_RULES}")
+    if cfg.group_filter not in GROUP_FILTERS:
+        raise ValueError(f"group_filter={cfg.group_filter!r} is not known; expected one of {GROUP_FILTERS}")
+    low = _finite("group_filter_low", cfg.group_filter_low)
+    high = _finite("group_filter_high", cfg.group_filter_high)
+    if not low < high:
+        raise ValueError(f"group_filter_low={low!r} must be < group_filter_high={high!r}")
+    cfg.group_filter_low, cfg.group_filter_high = low, high
+
+
+def peers_active(cfg: Any) -> bool:
+    """True when a peer weighting or a group filter is on (the trainer then needs the localization reward)."""
+    return getattr(cfg, "advantage_weighting", None) in ("emit", "univg") or getattr(cfg, "group_filter", None) is not None
+
+
+def resample_rule(cfg: Any) -> Rule:
+    """The rule ``resample_rounds`` regenerates by: the method's degenerate groups or EMIT's "no correct"."""
+    if getattr(cfg, "degeneracy_rule", "differad") == "emit":
+        return group_rule("no_correct", threshold=float(getattr(cfg, "correct_threshold", 0.0)))
+    return group_rule("degenerate", tol=float(getattr(cfg, "degenerate_tol", 1e-6)))
+
+
+def _filtered(cfg: Any, loc: torch.Tensor, g: int) -> torch.Tensor | None:
+    if cfg.group_filter == "dapo":
+        return zero_variance_groups(loc, g)
+    if cfg.group_filter == "easyr1":
+        return out_of_band_groups(loc, g, cfg.group_filter_low, cfg.group_filter_high)
+    return None
+
+
+def apply_peer_strategies(trainer: Any, inputs: list, output: dict[str, Any], loc: torch.Tensor, mode: str) -> dict:
+    """Apply the peer weighting and group filter to one training generation batch.
+
+    Args:
+        trainer: the ``DifferADGRPOTrainer`` (its ``args``, ``num_generations``, ``accelerator``, metrics).
+        inputs: this rank's rows of the batch.
+        output: the batch as ``_generate_and_score_completions`` returns it (after any resampling).
+        loc: ``(N,)`` gathered localization rewards (after any resampling), groups contiguous.
+        mode: ``"train"``.
+
+    Returns:
+        ``output`` with scaled (or zeroed) advantages and, with a filter, the dropped rows' completion
+        mask zeroed and ``num_items_in_batch`` recounted.
+    """
+    cfg, g = trainer.args, trainer.num_generations
+    rank, local_n = trainer.accelerator.process_index, len(inputs)
+    local = slice(rank * local_n, (rank + 1) * local_n)
+    metrics = trainer._metrics[mode]
+    adv = output["advantages"]
+
+    weighting = getattr(cfg, "advantage_weighting", None)
+    if weighting in ("emit", "univg"):
+        if weighting == "emit":
+            weights = wrong_share_weights(loc, g, cfg.correct_threshold)
+        else:
+            weights = mean_reward_weight(loc, cfg.univg_form, cfg.univg_power).expand(loc.numel())
+        w_local = weights[local].to(device=adv.device, dtype=adv.dtype)
+        adv = adv * (w_local if adv.dim() == 1 else w_local.unsqueeze(-1))
+        metrics[_PREFIX + "weight_mean"].append(weights.float().mean().item())
+        metrics[_PREFIX + "weight_max"].append(weights.float().max().item())
+        trainer._replace_logged_advantages(trainer._logged_advantages_global(weights))
+
+    dropped = _filtered(cfg, loc, g)
+    if dropped is not None:
+        metrics[_PREFIX + "filtered"].append(dropped.float().mean().item())
+        rows = dropped.repeat_interleave(g)[local].to(adv.device)
+        keep = (~rows).to(adv.dtype)
+        adv = adv * (keep if adv.dim() == 1 else keep.unsqueeze(-1))
+        if not bool(dropped.all()):
+            output["completion_mask"] = output["completion_mask"] * (~rows).to(output["completion_mask"].dtype)[:, None]
+            loss_mask = output["completion_mask"]
+            if "tool_mask" in output:
+                loss_mask = loss_mask * output["tool_mask"]
+            output["num_items_in_batch"] = trainer.accelerator.gather(loss_mask.sum()).sum()
+    output["advantages"] = adv
+    return output

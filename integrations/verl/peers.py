@@ -1,0 +1,87 @@
+"""The peers' box rewards (DESIGN §9) for veRL 0.9's reward loop: ``compute_score`` with ``box_reward=<kind>``.
+
+Same contract, ground truth and options as :func:`differad_rl.integrations.verl.reward.compute_score`
+(the method's reward), with the localization score replaced by a peer's box reward::
+
+    reward.custom_reward_function.path=pkg://differad_rl.integrations.verl.peers
+    reward.custom_reward_function.name=compute_score
+    +reward.custom_reward_function.reward_kwargs.box_reward=giou        # one of PEER_BOX_REWARDS
+
+``box_reward``: ``"iou_threshold"`` (1 iff IoU > ``iou_threshold``; AnomalyR1, Visual-RFT),
+``"iou_squared"`` (Perception-R1), ``"giou"`` / ``"diou"`` / ``"ciou"`` (torchvision's, mapped to
+[0, 1] by ``(x + 1) / 2``), ``"matched_hits"`` (VisionReasoner: Hungarian matching of all boxes,
+``(1[IoU > iou_threshold] + 1[mean L1 < l1_threshold]) / 2`` per match, over ``max(P, N)``).
+Formulas and sources: :mod:`differad_rl.box_rewards`. Every sample returns ``{score, localization,
+format, iou}`` with ``localization`` = the peer reward, so the ``differad`` estimator's weights,
+veRL's ``filter_groups`` (``metric=localization``) and the resampling read it like the method's DCLR.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from differad_rl.box_rewards import PEER_BOX_KINDS, matched_hits_score, peer_box_scores
+from differad_rl.parsing import answer_span, parse_box, parse_boxes
+
+from .reward import _options_from_kwargs, compute_score as _method_score, ground_truth_boxes
+
+__all__ = ["PEER_BOX_REWARDS", "compute_score"]
+
+PEER_BOX_REWARDS: tuple[str, ...] = (*PEER_BOX_KINDS, "matched_hits")
+"""Values of ``reward_kwargs.box_reward``."""
+
+
+def compute_score(
+    data_source: Any = None,
+    solution_str: str | None = None,
+    ground_truth: Any = None,
+    extra_info: Mapping[str, Any] | None = None,
+    box_reward: str | None = None,
+    iou_threshold: float = 0.5,
+    l1_threshold: float = 10.0,
+    **kwargs: Any,
+) -> dict[str, float]:
+    """Score one completion with a peer's box reward (module docstring).
+
+    Args:
+        data_source, solution_str, ground_truth, extra_info: as veRL passes them.
+        box_reward: one of :data:`PEER_BOX_REWARDS` (required).
+        iou_threshold: threshold of ``"iou_threshold"`` and ``"matched_hits"`` (strict ``>``).
+        l1_threshold: mean-L1 threshold of ``"matched_hits"``, in the model's coordinate units.
+        **kwargs: the method reward's :class:`~differad_rl.integrations.verl.reward.RewardOptions`
+            (weights, ``space``, ``require_answer``, pixel budget...; the DCLR parameters are unused).
+
+    Returns:
+        ``{"score", "localization", "format", "iou"}``, ``score = localization_weight · localization
+        + format_weight · format``.
+
+    Raises:
+        ValueError: ``box_reward`` missing or unknown, an invalid option, a malformed ground truth.
+    """
+    if box_reward not in PEER_BOX_REWARDS:
+        raise ValueError(
+            f"reward_kwargs.box_reward={box_reward!r} is not known; expected one of {', '.join(PEER_BOX_REWARDS)}"
+        )
+    for name, value, top in (("iou_threshold", iou_threshold, 1.0), ("l1_threshold", l1_threshold, float("inf"))):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= top:
+            raise ValueError(f"reward_kwargs.{name} must be a number in [0, {top}], got {value!r}")
+    base = _method_score(data_source, solution_str, ground_truth, extra_info, **kwargs)
+    options = _options_from_kwargs(kwargs)
+    gt = ground_truth_boxes(ground_truth, extra_info, options)
+    text = solution_str if isinstance(solution_str, str) else ""
+    if box_reward == "matched_hits":
+        has_answer = answer_span(text) is not None or not options.require_answer
+        preds = parse_boxes(text, require_answer=options.require_answer) if has_answer else None
+        loc = matched_hits_score(preds, gt.tolist(), iou_threshold=float(iou_threshold),
+                                 l1_threshold=float(l1_threshold))
+    else:
+        box = parse_box(text, require_answer=options.require_answer)
+        pred = torch.tensor([box if box is not None else (0.0, 0.0, 0.0, 0.0)], dtype=torch.float64)
+        first_gt = torch.tensor(gt[:1] if gt.shape[0] else [[0.0] * 4], dtype=torch.float64)
+        loc = float(peer_box_scores(pred, torch.tensor([box is not None]), first_gt, box_reward,
+                                    threshold=float(iou_threshold))[0])
+    score = options.localization_weight * loc + options.format_weight * base["format"]
+    return {"score": float(score), "localization": float(loc), "format": base["format"], "iou": base["iou"]}
