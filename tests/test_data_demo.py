@@ -171,3 +171,22 @@ def test_relative_out_dir_writes_paths_relative_to_the_jsonl(tmp_path, monkeypat
     monkeypatch.chdir("/")
     for rec in load_pairs(tmp_path / path):
         assert Path(rec.reference).is_file() and Path(rec.target).is_file()
+
+
+def test_size_bins_choose_the_defect_sizes(tmp_path):
+    from differad_rl.data.demo import DemoConfig, build_demo_pairs
+    from differad_rl.data.records import load_pairs
+
+    def areas(path):
+        return [(b[2] - b[0]) * (b[3] - b[1]) / (r.width * r.height) for r in load_pairs(path) for b in r.boxes]
+
+    big = build_demo_pairs(tmp_path / "big", n_pairs=24, size=64, size_bins=("large",), multi_every=0,
+                           progress=False, workers=1)
+    small = build_demo_pairs(tmp_path / "small", n_pairs=24, size=64, size_bins=("tiny",), multi_every=0,
+                             progress=False, workers=1)
+    assert min(areas(big)) > 0.04 and max(areas(small)) < 0.04
+    assert all(len(r.boxes) <= 1 for r in load_pairs(big))  # multi_every=0: one defect a target
+    manifest = json.loads((tmp_path / "big" / "manifest.json").read_text())
+    assert manifest["params"]["size_bins"] == ["large"]
+    with pytest.raises(ValueError, match="size_bins"):
+        DemoConfig(size_bins=("huge",))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
+import json
+
 import pytest
 import torch
 from PIL import Image
@@ -165,3 +167,22 @@ def test_never_overwrites_foreign_folders_or_checkpoints(tmp_path):
     # an empty folder is fine
     (tmp_path / "empty").mkdir()
     assert build_tiny_qwen_vl("qwen2_vl", tmp_path / "empty") == tmp_path / "empty"
+
+
+def test_tiny_arch_sizes_are_built_and_recorded(tmp_path):
+    from differad_rl.integrations.tiny_qwen_vl import LEARNER_ARCH, TinyArch, build_tiny_qwen_vl, load_tiny_qwen_vl
+
+    path = build_tiny_qwen_vl("qwen3_vl", tmp_path / "learner", arch=LEARNER_ARCH, min_pixels=128 * 128,
+                              max_pixels=128 * 128)
+    model, _ = load_tiny_qwen_vl(path)
+    text = model.config.text_config
+    assert (text.hidden_size, text.num_hidden_layers) == (128, 4)
+    assert text.rope_parameters["mrope_section"] == [4, 6, 6]  # covers head_dim / 2 = 16 frequencies
+    assert model.config.vision_config.hidden_size == 64
+    assert 0.9e6 < sum(p.numel() for p in model.parameters()) < 1.5e6
+    manifest = json.loads((path / "tiny_build.json").read_text())
+    assert manifest["arch"]["hidden_size"] == 128
+    with pytest.raises(ValueError, match="multiple of num_heads"):
+        TinyArch(hidden_size=100, num_heads=3)
+    with pytest.raises(ValueError, match="perfect square"):
+        TinyArch(vision_positions=50)
