@@ -183,3 +183,100 @@ def test_conversational_outputs_are_read(tmp_path):
     msg = [{"role": "assistant", "content": "<answer>({0},{1}),({2},{3})</answer>".format(*BOX)}]
     preds = _write_jsonl(tmp_path / "preds.jsonl", [{"id": "a", "output": msg}])
     assert evaluate(preds, gt, family="pixel", reasoning=True).ious[0] == 1.0
+
+
+# --------------------------------------------------------------------------------------------
+# Recorded sizes (lines of `differad-rl predict`), splits
+# --------------------------------------------------------------------------------------------
+STOCK_MAX = 12845056  # the stock Qwen2.5-VL processor's max_pixels
+
+
+def _big_record(rid: str, split: str = "test") -> dict:
+    return {**_record(rid, [[100, 200, 612, 712]]), "width": 1024, "height": 1024, "split": split}
+
+
+def _stock_line(rid: str, **extra) -> dict:
+    """A perfect answer of a stock-budget Qwen2.5-VL on a 1024×1024 target, as predict records it."""
+    from differad_rl.coords import smart_resize
+
+    h, w = smart_resize(1024, 1024, 28, 3136, STOCK_MAX)
+    b = np.asarray(to_model_space(np.array([[100, 200, 612, 712]], float), 1024, 1024, "qwen2_5_vl",
+                                  min_pixels=3136, max_pixels=STOCK_MAX))[0].astype(int)
+    return {"id": rid, "output": "<answer>({0},{1}),({2},{3})</answer>".format(*b), "family": "qwen2_5_vl",
+            "space": "qwen2_5_vl", "model": "Qwen/Qwen2.5-VL-7B-Instruct", "image_size": [1024, 1024],
+            "input_size": [w, h], "settings": {"min_pixels": 3136, "max_pixels": STOCK_MAX}, **extra}
+
+
+def test_recorded_input_size_converts_qwen2_5_vl_without_guessing(tmp_path):
+    gt = _write_jsonl(tmp_path / "pairs.jsonl", [_big_record("a")])
+    line = _stock_line("a")
+    assert line["input_size"] == [1036, 1036]  # not the 980-px grid of the default budget
+    preds = _write_jsonl(tmp_path / "preds.jsonl", [line])
+    res = evaluate(preds, gt)  # no --family, no budget: everything comes from the line
+    assert res.ious[0] > 0.99 and res.recorded_sizes == 1 and res.config.family == "qwen2_5_vl"
+    assert res.summary()["recorded_input_sizes"] == 1
+    # the same text from another tool (no sizes) is read with the default budget: badly off
+    bare = _write_jsonl(tmp_path / "bare.jsonl", [{"id": "a", "output": line["output"]}])
+    assert evaluate(bare, gt).ious[0] < 0.95
+    # the right budget given explicitly agrees with the record; a wrong one is an error
+    assert evaluate(preds, gt, max_pixels=STOCK_MAX).ious[0] > 0.99
+    with pytest.raises(ValueError, match="--max-pixels 1003520 disagrees with the predictions' recorded max_pixels"):
+        evaluate(preds, gt, max_pixels=1003520)
+    no_settings = _write_jsonl(tmp_path / "ns.jsonl", [{k: v for k, v in line.items() if k != "settings"}])
+    with pytest.raises(ValueError, match=r"records input size 1036x1036 but --min-pixels 3136 / --max-pixels "
+                                         r"1003520 give 980x980"):
+        evaluate(no_settings, gt, max_pixels=1003520)
+
+
+def test_recorded_family_and_image_size_must_agree(tmp_path):
+    gt = _write_jsonl(tmp_path / "pairs.jsonl", [_big_record("a")])
+    preds = _write_jsonl(tmp_path / "preds.jsonl", [_stock_line("a")])
+    with pytest.raises(ValueError, match="--family qwen2_vl disagrees with the predictions' recorded family"):
+        evaluate(preds, gt, family="qwen2_vl")
+    with pytest.raises(ValueError, match="--space pixel disagrees"):
+        evaluate(preds, gt, space="pixel")
+    assert evaluate(preds, gt, family="qwen2_5_vl").ious[0] > 0.99  # agreeing is fine
+    wrong = _write_jsonl(tmp_path / "w.jsonl", [_stock_line("a", image_size=[512, 512])])
+    with pytest.raises(ValueError, match=r"'a' was made on a 512x512 target .* record says 1024x1024"):
+        evaluate(wrong, gt)
+    mixed = _write_jsonl(tmp_path / "m.jsonl", [_stock_line("a"), {**_stock_line("b"), "family": "qwen2_vl"}])
+    with pytest.raises(ValueError, match="lines disagree on 'family'"):
+        read_predictions(mixed)
+    bad = _write_jsonl(tmp_path / "b.jsonl", [_stock_line("a", input_size=[0, 10])])
+    with pytest.raises(ValueError, match=r"b.jsonl:1: field 'input_size' must be \[width, height\]"):
+        read_predictions(bad)
+
+
+def test_relative_families_record_sizes_but_need_no_budget(tmp_path):
+    gt = _write_jsonl(tmp_path / "pairs.jsonl", [_big_record("a")])
+    b = np.asarray(to_model_space(np.array([[100, 200, 612, 712]], float), 1024, 1024, "qwen3_vl"))[0].astype(int)
+    line = {"id": "a", "output": "({0},{1}),({2},{3})".format(*b), "family": "qwen3_vl", "space": "qwen3_vl",
+            "image_size": [1024, 1024], "input_size": [1024, 1024]}
+    res = evaluate(_write_jsonl(tmp_path / "p.jsonl", [line]), gt)
+    assert res.config.resolved_space == "qwen3_vl" and res.ious[0] > 0.99 and res.recorded_sizes == 0
+
+
+def test_split_selects_records_and_a_missing_split_lists_the_present_ones(tmp_path):
+    gt = _write_jsonl(tmp_path / "pairs.jsonl", [_big_record("a", "test"), _big_record("b", "train"),
+                                                  _big_record("c", "test")])
+    preds = _write_jsonl(tmp_path / "preds.jsonl", [_stock_line(i) for i in "abc"])
+    res = evaluate(preds, gt, split="test")
+    assert res.ids == ["a", "c"] and res.metrics["overall"]["n"] == 2
+    with pytest.raises(ValueError, match=r"--split 'tset': no record of .* splits present: 'test' \(2\), 'train' \(1\)"):
+        evaluate(preds, gt, split="tset")
+    stray = _write_jsonl(tmp_path / "s.jsonl", [_stock_line("a"), _stock_line("zzz")])
+    with pytest.raises(ValueError, match="not in the ground truth: 'zzz'"):
+        evaluate(stray, gt, split="test", allow_missing=True)
+
+
+def test_parse_status_and_outputs_per_sample(tmp_path):
+    gt = _write_jsonl(tmp_path / "pairs.jsonl", [_record("a", [BOX]), _record("b", [BOX]), _record("c", []),
+                                                  _record("d", [])])
+    preds = _write_jsonl(tmp_path / "preds.jsonl", [
+        {"id": "a", "output": "({0},{1}),({2},{3})".format(*BOX)},
+        {"id": "b", "output": "I see nothing"},
+        {"id": "c", "box": None},
+    ])
+    res = evaluate(preds, gt, family="pixel", allow_missing=True)
+    assert res.parse_status == ["parsed", "unparsable", "given", "missing"]
+    assert res.outputs == ["({0},{1}),({2},{3})".format(*BOX), "I see nothing", None, None]

@@ -128,3 +128,68 @@ def test_cli_lists_match_the_protocol_and_errors_exit_2(tmp_path, small_set, cap
     args = parser.parse_args(["eval", "--pred", str(bad), "--gt", str(gt), "--out", str(tmp_path / "o")])
     assert args.func(args) == 2
     assert "not in the ground truth: 'nope'" in capsys.readouterr().err
+
+
+def test_samples_carry_raw_output_and_parse_status(tmp_path, small_set):
+    pred, gt = small_set
+    res = evaluate(pred, gt, family="pixel", reasoning=True)
+    paths = write_report(res, tmp_path / "out", visual=False)
+    samples = [json.loads(line) for line in paths["samples"].read_text().splitlines()]
+    raw = [json.loads(line)["output"] for line in pred.read_text().splitlines()]
+    assert [s["output"] for s in samples] == raw
+    assert samples[5]["parse_status"] == "unparsable" and samples[5]["output"] == "I cannot tell."
+    assert {s["parse_status"] for s in samples[:5]} == {"parsed"}
+
+
+def test_no_report_removes_a_stale_visual_report(tmp_path, small_set):
+    pred, gt = small_set
+    res = evaluate(pred, gt, family="pixel", reasoning=True)
+    out = tmp_path / "out"
+    write_report(res, out, num_cases=2)
+    assert (out / "report.html").is_file()
+    write_report(res, out, visual=False)
+    assert {p.name for p in out.iterdir()} == {"metrics.json", "samples.jsonl"}
+
+
+def _cli(argv: list[str], capsys) -> tuple[int, str]:
+    from differad_rl import cli
+
+    rc = cli.main(argv)
+    return rc, capsys.readouterr().err
+
+
+def test_out_that_is_a_file_is_one_error_line(tmp_path, small_set, capsys):
+    pred, gt = small_set
+    f = tmp_path / "taken.txt"
+    f.write_text("x")
+    for argv in (["eval", "--pred", str(pred), "--gt", str(gt), "--family", "pixel", "--out", str(f)],
+                 ["baseline", "--pairs", str(gt), "--out", str(f)]):
+        rc, err = _cli(argv, capsys)
+        assert rc == 2 and "Traceback" not in err
+        assert err.strip() == f"differad-rl {argv[0]}: error: --out {f}: is an existing file, not a folder; " \
+                              "choose a folder for the report"
+    assert f.read_text() == "x"
+    with pytest.raises(ValueError, match="is an existing file"):
+        write_report(evaluate(pred, gt, family="pixel"), f)
+
+
+def test_a_split_typo_is_an_error_listing_the_splits(tmp_path, small_set, capsys):
+    pred, gt = small_set
+    rc, err = _cli(["baseline", "--pairs", str(gt), "--split", "tset", "--out", str(tmp_path / "b")], capsys)
+    assert rc == 2 and "--split 'tset': no record of" in err and "splits present: 'train' (6)" in err
+    assert not (tmp_path / "b").exists()
+    rc, err = _cli(["eval", "--pred", str(pred), "--gt", str(gt), "--split", "tset", "--out", str(tmp_path / "e")],
+                   capsys)
+    assert rc == 2 and "splits present: 'train' (6)" in err and not (tmp_path / "e").exists()
+
+
+def test_ctrl_c_is_one_line_not_a_traceback(tmp_path, small_set, capsys, monkeypatch):
+    from differad_rl.eval import protocol
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(protocol, "evaluate", interrupted)
+    pred, gt = small_set
+    rc, err = _cli(["eval", "--pred", str(pred), "--gt", str(gt), "--out", str(tmp_path / "o")], capsys)
+    assert rc == 130 and err.strip() == "differad-rl eval: interrupted"

@@ -35,16 +35,34 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--pred", required=True, help='prediction JSONL: {"id", "output"} or {"id", "box"} per line')
     p.add_argument("--gt", required=True, help="pair records JSONL (differad_rl.data.records schema)")
-    p.add_argument("--family", default="qwen2_5_vl", choices=FAMILY_NAMES, help="output format / default space")
+    p.add_argument(
+        "--family",
+        default=None,
+        choices=FAMILY_NAMES,
+        help="output format / default space (default: the family the predictions record, else qwen2_5_vl)",
+    )
     p.add_argument(
         "--space",
         default=None,
         choices=SPACE_NAMES,
-        help="coordinate space of the boxes (default: the family's)",
+        help="coordinate space of the boxes (default: the recorded space, else the family's)",
     )
+    p.add_argument("--split", default=None, help="score only the pair records of this split (default: all)")
     p.add_argument("--reasoning", action="store_true", help="require <answer>…</answer> (reasoning models)")
-    p.add_argument("--min-pixels", type=int, default=3136, help="Qwen2.5-VL smart_resize min_pixels")
-    p.add_argument("--max-pixels", type=int, default=1003520, help="Qwen2.5-VL smart_resize max_pixels")
+    p.add_argument(
+        "--min-pixels",
+        type=int,
+        default=None,
+        help="Qwen2.5-VL smart_resize min_pixels for lines without a recorded input_size (default 3136); "
+        "must agree with recorded sizes",
+    )
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        default=None,
+        help="Qwen2.5-VL smart_resize max_pixels for lines without a recorded input_size (default 1003520); "
+        "must agree with recorded sizes",
+    )
     p.add_argument(
         "--allow-missing", action="store_true", help="ground-truth ids without a prediction score 0 instead of failing"
     )
@@ -58,7 +76,12 @@ def register(subparsers: Any) -> None:
         "largest component → box. Writes preds.jsonl and the evaluation report.",
     )
     b.add_argument("--pairs", required=True, help="pair records JSONL")
-    b.add_argument("--split", default="test", help="split to evaluate (default test; all records if absent)")
+    b.add_argument(
+        "--split",
+        default=None,
+        help="split to evaluate; a split no record has is an error (default: test, or all records when no "
+        "record is in a test split)",
+    )
     b.add_argument(
         "--calib-split",
         default="train",
@@ -95,6 +118,14 @@ def _user_errors(func: Callable[[argparse.Namespace], int], name: str) -> Callab
     return run
 
 
+def _check_out_folder(out: str) -> None:
+    """Refuse an ``--out`` that exists as a file, before any work is done."""
+    from pathlib import Path
+
+    if Path(out).exists() and not Path(out).is_dir():
+        raise ValueError(f"--out {out}: is an existing file, not a folder; choose a folder for the report")
+
+
 def _print_summary(metrics: dict[str, Any]) -> None:
     from differad_rl.eval.report import jsonable
 
@@ -109,6 +140,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from differad_rl.eval.protocol import EvalConfig, evaluate
     from differad_rl.eval.report import write_report
 
+    _check_out_folder(args.out)
     cfg = EvalConfig(
         family=args.family,
         space=args.space,
@@ -117,6 +149,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         min_pixels=args.min_pixels,
         max_pixels=args.max_pixels,
         allow_missing=args.allow_missing,
+        split=args.split,
     )
     result = evaluate(args.pred, args.gt, config=cfg)
     paths = write_report(result, args.out, num_cases=args.num_cases, visual=not args.no_report)
@@ -134,9 +167,10 @@ def _cmd_baseline(args: argparse.Namespace) -> int:
     from differad_rl.data.atomic import atomic_write_text
     from differad_rl.data.records import load_pairs, write_pairs
     from differad_rl.eval.baseline import BaselineConfig, baseline_splits, run_baseline
-    from differad_rl.eval.protocol import EvalConfig, Predictions, evaluate_records
+    from differad_rl.eval.protocol import EvalConfig, Predictions, evaluate_records, select_split
     from differad_rl.eval.report import jsonable, write_metrics_json, write_report
 
+    _check_out_folder(args.out)
     cfg = BaselineConfig(
         work_size=args.work_size,
         sigma=args.sigma,
@@ -148,7 +182,10 @@ def _cmd_baseline(args: argparse.Namespace) -> int:
         workers=args.workers,
     )
     records = load_pairs(args.pairs)
-    evaluated, calibration = baseline_splits(records, args.split, args.calib_split, args.calib_fraction, args.seed)
+    if args.split is not None:
+        select_split(records, args.split, source=args.pairs)  # a typo is an error listing the splits present
+    split = args.split if args.split is not None else "test"  # default: test, else all records
+    evaluated, calibration = baseline_splits(records, split, args.calib_split, args.calib_fraction, args.seed)
     result = run_baseline(evaluated, calibration, cfg)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

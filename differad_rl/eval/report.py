@@ -4,12 +4,16 @@ Files written by :func:`write_report` into ``out_dir`` (each atomically: temp fi
 
 * ``metrics.json``   — config, overall / anomalous / normal / per-category metrics (NaN → ``null``);
 * ``samples.jsonl``  — one line per sample: id, category, IoU, predicted box (original pixels,
-  ``null`` when invalid), ground-truth boxes;
+  ``null`` when invalid), ground-truth boxes, the raw model output (``null`` for box lines) and its
+  parse status (``parsed`` / ``unparsable`` / ``given`` / ``missing``);
 * ``iou_hist.png``   — the IoU distribution, anomalous and normal targets stacked, τ marked;
 * ``cases.png``      — the worst and the best cases: target images with the predicted box (red)
   and the ground-truth boxes (green);
 * ``report.html``    — a self-contained page (PNGs embedded as base64) with the metric tables and
   both figures.
+
+Without the visual report (``visual=False``) the PNGs and ``report.html`` of an earlier run in the
+same folder are removed, so a folder never shows a report of other results.
 
 Plots use matplotlib's Agg canvas directly (no pyplot state, no display needed).
 """
@@ -30,9 +34,11 @@ import numpy as np
 from differad_rl.data.atomic import atomic_write_bytes, atomic_write_text
 from differad_rl.eval.protocol import EvalResult
 
-__all__ = ["jsonable", "select_cases", "write_metrics_json", "write_report"]
+__all__ = ["VISUAL_FILES", "jsonable", "select_cases", "write_metrics_json", "write_report"]
 
 _METRIC_COLUMNS = ("n", "miou", "acc", "f1", "precision", "recall", "invalid_rate")
+#: The files of the visual report (removed by a run without it).
+VISUAL_FILES = ("iou_hist.png", "cases.png", "report.html")
 
 
 def jsonable(obj: Any) -> Any:
@@ -198,7 +204,8 @@ td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}td:first-child{{t
 img{{max-width:100%}}</style></head><body>
 <h1>Evaluation report</h1>
 <p>{len(result.ids)} samples · space <code>{html.escape(result.config.resolved_space)}</code> ·
-acc and F1 at IoU ≥ {t:g} · config <code>{cfg}</code></p>
+acc and F1 at IoU ≥ {t:g} · {result.recorded_sizes} boxes converted with their recorded input size ·
+config <code>{cfg}</code></p>
 <h2>Metrics</h2>{main}
 <h2>Per category</h2>{per}
 <h2>IoU distribution</h2>{img(hist, "IoU histogram")}
@@ -213,9 +220,15 @@ def write_report(
     """Write ``metrics.json``, ``samples.jsonl`` and (if ``visual``) the PNGs and ``report.html``.
 
     Returns the written paths by name (``"metrics"``, ``"samples"``, ``"hist"``, ``"cases"``,
-    ``"html"``). Missing target images are drawn as a placeholder, not an error.
+    ``"html"``). Missing target images are drawn as a placeholder, not an error. Without
+    ``visual`` the visual files of an earlier report in ``out_dir`` are deleted.
+
+    Raises:
+        ValueError: ``out_dir`` exists and is not a folder.
     """
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: is an existing file, not a folder; choose a folder for the report")
     out.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
     paths["metrics"] = write_metrics_json(result.summary(), out / "metrics.json")
@@ -230,6 +243,8 @@ def write_report(
                     "iou": float(result.ious[i]),
                     "pred_box": box,
                     "gt_boxes": result.gt_boxes[i],
+                    "output": result.outputs[i] if i < len(result.outputs) else None,
+                    "parse_status": result.parse_status[i] if i < len(result.parse_status) else None,
                 }
             )
         )
@@ -241,4 +256,7 @@ def write_report(
         paths["hist"] = atomic_write_bytes(out / "iou_hist.png", hist)
         paths["cases"] = atomic_write_bytes(out / "cases.png", cases)
         paths["html"] = atomic_write_text(out / "report.html", _html(result, hist, cases))
+    else:
+        for name in VISUAL_FILES:
+            (out / name).unlink(missing_ok=True)
     return paths
