@@ -79,9 +79,23 @@ def test_paper_preset_is_design_section_1(grpo_script, tmp_path):
     assert cfg.localization_reward == "dclr_reward"
     assert cfg.reward_weights == [1.0, 1.0, 0.0]  # the rollout-mIoU metric carries no reward
     # the real loading path is in the script (not a stub)
-    src = (EXAMPLES / "sft_cold_start.py").read_text()
-    assert "AutoModelForImageTextToText.from_pretrained" in src and "AutoProcessor.from_pretrained" in src
+    src = (ROOT / "integrations" / "loading.py").read_text()
+    assert "AutoModelForImageTextToText.from_pretrained(" in src and "AutoProcessor.from_pretrained(" in src
     assert "1003520" in (EXAMPLES / "train_grpo.py").read_text()
+
+
+def test_default_run_is_the_learner_recipe(grpo_script, tmp_path):
+    args = grpo_script.parse_args([])
+    model, cold, learner = grpo_script.resolve_start(args, tmp_path)
+    assert learner is True
+    if (grpo_script.SHIPPED_COLD_START / "model.safetensors").is_file():
+        assert (model, cold) == (str(grpo_script.SHIPPED_COLD_START), 0)  # the shipped cold start, RL only
+    cfg = grpo_script.build_config(args, tmp_path, tiny=True, reward_names=["dclr", "format"], learner=True)
+    assert (cfg.num_generations, cfg.per_device_train_batch_size, cfg.max_steps) == (8, 32, 40)
+    assert cfg.resample_rounds == 2 and cfg.difficulty_weighting is True and cfg.use_cpu is True
+    own = grpo_script.resolve_start(grpo_script.parse_args(["--model", "m", "--recipe", "learner"]), tmp_path)
+    assert own == ("m", 0, True)
+    assert grpo_script.resolve_start(grpo_script.parse_args(["--model", "tiny"]), tmp_path) == ("tiny", 150, False)
 
 
 def test_tiny_defaults_and_switches(grpo_script, tmp_path):

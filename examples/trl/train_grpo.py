@@ -50,13 +50,20 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling cold-start script
 
 from sft_cold_start import (  # noqa: E402
-    TINY_PREFIX,
+    LEARNER_DEMO,
+    LEARNER_SFT,
     demo_or_data,
-    freeze_vision_tower,
-    keep_tiny_manifest,
-    load_model_and_processor,
+    learner_model,
     run_sft,
     save_curve,
+)
+
+from differad_rl.integrations.loading import (  # noqa: E402
+    TINY,
+    freeze_vision_tower,
+    is_tiny,
+    keep_tiny_manifest,
+    load_model_and_processor,
 )
 
 from differad_rl.coords import from_model_space  # noqa: E402
@@ -153,29 +160,49 @@ class StepPrinter:
 
 
 # ------------------------------------------------------------------------------- main
+#: The cold start shipped with the repository (``sft_cold_start.py --recipe learner``; see
+#: examples/trl/README.md for the exact command, seed and its held-out numbers).
+SHIPPED_COLD_START = Path(__file__).resolve().parent / "cold_start"
+#: GRPO settings of the default run (the package's recommended settings: DCLR with the width/height term
+#: and the enclosing-box centre term, format reward, difficulty weights, K = 2 resampling rounds).
+LEARNER_GRPO: dict[str, Any] = {"num_generations": 8, "per_device_train_batch_size": 32, "max_completion_length": 48,
+                                "learning_rate": 2e-4, "max_steps": 40, "resample_rounds": 2}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="tiny",
-                   help="'tiny' (tiny Qwen2.5-VL), 'tiny:qwen2_vl'/'tiny:qwen3_vl', a hub id or a folder")
+    p.add_argument("--model", default=None,
+                   help="default: the shipped cold start (tiny Qwen3-VL, examples/trl/cold_start); 'tiny' (plumbing "
+                        "Qwen2.5-VL), 'tiny:<family>', a hub id or a folder")
+    p.add_argument("--recipe", default=None, choices=("learner",),
+                   help="'learner': the default run's data and GRPO settings with another --model (e.g. your own "
+                        "cold start made by sft_cold_start.py --recipe learner)")
     p.add_argument("--data", default=None, help="pairs JSONL (default: the embedded demo pairs)")
     p.add_argument("--split", default="train", help="records of this split ('' = all)")
+    p.add_argument("--eval-split", default="test",
+                   help="after training, evaluate on this split: cold start vs final vs constant predictors vs the "
+                        "classic baseline ('' = no evaluation)")
     p.add_argument("--output-dir", default="runs/differad_grpo")
     p.add_argument("--paper", action="store_true", help="the paper's GPU hyperparameters (DESIGN §1)")
     p.add_argument("--plain-grpo", action="store_true", help="trl.GRPOTrainer without weights/resampling")
-    p.add_argument("--max-steps", type=int, default=None, help="default 6 (tiny) / -1 = one epoch (--paper)")
-    p.add_argument("--num-generations", type=int, default=None, help="G (default 4 tiny / 8 paper)")
-    p.add_argument("--batch-size", type=int, default=None, help="completions per device (default 2G tiny / 8 paper)")
+    p.add_argument("--max-steps", type=int, default=None, help="default 40 (default run) / 6 (tiny) / -1 = one epoch (--paper)")
+    p.add_argument("--num-generations", type=int, default=None, help="G (default 8; 4 tiny)")
+    p.add_argument("--batch-size", type=int, default=None, help="completions per device (default 32; 2G tiny; 8 paper)")
     p.add_argument("--grad-accum", type=int, default=None)
-    p.add_argument("--max-completion-length", type=int, default=None, help="default 32 (tiny) / 512")
-    p.add_argument("--learning-rate", type=float, default=None, help="default 1e-3 (tiny) / 1e-6")
+    p.add_argument("--max-completion-length", type=int, default=None, help="default 48 / 32 (tiny) / 512")
+    p.add_argument("--learning-rate", type=float, default=None, help="default 2e-4 / 1e-3 (tiny) / 1e-6")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--rewards", default="dclr,format", help="comma-separated reward names")
-    p.add_argument("--center-norm", default="paper", choices=("paper", "enclosing"))
-    p.add_argument("--resample-rounds", type=int, default=1, help="K (0 = off)")
+    p.add_argument("--center-norm", default=None, choices=("paper", "enclosing"),
+                   help="DCLR centre term (default: enclosing on the default run, paper otherwise)")
+    p.add_argument("--size-term", default=None, choices=("area", "sides"),
+                   help="DCLR size term (default: sides on the default run, area otherwise)")
+    p.add_argument("--resample-rounds", type=int, default=None, help="K (0 = off; default 2 on the default run, else 1)")
     p.add_argument("--no-difficulty-weights", action="store_true")
     p.add_argument("--difficulty-scope", default="group", choices=("group", "batch"))
     p.add_argument("--cold-start-steps", type=int, default=None,
-                   help="SFT steps before GRPO (sft_cold_start.py); default 150 for a fresh 'tiny' model, else 0")
+                   help="SFT steps before GRPO (sft_cold_start.py's run_sft); default 0 when the shipped cold start "
+                        "is used, 150 for --model tiny, else 0")
     p.add_argument("--min-pixels", type=int, default=None)
     p.add_argument("--max-pixels", type=int, default=None, help="default: the processor's (paper: 1003520)")
     p.add_argument("--freeze-vision", action="store_true")
@@ -183,13 +210,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--deepspeed", default=None, help="DeepSpeed JSON config passed to the trainer")
     p.add_argument("--attn-implementation", default=None, help="e.g. flash_attention_2 on GPU")
-    p.add_argument("--demo-pairs", type=int, default=32)
-    p.add_argument("--demo-size", type=int, default=64)
+    p.add_argument("--demo-pairs", type=int, default=None, help="default 2000 (default run) / 32 (tiny)")
+    p.add_argument("--demo-size", type=int, default=None, help="default 128 (default run) / 64 (tiny)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
 
-def build_config(args: argparse.Namespace, out: Path, tiny: bool, reward_names: list[str]) -> Any:
+def build_config(args: argparse.Namespace, out: Path, tiny: bool, reward_names: list[str], learner: bool = False) -> Any:
     from differad_rl.integrations.trl import DifferADGRPOConfig
 
     import torch
@@ -210,10 +237,11 @@ def build_config(args: argparse.Namespace, out: Path, tiny: bool, reward_names: 
         common["deepspeed"] = args.deepspeed
     if args.gradient_checkpointing:
         common["gradient_checkpointing"] = True
+    k_default = LEARNER_GRPO["resample_rounds"] if learner else 1  # the paper does not state K: 1
     method = {
         "difficulty_weighting": not (args.no_difficulty_weights or args.plain_grpo),
         "difficulty_scope": args.difficulty_scope,
-        "resample_rounds": 0 if args.plain_grpo else args.resample_rounds,
+        "resample_rounds": 0 if args.plain_grpo else (k_default if args.resample_rounds is None else args.resample_rounds),
         "localization_reward": "dclr_reward" if "dclr" in reward_names else f"{reward_names[0]}_reward",
     }
     explicit = {k: v for k, v in {
@@ -228,6 +256,10 @@ def build_config(args: argparse.Namespace, out: Path, tiny: bool, reward_names: 
         values = {**common, **method, "learning_rate": 1e-6, "max_completion_length": 512,
                   "use_cpu": not gpu, "bf16": gpu, **explicit}
         return DifferADGRPOConfig.paper(**values)
+    if learner:
+        values = {**common, **method, **{k: v for k, v in LEARNER_GRPO.items() if k != "resample_rounds"},
+                  "gradient_accumulation_steps": 1, "use_cpu": True, **explicit}
+        return DifferADGRPOConfig(**values)
     g = args.num_generations or 4
     values = {
         **common, **method,
@@ -244,6 +276,71 @@ def build_config(args: argparse.Namespace, out: Path, tiny: bool, reward_names: 
     return DifferADGRPOConfig(**values)
 
 
+def resolve_start(args: argparse.Namespace, out: Path) -> tuple[str, int, bool]:
+    """``(model, cold_start_steps, learner)``: what GRPO starts from.
+
+    The default run (no ``--model``) starts from the shipped cold start, or — with
+    ``--cold-start-steps N`` or when the shipped folder is missing — from the untrained learner model
+    trained in process for N (default :data:`LEARNER_SFT` ``max_steps``) SFT steps.
+    """
+    if args.model is None:
+        if args.cold_start_steps is None and (SHIPPED_COLD_START / "model.safetensors").is_file():
+            return str(SHIPPED_COLD_START), 0, True
+        steps = LEARNER_SFT["max_steps"] if args.cold_start_steps is None else args.cold_start_steps
+        return str(learner_model(out / "tiny_models", seed=args.seed)), steps, True
+    cold = args.cold_start_steps
+    if cold is None:
+        cold = 150 if args.model == TINY or args.model.startswith(TINY + ":") else 0
+    return args.model, cold, args.recipe == "learner"
+
+
+def evaluate_methods(
+    out: Path, records: list[Any], train_records: list[Any], models: dict[str, tuple[str, Any, Any]],
+) -> dict[str, Any]:
+    """Predict + evaluate every model (``{slug: (label, model, processor)}``) on ``records`` (greedy, the
+    protocol's prompt) beside the two constant predictors and the classic baseline; write ``eval/``
+    (``<slug>.predictions.jsonl``, a report per method, ``comparison.{md,json,png,html}``) and return
+    the results by label."""
+    from differad_rl.eval.baseline import run_baseline
+    from differad_rl.eval.comparison import constant_predictions, write_comparison
+    from differad_rl.eval.protocol import EvalConfig, Predictions, evaluate_records, read_predictions
+    from differad_rl.eval.report import write_report
+    from differad_rl.integrations.predict import PredictConfig, predict_records
+
+    ev = out / "eval"
+    results: dict[str, Any] = {}
+    slugs: dict[str, str] = {}
+    for slug, (label, model, processor) in models.items():
+        preds = ev / f"{slug}.predictions.jsonl"
+        if preds.exists():
+            preds.unlink()  # each run evaluates its own checkpoints
+        predict_records(model, processor, records, preds, model_name=label,
+                        config=PredictConfig(batch_size=16, max_new_tokens=64), progress=True)
+        # family, space and the sizes the processor fed the model come from the predictions' lines
+        results[label] = evaluate_records(read_predictions(preds), records, EvalConfig(reasoning=True))
+        slugs[label] = slug
+    pixel = EvalConfig(family="pixel")
+    for kind, label in (("zero_box", "always zero box"), ("mean_box", "always train mean box")):
+        results[label] = evaluate_records(constant_predictions(kind, records, train_records), records, pixel)
+        slugs[label] = kind
+    base = run_baseline(records, [r for i, r in enumerate(train_records) if i % 3 == 0])
+    n = len(records)
+    results["classic baseline"] = evaluate_records(
+        Predictions(ids=[r.id for r in records], outputs=[None] * n, boxes=base.boxes, given=np.ones(n, bool)),
+        records, pixel)
+    slugs["classic baseline"] = "classic_baseline"
+    links: dict[str, str] = {}
+    for label, res in results.items():
+        visual = slugs[label] in models
+        write_report(res, ev / slugs[label], visual=visual)
+        links[label] = f"{slugs[label]}/report.html" if visual else f"{slugs[label]}/metrics.json"
+    write_comparison(results, ev, title=f"held-out pairs ({len(records)}: {sum(not r.is_normal for r in records)} "
+                                        f"anomalous, {sum(r.is_normal for r in records)} normal)", links=links,
+                     notes="Greedy answers to the evaluation protocol's prompt; the classic baseline is calibrated "
+                           "on a third of the training pairs.")
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out = Path(args.output_dir)
@@ -252,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from trl import GRPOTrainer
 
+    from differad_rl.data.records import write_pairs
     from differad_rl.integrations.trl import (
         DifferADGRPOTrainer,
         coordinate_spec,
@@ -262,39 +360,52 @@ def main(argv: list[str] | None = None) -> int:
     from accelerate import PartialState
 
     torch.manual_seed(args.seed)
-    tiny = args.model.startswith(TINY_PREFIX) or (Path(args.model) / "tiny_build.json").is_file()
+    model_id, cold, learner = resolve_start(args, out)
+    tiny = is_tiny(model_id)
     max_pixels = args.max_pixels if args.max_pixels is not None else (1003520 if args.paper else None)
     if tiny and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(1)  # ~0.2M-parameter model: thread start-up costs more than it saves
+        torch.set_num_threads(1)  # ~1M-parameter model: thread start-up costs more than it saves
+    demo = dict(LEARNER_DEMO) if learner else {"n_pairs": 32, "size": 64, "seed": args.seed}
+    demo.update({k: v for k, v in (("n_pairs", args.demo_pairs), ("size", args.demo_size)) if v is not None})
     state = PartialState()  # under accelerate launch: build tiny model / demo pairs once, on rank 0 first
     with state.main_process_first():
         model, processor = load_model_and_processor(
-            args.model, cache_dir=out / "tiny_models", min_pixels=args.min_pixels, max_pixels=max_pixels,
+            model_id, cache_dir=out / "tiny_models", min_pixels=args.min_pixels, max_pixels=max_pixels,
             bf16=args.bf16 or (args.paper and torch.cuda.is_available()),
             attn_implementation=args.attn_implementation)
-        records = demo_or_data(args.data, out, n_pairs=args.demo_pairs, size=args.demo_size, seed=args.seed,
-                               split=args.split or None)
+        every = demo_or_data(args.data, out, split=None, **demo)
+    records = [r for r in every if r.split == args.split] if args.split else every
+    records = records or every
+    held_out = [r for r in every if args.eval_split and r.split == args.eval_split and r.split != args.split]
+    if state.is_main_process:
+        write_pairs(every, out / "pairs.jsonl")  # the pairs this run used, with their split
     if args.freeze_vision or args.paper:
         print(f"froze {freeze_vision_tower(model):,} vision-tower parameters")
     spec = coordinate_spec(processor, model=model)  # raises on a bare tokenizer
-    print(f"model {args.model}: space={spec.space} min_pixels={spec.min_pixels} max_pixels={spec.max_pixels} "
+    print(f"model {model_id}: space={spec.space} min_pixels={spec.min_pixels} max_pixels={spec.max_pixels} "
           f"factor={spec.factor}")
 
-    cold = args.cold_start_steps
-    if cold is None:
-        cold = 150 if args.model.startswith(TINY_PREFIX) else 0
+    start_ckpt = Path(model_id)
     if cold > 0:
         print(f"cold start: {cold} SFT steps (phase 1; --cold-start-steps 0 skips it)", flush=True)
-        run_sft(model, processor, records, out / "cold_start", max_steps=cold,
-                learning_rate=1e-2 if tiny else 1e-5, seed=args.seed, use_cpu=tiny or not torch.cuda.is_available(),
-                quiet=True)
+        sft = dict(LEARNER_SFT) if learner else {"learning_rate": 1e-2 if tiny else 1e-5, "batch_size": 4}
+        sft["max_steps"] = cold
+        trainer = run_sft(model, processor, records, out / "cold_start", seed=args.seed,
+                          use_cpu=tiny or not torch.cuda.is_available(), quiet=True, **sft)
+        start_ckpt = out / "cold_start" / "checkpoint"
+        if state.is_main_process and held_out:
+            trainer.save_model(str(start_ckpt))
+            processor.save_pretrained(str(start_ckpt))
+            keep_tiny_manifest(model, start_ckpt)
     train = to_trl_dataset(records, seed=args.seed)  # validated: raises naming a bad row
-    print(f"{len(train)} training pairs")
+    print(f"{len(train)} training pairs, {len(held_out)} held-out pairs ({args.eval_split or '-'})")
 
     names = [n.strip() for n in args.rewards.split(",") if n.strip()]
-    reward_funcs = differad_rewards(processor, names=names, model=model, center_norm=args.center_norm)
+    dclr_opts = {"center_norm": args.center_norm or ("enclosing" if learner else "paper"),
+                 "size_term": args.size_term or ("sides" if learner else "area")}
+    reward_funcs = differad_rewards(processor, names=names, model=model, **dclr_opts)
     reward_funcs.append(RolloutIoU(spec))
-    config = build_config(args, out, tiny, names)
+    config = build_config(args, out, tiny, names, learner=learner)
     trainer_cls = GRPOTrainer if args.plain_grpo else DifferADGRPOTrainer
     printer = StepPrinter(out)
     trainer = trainer_cls(model=model, processing_class=processor, reward_funcs=reward_funcs, args=config,
@@ -303,24 +414,39 @@ def main(argv: list[str] | None = None) -> int:
 
     trainer.remove_callback(PrinterCallback)  # our one-line-per-step printer replaces the raw dicts
     print(f"{trainer_cls.__name__}: G={config.num_generations} weights={getattr(config, 'difficulty_weighting', False)} "
-          f"resample K={getattr(config, 'resample_rounds', 0)} steps={config.max_steps}")
+          f"resample K={getattr(config, 'resample_rounds', 0)} steps={config.max_steps} DCLR {dclr_opts}")
     trainer.train()
 
     ckpt = out / "checkpoint"
     trainer.save_model(str(ckpt))
-    if trainer.accelerator.is_main_process:
-        processor.save_pretrained(str(ckpt))
-        keep_tiny_manifest(model, ckpt)
-        rows = printer.rows
-        steps = [float(r["step"]) for r in rows]
-        series = {"reward": [r["reward"] for r in rows], "DCLR": [r["dclr"] for r in rows],
-                  "mIoU": [r["miou"] for r in rows]}
-        series = {k: [float(v) for v in vs if v is not None] for k, vs in series.items()}
-        png = save_curve(out / "reward_curve.png", steps, series, f"DifferAD GRPO ({spec.space})")
-        summary = {"steps": len(rows), "checkpoint": str(ckpt), "curve": str(png),
-                   "metrics": str(printer.path), "final": rows[-1] if rows else None}
-        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
-        print(json.dumps({k: v for k, v in summary.items() if k != "final"}))
+    if not trainer.accelerator.is_main_process:
+        return 0
+    processor.save_pretrained(str(ckpt))
+    keep_tiny_manifest(model, ckpt)
+    rows = printer.rows
+    steps = [float(r["step"]) for r in rows]
+    series = {"reward": [r["reward"] for r in rows], "DCLR": [r["dclr"] for r in rows],
+              "mIoU": [r["miou"] for r in rows]}
+    series = {k: [float(v) for v in vs if v is not None] for k, vs in series.items()}
+    png = save_curve(out / "reward_curve.png", steps, series, f"DifferAD GRPO ({spec.space})")
+    summary: dict[str, Any] = {"steps": len(rows), "checkpoint": str(ckpt), "curve": str(png),
+                               "metrics": str(printer.path), "pairs": str(out / "pairs.jsonl"),
+                               "first": rows[0] if rows else None, "final": rows[-1] if rows else None}
+    if held_out and not args.plain_grpo and state.num_processes == 1:
+        from differad_rl.eval.comparison import comparison_table
+
+        start_model, start_proc = load_model_and_processor(start_ckpt, min_pixels=args.min_pixels,
+                                                           max_pixels=max_pixels, training=False)
+        trained = trainer.accelerator.unwrap_model(trainer.model)
+        results = evaluate_methods(
+            out, held_out, records, {"cold_start": ("cold start (SFT)", start_model, start_proc),
+                                      "final": ("SFT + GRPO", trained, processor)})
+        table = comparison_table(results)
+        print(f"\nheld-out evaluation ({args.eval_split}, {len(held_out)} pairs; report: {out / 'eval' / 'comparison.html'})")
+        print(table)
+        summary["eval"] = {k: v.metrics["overall"] for k, v in results.items()}
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    print(json.dumps({k: v for k, v in summary.items() if k in ("steps", "checkpoint", "curve", "metrics", "pairs")}))
     return 0
 
 
