@@ -77,6 +77,9 @@ _FORMAT_RE[None] = _BOX_RE
 _WHOLE_ANSWER_RE: dict[str | None, re.Pattern[str]] = {
     k: re.compile(rf"{_S}(?:{v.pattern}){_S}</answer>") for k, v in _FORMAT_RE.items()
 }
+_ONLY_BOX_RE: dict[str | None, re.Pattern[str]] = {
+    k: re.compile(rf"{_S}(?:{v.pattern}){_S}") for k, v in _FORMAT_RE.items()
+}
 # Faster still: the answer exactly "(int,int),(int,int)" — a subset of the Qwen pattern with the same
 # four groups (only used where the Qwen pair is the first alternative: fmt "qwen" or None).
 _INT_PAIRS_ANSWER = re.compile(rf"\((\d+{_P}),(\d+{_P})\),\((\d+{_P}),(\d+{_P})\)</answer>")
@@ -327,14 +330,18 @@ def is_well_formatted(text: Any, *, fmt: str | None = None) -> bool:
         think_end = s.find(THINK_CLOSE)
         if think_end < 0:
             return False
-        think = s[len(THINK_OPEN) : think_end]
-        if any(tag in think for tag in (THINK_OPEN, ANSWER_OPEN, ANSWER_CLOSE)):
+        lo = len(THINK_OPEN)
+        if s.find(THINK_OPEN, lo, think_end) >= 0 or s.find(ANSWER_OPEN, lo, think_end) >= 0 or s.find(
+                ANSWER_CLOSE, lo, think_end) >= 0:
             return False
         rest = s[think_end + len(THINK_CLOSE) :].lstrip()
         if not rest.startswith(ANSWER_OPEN):
             return False
         answer = rest[len(ANSWER_OPEN) : -len(ANSWER_CLOSE)]
-        if any(tag in answer for tag in (ANSWER_OPEN, ANSWER_CLOSE, THINK_OPEN, THINK_CLOSE)):
+        only = _ONLY_BOX_RE[fmt].fullmatch(answer)
+        if only is not None:  # the common case: the answer is one box and whitespace
+            return _to_box(only.groups()) is not None
+        if ANSWER_OPEN in answer or ANSWER_CLOSE in answer or THINK_OPEN in answer or THINK_CLOSE in answer:
             return False
         matches = list(pattern.finditer(answer))
         if len(matches) != 1 or _to_box(matches[0].groups()) is None:

@@ -108,6 +108,9 @@ class DCLRConfig:
             raise ValueError(f"size_term={self.size_term!r} is not known; expected one of {SIZE_TERMS}")
 
 
+_SEQ, _FOUR = frozenset({list, tuple}), {4}
+
+
 def check_gt_boxes(gt: Any, *, name: str = "solution", n: int | None = None) -> Tensor:
     """Validate ground-truth boxes: shape ``(N, 4)``, finite and within ``|v| <= MAX_COORD``, and each
     either the zero box or of positive width and height. Returns them as a float tensor (float64 unless already floating).
@@ -117,7 +120,7 @@ def check_gt_boxes(gt: Any, *, name: str = "solution", n: int | None = None) -> 
     """
     if isinstance(gt, Tensor):
         t = gt if gt.is_floating_point() else gt.to(torch.float64)
-    elif isinstance(gt, (list, tuple)) and all(isinstance(b, (list, tuple)) and len(b) == 4 for b in gt):
+    elif isinstance(gt, (list, tuple)) and gt and set(map(type, gt)) <= _SEQ and set(map(len, gt)) == _FOUR:
         # fast path for the common case (a dataset column): a list of 4-number lists
         try:
             flat = np.fromiter(itertools.chain.from_iterable(gt), dtype=np.float64, count=4 * len(gt))

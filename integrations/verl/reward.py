@@ -62,6 +62,7 @@ import dataclasses
 import functools
 import json
 import math
+from math import isfinite
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -273,16 +274,22 @@ def _fast_rows(value: Any) -> list[tuple[float, float, float, float]] | None:
             value = [value]
         rows = []
         for b in value:
-            if isinstance(b, np.ndarray):
+            if b.__class__ is np.ndarray:
                 b = b.tolist()
-            if not isinstance(b, (list, tuple)) or len(b) != 4 or any(isinstance(v, (str, bool)) for v in b):
+            if b.__class__ is not list and b.__class__ is not tuple or len(b) != 4:
                 return None
-            rows.append((float(b[0]), float(b[1]), float(b[2]), float(b[3])))
+            x1, y1, x2, y2 = b
+            if x1.__class__ is str or x1.__class__ is bool or y1.__class__ is str or y1.__class__ is bool or (
+                    x2.__class__ is str or x2.__class__ is bool or y2.__class__ is str or y2.__class__ is bool):
+                return None
+            r = (float(x1), float(y1), float(x2), float(y2))
+            if not (isfinite(r[0]) and isfinite(r[1]) and isfinite(r[2]) and isfinite(r[3])):
+                return None  # the slow path raises the message
+            if r[0] != 0 or r[1] != 0 or r[2] != 0 or r[3] != 0:
+                rows.append(r)
     except (TypeError, ValueError):
         return None
-    if not all(math.isfinite(v) for r in rows for v in r):
-        return None  # the slow path raises the message
-    return [r for r in rows if r[0] != 0 or r[1] != 0 or r[2] != 0 or r[3] != 0]
+    return rows
 
 
 def _ground_truth_rows(
@@ -304,7 +311,8 @@ def _ground_truth_rows(
     if gt_space is None:
         gt_space = "pixel" if (space is not None or width is not None or height is not None) else "model"
     for b in rows:
-        if any(abs(v) > MAX_COORD for v in b):
+        if not (-MAX_COORD <= b[0] <= MAX_COORD and -MAX_COORD <= b[1] <= MAX_COORD
+                and -MAX_COORD <= b[2] <= MAX_COORD and -MAX_COORD <= b[3] <= MAX_COORD):
             raise ValueError(f"ground_truth box {list(b)} has a coordinate beyond the sane bound "
                              f"|v| <= MAX_COORD = {MAX_COORD:g}")
         if not (b[2] > b[0] and b[3] > b[1]):
@@ -384,14 +392,15 @@ def compute_score(
     require, w_center, w_area, eps, enclosing, sides = options.require_answer, *options.score_args
 
     fmt = 1.0 if is_well_formatted(text, fmt=options.fmt) else 0.0
+    box = first_box(text, require, options.fmt)
     if options.multi_box:
         preds = answer_boxes(text, require_answer=require, fmt=options.fmt)
         loc = float(multi_box_score(preds, gt, options.dclr))
     else:
-        box = first_box(text, require, options.fmt)
         loc = score_box(box, gt[0] if gt else _ZERO, "dclr", w_center, w_area, eps, enclosing, sides)
-    # evaluation protocol (DESIGN §8): lenient parsing, best-matching ground-truth box
-    pbox = first_box(text, require, None)
+    # evaluation protocol (DESIGN §8): lenient parsing, best-matching ground-truth box. A
+    # well-formatted answer holds one box and no other number, so the lenient parse finds that box.
+    pbox = box if fmt == 1.0 else first_box(text, require, None)
     if gt:
         iou = max(score_box(pbox, g, "iou") for g in gt)
         hit = iou >= PROTOCOL_IOU_THRESHOLD
