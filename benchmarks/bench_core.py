@@ -1,5 +1,11 @@
 """Core speed, side by side with the peers (see conftest.py for the ratio report).
 
+* **the call shapes the frameworks use** — TRL calls a reward once per device batch (8–64
+  completions), veRL's reward loop calls ``compute_score`` once per sample: ``dclr_reward`` and
+  ``iou_reward`` per completion at batch 1, 8, 64, 512 and 65,536, and ``compute_score`` per call,
+  each beside a plain scalar reference of the same work in the same run (the package's parser and
+  the pure-Python oracle, one completion at a time): never slower (ratio ≥ 1) at any size;
+
 * scoring 65,536 parsed completions with ``localization_scores``: ≥ 10× the scalar oracle looping
   per sample (end to end, parsing included on both sides, the ratio is reported for information:
   the per-sample side parses with the same regex, so parsing caps it);
@@ -25,9 +31,11 @@ import numpy as np
 import pytest
 import torch
 
+from differad_rl.coords import box_to_model_grid
 from differad_rl.groups import difficulty_weights, group_advantages
-from differad_rl.parsing import _BOX_RE, parse_box, parse_boxes_batch
-from differad_rl.rewards import dclr_reward, localization_scores
+from differad_rl.integrations.verl.reward import compute_score
+from differad_rl.parsing import _BOX_RE, is_well_formatted, parse_box, parse_boxes_batch
+from differad_rl.rewards import dclr_reward, iou_reward, localization_scores
 from tests import oracle
 
 N_TEXTS = 65_536
@@ -131,6 +139,100 @@ def test_dclr_reward_vs_regex_floor(benchmark, texts):
     benchmark.extra_info.update(peer="test_regex_floor", target="within 1.5x of one regex pass (ratio >= 0.667)",
                                 ratio_min=1 / 1.5)
     benchmark.pedantic(lambda: dclr_reward(t, s), rounds=9, iterations=1)
+
+
+def test_dclr_reward_vs_strict_regex_pass(benchmark, texts):
+    """The issue's bound: at 65,536 within 2x one compiled-regex pass — the cheapest one, a strict
+    Qwen-only pattern anchored on ``<answer>`` searched once over each text."""
+    t, s = texts
+    benchmark.extra_info.update(peer="test_strict_qwen_regex", target="within 2x of one strict regex pass "
+                                "(ratio >= 0.5)", ratio_min=0.5)
+    benchmark.pedantic(lambda: dclr_reward(t, s), rounds=9, iterations=1)
+
+
+# --- the call shapes: per completion at TRL's batch sizes, veRL's per-sample compute_score ---------
+
+BATCHES = (1, 8, 64, 512, 65_536)
+PER_ROUND = 4096  # completions per round at the small batch sizes (rounds are comparable per completion)
+
+
+def _batches(texts, n):
+    t, s = texts
+    if n >= N_TEXTS:
+        return [(t, s)]
+    return [(t[i : i + n], s[i : i + n]) for i in range(0, PER_ROUND, n)]
+
+
+def _reference(kind):
+    """A plain scalar implementation: per completion the package's parser (the Qwen format the
+    prompt asks for) and the pure-Python oracle formula."""
+
+    def run(chunks):
+        return [[oracle.localization(parse_box(x, fmt="qwen"), tuple(map(float, g)), kind) for x, g in zip(t, s)]
+                for t, s in chunks]
+
+    return run
+
+
+@pytest.mark.parametrize("kind", ["dclr", "iou"])
+@pytest.mark.parametrize("n", BATCHES)
+def test_scalar_reference_batch(benchmark, texts, n, kind):
+    chunks = _batches(texts, n)
+    benchmark.pedantic(_reference(kind), args=(chunks,), rounds=3 if n >= N_TEXTS else 9, iterations=1)
+
+
+@pytest.mark.parametrize("kind", ["dclr", "iou"])
+@pytest.mark.parametrize("n", BATCHES)
+def test_reward_batch_vs_scalar_reference(benchmark, texts, n, kind):
+    chunks = _batches(texts, n)
+    fn = dclr_reward if kind == "dclr" else iou_reward
+    benchmark.extra_info.update(peer=f"test_scalar_reference_batch[{n}-{kind}]", target="never slower (ratio >= 1)",
+                                ratio_min=1.0)
+    out = benchmark.pedantic(lambda: [fn(t, s) for t, s in chunks], rounds=9, iterations=1)
+    ref = _reference(kind)(chunks[:1] if n >= 512 else chunks[:8])
+    np.testing.assert_allclose(np.concatenate(out[: len(ref)])[:2000], np.concatenate(ref)[:2000], rtol=0, atol=1e-9)
+
+
+N_CALLS = 4096
+SIZES = [(640, 480), (1024, 768), (800, 800), (1920, 1080)]
+
+
+@pytest.fixture(scope="module")
+def verl_calls(texts):
+    """veRL's per-sample calls: ground truth in original pixels, extra_info with the model's space."""
+    rng = random.Random(1)
+    t, s = texts
+    calls = []
+    for i in range(N_CALLS):
+        w, h = SIZES[i % len(SIZES)]
+        g = [min(v, w - 1 if j % 2 == 0 else h - 1) for j, v in enumerate(s[i])]
+        g = [g[0], g[1], max(g[2], g[0] + 1), max(g[3], g[1] + 1)] if rng.random() > 0.2 else []
+        calls.append((t[i], [g] if g else [], {"space": "qwen2_vl", "width": w, "height": h, "index": i}))
+    return calls
+
+
+def _scalar_compute_score(text, gt, info):
+    """The same work as compute_score, plainly: format check, parse, ground truth to the model's
+    grid, the oracle's DCLR and IoU."""
+    fmt = 1.0 if is_well_formatted(text) else 0.0
+    box = parse_box(text, fmt="qwen")
+    g = box_to_model_grid(tuple(map(float, gt[0])), info["width"], info["height"], info["space"]) if gt else oracle.ZERO
+    loc = oracle.localization(box, g)
+    iou = oracle.localization(parse_box(text), g, "iou")
+    return {"score": loc + fmt, "localization": loc, "format": fmt, "iou": iou}
+
+
+def test_scalar_compute_score(benchmark, verl_calls):
+    out = benchmark.pedantic(lambda: [_scalar_compute_score(*c) for c in verl_calls], rounds=9, iterations=1)
+    assert len(out) == N_CALLS
+
+
+def test_compute_score_vs_scalar(benchmark, verl_calls):
+    benchmark.extra_info.update(peer="test_scalar_compute_score", target="never slower (ratio >= 1)", ratio_min=1.0)
+    out = benchmark.pedantic(lambda: [compute_score("differad", *c) for c in verl_calls], rounds=9, iterations=1)
+    ref = [_scalar_compute_score(*c) for c in verl_calls]
+    for key in ("localization", "iou", "format", "score"):
+        np.testing.assert_allclose([o[key] for o in out], [r[key] for r in ref], rtol=0, atol=1e-9)
 
 
 # --- group algorithms vs veRL ---------------------------------------------------------------------

@@ -17,6 +17,13 @@ from torch import Tensor
 CENTER_NORMS: tuple[str, ...] = ("paper", "enclosing")
 SIZE_TERMS: tuple[str, ...] = ("area", "sides")
 
+MAX_COORD = 1e6
+"""The sane bound on a coordinate: boxes with a value of magnitude above it are not valid.
+
+The rewards score a predicted box with ``|v| > MAX_COORD`` as invalid (0, never NaN) and reject such
+ground truth at start-up. A million pixels is far beyond any image a vision-language model reads, and
+below it every product of the formulas stays finite (``(2·MAX_COORD)² ≈ 4e12``, even in float32)."""
+
 
 def as_boxes(boxes: Any, *, name: str = "boxes") -> Tensor:
     """``boxes`` as a floating tensor shaped ``(..., 4)`` (integers and non-tensors → float64)."""
@@ -66,13 +73,14 @@ def center_consistency(p: Any, g: Any, eps: float = 1e-6, center_norm: str = "pa
     ``center_norm="paper"`` (DifferAD-R1), or ``max(diag_e, 1)`` with ``"enclosing"``, where ``diag_e``
     is the diagonal of the smallest box enclosing both (as DIoU). The paper's form saturates at 0
     once the centres are further apart than the larger box's diagonal; the enclosing form keeps a
-    position signal at every distance (``d ≤ diag_e`` always).
+    position signal at every distance (``d ≤ diag_e`` always). Identical boxes give exactly 1.
     """
     _check_center_norm(center_norm)
     p, g = _pair(p, g)
+    # (p0 − g0) + (p2 − g2): exactly 0 for identical boxes (p0 + p2 − g0 − g2 is not, in floats)
     d = torch.hypot(
-        (p[..., 0] + p[..., 2] - g[..., 0] - g[..., 2]) / 2,
-        (p[..., 1] + p[..., 3] - g[..., 1] - g[..., 3]) / 2,
+        ((p[..., 0] - g[..., 0]) + (p[..., 2] - g[..., 2])) / 2,
+        ((p[..., 1] - g[..., 1]) + (p[..., 3] - g[..., 3])) / 2,
     )
     if center_norm == "paper":
         diag_p = torch.hypot(p[..., 2] - p[..., 0], p[..., 3] - p[..., 1])

@@ -21,6 +21,7 @@ or arrays broadcastable to ``boxes.shape[:-1]``.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, TypeVar
 
@@ -132,44 +133,57 @@ def smart_resize_array(
     return h_out.astype(np.int64), w_out.astype(np.int64)
 
 
-def _scales(
+def _sizes(
     width: Any, height: Any, space: str, factor: int, min_pixels: int, max_pixels: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per-sample ``(sx, sy)`` with ``model = original * s``."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per-sample original size ``(W, H)`` and the size ``(W', H')`` of the model's space."""
     w = np.asarray(width.cpu() if isinstance(width, torch.Tensor) else width, dtype=np.float64)
     h = np.asarray(height.cpu() if isinstance(height, torch.Tensor) else height, dtype=np.float64)
     if np.any(~np.isfinite(w)) or np.any(w <= 0):
         raise ValueError(f"width must be positive and finite, got {width!r}")
     if np.any(~np.isfinite(h)) or np.any(h <= 0):
         raise ValueError(f"height must be positive and finite, got {height!r}")
+    w, h = np.broadcast_arrays(w, h)
     if space == "pixel":
-        one = np.ones(np.broadcast(w, h).shape)
-        return one, one
+        return w, h, w, h
     if space in RELATIVE_SPACES:
-        return RELATIVE_SCALE / w * np.ones_like(h), RELATIVE_SCALE / h * np.ones_like(w)
+        full = np.full(w.shape, RELATIVE_SCALE)
+        return w, h, full, full
     rh, rw = smart_resize_array(h, w, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
-    return rw / w, rh / h
+    return w, h, rw.astype(np.float64), rh.astype(np.float64)
 
 
-def _apply(boxes: ArrayT, sx: np.ndarray, sy: np.ndarray, inverse: bool, rnd: bool) -> ArrayT:
+def _apply(boxes: ArrayT, sizes: tuple[np.ndarray, ...], space: str, inverse: bool, rnd: bool) -> ArrayT:
+    """Scale ``boxes`` between the original image and ``space`` in the documented order of operations:
+    ``x / W * 1000`` for the relative spaces (as ``round(x / W * 1000)`` is written) and
+    ``x * W' / W`` for ``qwen2_5_vl``; inverses ``x' * W / 1000`` and ``x' * W / W'``. The order
+    matters at exact ``.5`` ties, which then round (half to even) as the formula says."""
     if boxes.shape[-1:] != (4,):
         raise ValueError(f"boxes must have shape (..., 4), got shape {tuple(boxes.shape)}")
-    scale = np.stack([sx, sy, sx, sy], axis=-1)
-    if isinstance(boxes, torch.Tensor):
+    w, h, mw, mh = sizes
+    orig = np.stack([w, h, w, h], axis=-1)
+    model = np.stack([mw, mh, mw, mh], axis=-1)
+    is_tensor = isinstance(boxes, torch.Tensor)
+    if is_tensor:
         dtype = boxes.dtype if boxes.is_floating_point() else torch.float64
-        s = torch.as_tensor(scale, dtype=torch.float64, device=boxes.device)
+        orig_t = torch.as_tensor(orig, dtype=torch.float64, device=boxes.device)
+        model_t = torch.as_tensor(model, dtype=torch.float64, device=boxes.device)
         out = boxes.to(torch.float64)
-        out = out / s if inverse else out * s
-        if rnd:
-            out = torch.round(out)
-        return out.to(dtype)
-    arr = np.asarray(boxes)
-    dtype = arr.dtype if np.issubdtype(arr.dtype, np.floating) else np.float64
-    out = arr.astype(np.float64)
-    out = out / scale if inverse else out * scale
+    else:
+        arr = np.asarray(boxes)
+        dtype = arr.dtype if np.issubdtype(arr.dtype, np.floating) else np.float64
+        orig_t, model_t = orig, model
+        out = arr.astype(np.float64)
+    if space != "pixel":
+        if inverse:
+            out = out * orig_t / model_t
+        elif space in RELATIVE_SPACES:
+            out = out / orig_t * model_t
+        else:
+            out = out * model_t / orig_t
     if rnd:
-        out = np.round(out)
-    return out.astype(dtype)
+        out = torch.round(out) if is_tensor else np.round(out)
+    return out.to(dtype) if is_tensor else out.astype(dtype)
 
 
 def _as_array(boxes: Any) -> np.ndarray | torch.Tensor:
@@ -191,18 +205,19 @@ def to_model_space(
 ) -> Any:
     """Convert boxes from original-image pixels to the coordinates ``space``'s model writes.
 
-    ``x' = x * W'/W`` and ``y' = y * H'/H`` where ``(W', H')`` is ``(1000, 1000)`` for the relative
-    spaces, the :func:`smart_resize` size for ``qwen2_5_vl`` and ``(W, H)`` for ``pixel``; rounded
-    to integers when ``round`` (as the model writes them; rewards convert with ``round=False``).
-    The zero box stays the zero box. Floats keep their dtype; integers become float64.
+    ``x' = x / W * 1000`` (relative spaces) or ``x' = x * W' / W`` (``qwen2_5_vl``, ``(W', H')`` the
+    :func:`smart_resize` size), computed in that order so that exact ``.5`` ties round as
+    ``round(x / W * 1000)`` does (half to even); ``pixel`` is the identity. Rounded to integers when
+    ``round`` (as the model writes them; :func:`to_model_grid` also keeps every box a box). The zero
+    box stays the zero box. Floats keep their dtype; integers become float64.
 
     Raises:
         ValueError: unknown ``space``, a non-positive or non-finite size, boxes not shaped (..., 4).
     """
     check_space(space)
     arr = _as_array(boxes)
-    sx, sy = _scales(width, height, space, factor, min_pixels, max_pixels)
-    return _apply(arr, sx, sy, inverse=False, rnd=round and space != "pixel")
+    sizes = _sizes(width, height, space, factor, min_pixels, max_pixels)
+    return _apply(arr, sizes, space, inverse=False, rnd=round and space != "pixel")
 
 
 def from_model_space(
@@ -224,5 +239,104 @@ def from_model_space(
     """
     check_space(space)
     arr = _as_array(boxes)
-    sx, sy = _scales(width, height, space, factor, min_pixels, max_pixels)
-    return _apply(arr, sx, sy, inverse=True, rnd=round)
+    sizes = _sizes(width, height, space, factor, min_pixels, max_pixels)
+    return _apply(arr, sizes, space, inverse=True, rnd=round)
+
+
+def snap_to_grid(boxes: ArrayT) -> ArrayT:
+    """Round boxes to the integer grid, keeping every non-degenerate box non-degenerate.
+
+    Each coordinate is rounded (half to even, as :func:`to_model_space`); a side that would shrink to
+    zero length becomes the one grid cell holding its centre, ``[floor(c), floor(c) + 1]``. The zero
+    box stays the zero box; degenerate input stays as rounded.
+    """
+    if isinstance(boxes, torch.Tensor):
+        t = boxes if boxes.is_floating_point() else boxes.to(torch.float64)
+        r = torch.round(t)
+        for lo, hi in ((0, 2), (1, 3)):
+            collapsed = (r[..., hi] <= r[..., lo]) & (t[..., hi] > t[..., lo])
+            cell = torch.floor((t[..., lo] + t[..., hi]) / 2)
+            r[..., lo] = torch.where(collapsed, cell, r[..., lo])
+            r[..., hi] = torch.where(collapsed, cell + 1, r[..., hi])
+        return r
+    a = np.asarray(boxes)
+    a = a if np.issubdtype(a.dtype, np.floating) else a.astype(np.float64)
+    r = np.round(a)
+    for lo, hi in ((0, 2), (1, 3)):
+        collapsed = (r[..., hi] <= r[..., lo]) & (a[..., hi] > a[..., lo])
+        cell = np.floor((a[..., lo] + a[..., hi]) / 2)
+        r[..., lo] = np.where(collapsed, cell, r[..., lo])
+        r[..., hi] = np.where(collapsed, cell + 1, r[..., hi])
+    return r
+
+
+def to_model_grid(
+    boxes: Any,
+    width: Any,
+    height: Any,
+    space: str,
+    *,
+    min_pixels: int = DEFAULT_MIN_PIXELS,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    factor: int = DEFAULT_FACTOR,
+) -> Any:
+    """Ground truth in original pixels → the integer grid ``space``'s model writes (DESIGN §3).
+
+    :func:`to_model_space` then :func:`snap_to_grid` (``pixel``: unchanged). This is what the
+    rewards compare against, so the best answer a model can write (integers in its space) scores
+    exactly 1; a tiny box that would round to zero width or height keeps one grid cell.
+    """
+    out = to_model_space(boxes, width, height, space, min_pixels=min_pixels, max_pixels=max_pixels,
+                         factor=factor, round=False)
+    return out if space == "pixel" else snap_to_grid(out)
+
+
+@functools.lru_cache(maxsize=4096)
+def model_size(
+    width: float,
+    height: float,
+    space: str,
+    min_pixels: int = DEFAULT_MIN_PIXELS,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    factor: int = DEFAULT_FACTOR,
+) -> tuple[float, float]:
+    """``(W', H')`` of ``space`` for an original image of ``width × height`` (cached; scalar).
+
+    ``(W, H)`` for ``pixel``, ``(1000, 1000)`` for the relative spaces, the :func:`smart_resize` size
+    for ``qwen2_5_vl``.
+
+    Raises:
+        ValueError: unknown ``space`` or a non-positive / non-finite size.
+    """
+    check_space(space)
+    w, h = float(width), float(height)
+    if not (math.isfinite(w) and w > 0 and math.isfinite(h) and h > 0):
+        raise ValueError(f"image size must be positive and finite, got width={width!r}, height={height!r}")
+    if space == "pixel":
+        return w, h
+    if space in RELATIVE_SPACES:
+        return RELATIVE_SCALE, RELATIVE_SCALE
+    rh, rw = smart_resize_array(np.float64(h), np.float64(w), factor=factor, min_pixels=min_pixels,
+                                max_pixels=max_pixels)
+    return float(rw), float(rh)
+
+
+def box_to_model_grid(
+    box: tuple[float, float, float, float], width: float, height: float, space: str,
+    min_pixels: int = DEFAULT_MIN_PIXELS, max_pixels: int = DEFAULT_MAX_PIXELS, factor: int = DEFAULT_FACTOR,
+) -> tuple[float, float, float, float]:
+    """Scalar :func:`to_model_grid` of one box (pure Python, the same arithmetic in the same order)."""
+    if space == "pixel":
+        return box
+    mw, mh = model_size(width, height, space, min_pixels, max_pixels, factor)
+    w, h = float(width), float(height)
+    if space in RELATIVE_SPACES:
+        c = (box[0] / w * mw, box[1] / h * mh, box[2] / w * mw, box[3] / h * mh)
+    else:
+        c = (box[0] * mw / w, box[1] * mh / h, box[2] * mw / w, box[3] * mh / h)
+    r = [float(round(v)) for v in c]
+    for lo, hi in ((0, 2), (1, 3)):
+        if r[hi] <= r[lo] and c[hi] > c[lo]:
+            r[lo] = float(math.floor((c[lo] + c[hi]) / 2))
+            r[hi] = r[lo] + 1.0
+    return (r[0], r[1], r[2], r[3])

@@ -12,8 +12,10 @@ layouts are supported:
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -22,8 +24,15 @@ SCOPES: tuple[str, ...] = ("group", "batch")
 MAX_WEIGHT = (math.e + math.sqrt(2.0)) / 2  # ω at α = 0, β = 1
 
 
-def _rewards(x: Any, name: str) -> Tensor:
-    t = x if isinstance(x, Tensor) else torch.as_tensor(x)
+def as_rewards(x: Any, name: str = "rewards") -> Tensor:
+    """``x`` as a 1-D floating tensor: tensors and numpy float arrays keep their dtype; integers,
+    booleans and Python lists (of ints or floats alike) become float64."""
+    if isinstance(x, Tensor):
+        t = x
+    elif isinstance(x, np.ndarray) and np.issubdtype(x.dtype, np.floating):
+        t = torch.from_numpy(x)
+    else:
+        t = torch.as_tensor(np.asarray(x, dtype=np.float64))
     if not t.is_floating_point():
         t = t.to(torch.float64)
     if t.ndim != 1:
@@ -31,10 +40,19 @@ def _rewards(x: Any, name: str) -> Tensor:
     return t
 
 
+_rewards = as_rewards
+
+
+def check_group_size(group_size: Any) -> int:
+    """``group_size`` as an ``int`` (numpy integers accepted); raises unless a positive integer."""
+    if isinstance(group_size, (bool, np.bool_)) or not isinstance(group_size, numbers.Integral) or group_size < 1:
+        raise ValueError(f"group_size must be a positive integer, got {group_size!r}")
+    return int(group_size)
+
+
 def _grouped(x: Any, group_size: int, name: str) -> Tensor:
     t = _rewards(x, name)
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-        raise ValueError(f"group_size must be a positive integer, got {group_size!r}")
+    group_size = check_group_size(group_size)
     if t.numel() % group_size:
         raise ValueError(
             f"{name} has length {t.numel()}, which is not a multiple of group_size={group_size}"
@@ -47,7 +65,7 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{name}={value!r} is not known; expected one of {choices}")
 
 
-def _ids(group_ids: Any, n: int) -> tuple[Tensor, int]:
+def _raw_ids(group_ids: Any, n: int) -> Tensor:
     ids = group_ids if isinstance(group_ids, Tensor) else torch.as_tensor(group_ids)
     if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.ndim != 1:
         raise ValueError(f"group_ids must be a 1-D integer tensor, got dtype {ids.dtype} shape {tuple(ids.shape)}")
@@ -55,7 +73,21 @@ def _ids(group_ids: Any, n: int) -> tuple[Tensor, int]:
         raise ValueError(f"group_ids has length {ids.numel()} but rewards has length {n}")
     if n and int(ids.min()) < 0:
         raise ValueError(f"group_ids must be >= 0, got {int(ids.min())}")
-    return ids.long(), (int(ids.max()) + 1 if n else 0)
+    return ids.long()
+
+
+def _ids(group_ids: Any, n: int) -> tuple[Tensor, int]:
+    """Dense ids ``0..k-1`` and ``k``. Ids already dense enough (max < 2n + 64) are used as given;
+    sparse ones (hashed uids near 2^40, 10^7 for a batch of thousands) are compacted with
+    ``torch.unique``, so memory and time follow the batch, not the largest id."""
+    ids = _raw_ids(group_ids, n)
+    if not n:
+        return ids, 0
+    top = int(ids.max()) + 1
+    if top <= 2 * n + 64:
+        return ids, top
+    uniq, inverse = torch.unique(ids, return_inverse=True)
+    return inverse, int(uniq.numel())
 
 
 def group_advantages(rewards: Any, group_size: int, scale: str = "group", eps: float = 1e-4) -> Tensor:
@@ -153,10 +185,39 @@ def degenerate_groups(loc_rewards: Any, group_size: int, tol: float = 1e-6, perf
     return (std < tol) & ~(r >= perfect).any(dim=1)
 
 
-def degenerate_groups_by_id(loc_rewards: Any, group_ids: Any, tol: float = 1e-6, perfect: float = 1.0) -> Tensor:
-    """``(max_id + 1,)`` bool: :func:`degenerate_groups` over an integer group id per sample (an id
-    with no sample is reported False)."""
+def degenerate_samples_by_id(loc_rewards: Any, group_ids: Any, tol: float = 1e-6, perfect: float = 1.0) -> Tensor:
+    """``(N,)`` bool: True where the sample's group (by integer id) is degenerate
+    (:func:`degenerate_groups`). Any ids, however sparse (memory follows the batch)."""
     r = _rewards(loc_rewards, "loc_rewards")
     ids, k = _ids(group_ids, r.numel())
-    count, _, std, hi, _ = _segment_stats(r, ids, k)
-    return (count > 0) & (std < tol) & ~(hi >= perfect)
+    _, _, std, hi, _ = _segment_stats(r, ids, k)
+    return ((std < tol) & ~(hi >= perfect))[ids]
+
+
+MAX_DENSE_IDS = 1 << 27
+"""The largest ``max_id + 1`` :func:`degenerate_groups_by_id` allocates a slot per id for."""
+
+
+def degenerate_groups_by_id(loc_rewards: Any, group_ids: Any, tol: float = 1e-6, perfect: float = 1.0) -> Tensor:
+    """``(max_id + 1,)`` bool: :func:`degenerate_groups` over an integer group id per sample (an id
+    with no sample is reported False). The statistics are computed on the ids present only; the
+    result has a slot per id up to the largest, so for sparse ids (hashed uids) use
+    :func:`degenerate_samples_by_id`.
+
+    Raises:
+        ValueError: ``max_id + 1 > MAX_DENSE_IDS`` (the message points to the per-sample function).
+    """
+    r = _rewards(loc_rewards, "loc_rewards")
+    raw = _raw_ids(group_ids, r.numel())
+    top = int(raw.max()) + 1 if raw.numel() else 0
+    if top > MAX_DENSE_IDS:
+        raise ValueError(
+            f"group_ids reach {top - 1}: a slot per id up to it would need {top} entries (> MAX_DENSE_IDS = "
+            f"{MAX_DENSE_IDS}); use degenerate_samples_by_id (one value per sample) for sparse ids"
+        )
+    out = torch.zeros(top, dtype=torch.bool, device=r.device)
+    if top:
+        uniq, inverse = torch.unique(raw, return_inverse=True)
+        _, _, std, hi, _ = _segment_stats(r, inverse, int(uniq.numel()))
+        out[uniq] = (std < tol) & ~(hi >= perfect)
+    return out

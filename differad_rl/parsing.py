@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+from math import isfinite
 import re
 import sys
 from collections.abc import Iterable, Sequence
@@ -56,6 +57,34 @@ _BOXTAG4 = rf"<box>{_S}{_SPACED}{_S}</box>"
 _BARE4 = re.compile(rf"{_S}{_SPACED}{_S}")
 _OTHER_NUMBER = re.compile(r"(?<!\w)[-+]?\.?\d")
 _BOX_RE = re.compile("|".join((_PAIRS, _TUPLE4, _LIST4, _BOXTAG4)))
+
+# One family's format only (``fmt=``): what the prompt of that family asks for (DESIGN §8). Each
+# pattern has exactly four groups, the numbers in the order written.
+_FORMAT_PATTERNS: dict[str, str] = {
+    "qwen": _PAIRS,  # also inside <|box_start|>…<|box_end|>
+    "qwen_tokens": rf"<\|box_start\|>{_S}{_PAIRS}{_S}<\|box_end\|>",
+    "bracket": _LIST4,
+    "internvl": rf"<box>{_S}\[{_S}{_LIST4}{_S}\]{_S}</box>",
+    "minicpm": _BOXTAG4,
+    "cogvlm": rf"\[{_S}{_LIST4}{_S}\]",
+    "json": rf'"bbox_2d"{_S}:{_S}{_LIST4}',
+}
+_FORMAT_RE: dict[str | None, re.Pattern[str]] = {k: re.compile(v) for k, v in _FORMAT_PATTERNS.items()}
+_FORMAT_RE[None] = _BOX_RE
+# Fast path of the common case: the answer is exactly one box (whitespace around it). Matched at the
+# start of the answer span it is, by construction, the span's first box (every box pattern starts on
+# a literal, no two alternatives match at one position, and no box contains "</answer>").
+_WHOLE_ANSWER_RE: dict[str | None, re.Pattern[str]] = {
+    k: re.compile(rf"{_S}(?:{v.pattern}){_S}</answer>") for k, v in _FORMAT_RE.items()
+}
+_ONLY_BOX_RE: dict[str | None, re.Pattern[str]] = {
+    k: re.compile(rf"{_S}(?:{v.pattern}){_S}") for k, v in _FORMAT_RE.items()
+}
+# Faster still: the answer exactly "(int,int),(int,int)" — a subset of the Qwen pattern with the same
+# four groups (only used where the Qwen pair is the first alternative: fmt "qwen" or None).
+_INT_PAIRS_ANSWER = re.compile(rf"\((\d+{_P}),(\d+{_P})\),\((\d+{_P}),(\d+{_P})\)</answer>")
+_INT_FAST: dict[str | None, re.Pattern[str] | None] = {k: None for k in _FORMAT_RE}
+_INT_FAST["qwen"] = _INT_FAST[None] = _INT_PAIRS_ANSWER
 
 
 def completion_text(completion: Any) -> str:
@@ -95,13 +124,41 @@ def answer_span(text: str) -> str | None:
     return text[start:end]
 
 
+def check_format(fmt: str | None) -> str | None:
+    """Return ``fmt`` if it is ``None`` (every format) or one of :data:`BOX_FORMATS`, else raise."""
+    if fmt is not None and fmt not in BOX_FORMATS:
+        raise ValueError(f"fmt={fmt!r} is not a known box format; expected None (any) or one of {BOX_FORMATS}")
+    return fmt
+
+
+def _bounds(text: str, require_answer: bool) -> tuple[int, int] | None:
+    """``(lo, hi)`` of the part of ``text`` a box is read from, or ``None`` when there is none.
+
+    The first complete answer span. Without one: nothing when ``require_answer``; otherwise
+    (lenient evaluation) never the reasoning — the content of an unclosed ``<answer>``, else what
+    follows ``</think>``, else what precedes an unclosed ``<think>``, else the whole text.
+    """
+    start = text.find(ANSWER_OPEN)
+    if start >= 0:
+        end = text.find(ANSWER_CLOSE, start + _OPEN_LEN)
+        if end >= 0:
+            return start + _OPEN_LEN, end
+    if require_answer:
+        return None
+    if start >= 0:
+        return start + _OPEN_LEN, len(text)
+    think_end = text.find(THINK_CLOSE)
+    if think_end >= 0:
+        return think_end + len(THINK_CLOSE), len(text)
+    think_start = text.find(THINK_OPEN)
+    return (0, think_start) if think_start >= 0 else (0, len(text))
+
+
 def _segment(text: Any, require_answer: bool) -> str | None:
     if not isinstance(text, str):
         text = completion_text(text)
-    span = answer_span(text)
-    if span is not None:
-        return span
-    return None if require_answer else text
+    b = _bounds(text, require_answer)
+    return None if b is None else text[b[0] : b[1]]
 
 
 def _to_box(groups: Iterable[str | None]) -> Box | None:
@@ -111,90 +168,159 @@ def _to_box(groups: Iterable[str | None]) -> Box | None:
     return (vals[0], vals[1], vals[2], vals[3])
 
 
-def parse_box(text: Any, *, require_answer: bool = True) -> Box | None:
+def parse_box(text: Any, *, require_answer: bool = True, fmt: str | None = None) -> Box | None:
     """First box in the first ``<answer>…</answer>`` of ``text``, or ``None``.
 
     Args:
         text: a model completion (a string, or TRL's conversational message list).
         require_answer: when ``True`` (training), text outside a complete answer span is ignored
             and a completion without one has no box. When ``False`` (evaluation of non-reasoning
-            models), a completion without an answer span is searched whole.
+            models), a completion without a complete answer span is searched outside its reasoning:
+            the content of an unclosed ``<answer>``, else the text after ``</think>``, else the
+            text before an unclosed ``<think>``, else the whole text.
+        fmt: ``None`` (evaluation, lenient): any format of the module table, and four bare numbers
+            as the whole answer. A :data:`BOX_FORMATS` name (training): only that format counts —
+            the one the family's prompt asks for (:data:`differad_rl.prompts.FAMILY_BOX_FORMATS`),
+            the same rule the format reward applies.
 
     Returns:
         ``(x1, y1, x2, y2)`` as floats in the order written (no reordering, no validation of
         ``x2 > x1``: the reward decides), or ``None`` when nothing parses or a value is not finite.
+
+    Raises:
+        ValueError: unknown ``fmt`` (never because of ``text``).
     """
+    return first_box(text, require_answer, check_format(fmt))
+
+
+def first_box(text: Any, require_answer: bool = True, fmt: str | None = None) -> Box | None:
+    """:func:`parse_box` without the check of ``fmt`` (the rewards' per-sample hot path)."""
     try:
-        seg = _segment(text, require_answer)
-        if seg is None:
-            return None
-        m = _BOX_RE.search(seg) or _BARE4.fullmatch(seg)
-        return None if m is None else _to_box(m.groups())
+        if text.__class__ is not str:
+            text = completion_text(text)
+        start = text.find(ANSWER_OPEN)
+        m = None
+        if start >= 0:
+            fast = _INT_FAST[fmt]
+            m = fast.match(text, start + _OPEN_LEN) if fast is not None else None
+            if m is None:
+                m = _WHOLE_ANSWER_RE[fmt].match(text, start + _OPEN_LEN)
+        if m is None:
+            b = _bounds(text, require_answer)
+            if b is None:
+                return None
+            m = _FORMAT_RE[fmt].search(text, b[0], b[1])
+            if m is None and fmt is None:
+                m = _BARE4.fullmatch(text, b[0], b[1])
+            if m is None:
+                return None
+        last = m.lastindex
+        x1, y1, x2, y2 = float(m.group(last - 3)), float(m.group(last - 2)), float(m.group(last - 1)), float(m.group(last))
+        if isfinite(x1) and isfinite(y1) and isfinite(x2) and isfinite(y2):
+            return (x1, y1, x2, y2)
+        return None
     except Exception:  # pragma: no cover - defensive: a model's output never raises
         return None
 
 
-def parse_boxes(text: Any, *, require_answer: bool = True) -> list[Box]:
+def parse_boxes(text: Any, *, require_answer: bool = True, fmt: str | None = None) -> list[Box]:
     """Every box of the answer span (see :func:`parse_box`), in the order written."""
+    pattern = _FORMAT_RE[check_format(fmt)]
     try:
         seg = _segment(text, require_answer)
         if seg is None:
             return []
-        matches = list(_BOX_RE.finditer(seg))
-        if not matches:
+        matches = list(pattern.finditer(seg))
+        if not matches and fmt is None:
             bare = _BARE4.fullmatch(seg)
             matches = [bare] if bare is not None else []
-        boxes = (_to_box(m.groups()) for m in matches)
+        boxes = (_to_box(m.group(m.lastindex - 3, m.lastindex - 2, m.lastindex - 1, m.lastindex)) for m in matches)
         return [b for b in boxes if b is not None]
     except Exception:  # pragma: no cover
         return []
 
 
+def answer_boxes(text: Any, *, require_answer: bool = True, fmt: str | None = None) -> list[Box] | None:
+    """The boxes of the answer for the several-box reward, or ``None`` when there is no answer.
+
+    ``None``: no answer span (with ``require_answer``), or an answer that is not empty but holds no
+    parsable box (prose, ``"12,30,200,180"``, five numbers): it is no answer of a box. ``[]``: an
+    empty (whitespace-only) answer, which on a normal target means "nothing there" (DESIGN §3).
+    """
+    check_format(fmt)
+    seg = _segment(text, require_answer)
+    if seg is None:
+        return None
+    boxes = parse_boxes(seg, require_answer=False, fmt=fmt) if seg.strip() else []
+    return boxes if boxes or not seg.strip() else None
+
+
 def parse_boxes_batch(
-    texts: Sequence[Any], *, require_answer: bool = True
+    texts: Sequence[Any], *, require_answer: bool = True, fmt: str | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """First box of each text: ``(boxes (N, 4) float64, valid (N,) bool)``; NaN rows where none.
 
-    This is the hot path of every reward: one ``str.find`` pair and one compiled-regex search per
-    text, numbers converted once.
+    Equal to :func:`parse_box` text by text. This is the hot path of every reward: one ``str.find``
+    and, in the common case of an answer that is just one box, one anchored regex match per text;
+    the numbers are converted once for the whole batch.
     """
+    pattern = _FORMAT_RE[check_format(fmt)]
+    whole = _WHOLE_ANSWER_RE[fmt].match
+    fast = _INT_FAST[fmt].match if _INT_FAST[fmt] is not None else whole
+    search, bare = pattern.search, (_BARE4.fullmatch if fmt is None else None)
     n = len(texts)
-    out = np.full((n, 4), np.nan, dtype=np.float64)
-    search, bare = _BOX_RE.search, _BARE4.fullmatch
     rows: list[int] = []
     values: list[str] = []
-    for i, text in enumerate(texts):
-        if not isinstance(text, str):
+    add_row, add_values = rows.append, values.extend
+    i = -1
+    for text in texts:
+        i += 1
+        if text.__class__ is not str:
             text = completion_text(text)
-        lo, hi = 0, len(text)
         start = text.find(ANSWER_OPEN)
-        end = text.find(ANSWER_CLOSE, start + _OPEN_LEN) if start >= 0 else -1
-        if end >= 0:
-            lo, hi = start + _OPEN_LEN, end
-        elif require_answer:
+        if start >= 0:
+            m = fast(text, start + _OPEN_LEN)
+            if m is not None:
+                add_row(i)
+                add_values(m.groups())
+                continue
+            m = whole(text, start + _OPEN_LEN)
+            if m is not None:
+                last = m.lastindex
+                add_row(i)
+                add_values(m.group(last - 3, last - 2, last - 1, last))
+                continue
+        b = _bounds(text, require_answer)
+        if b is None:
             continue
-        m = search(text, lo, hi) or bare(text, lo, hi)
+        m = search(text, b[0], b[1])
+        if m is None and bare is not None:
+            m = bare(text, b[0], b[1])
         if m is None:
             continue
-        # The matched alternative's four numbers are the last four groups it set.
         last = m.lastindex
-        rows.append(i)
-        values.extend(m.group(last - 3, last - 2, last - 1, last))
+        add_row(i)
+        add_values(m.group(last - 3, last - 2, last - 1, last))
+    out = np.full((n, 4), np.nan, dtype=np.float64)
     if rows:
-        vals = np.array(values, dtype=np.float64).reshape(-1, 4)
-        out[rows] = vals
+        out[rows] = np.array(values, dtype=np.float64).reshape(-1, 4)
     valid = np.isfinite(out).all(axis=1)
     out[~valid] = np.nan
     return out, valid
 
 
-def is_well_formatted(text: Any) -> bool:
+def is_well_formatted(text: Any, *, fmt: str | None = None) -> bool:
     """``<think>…</think>`` then (whitespace allowed) ``<answer>`` holding exactly one box ``</answer>``.
 
     Nothing may come before ``<think>`` or after ``</answer>`` except whitespace; the think span may
-    not contain answer or think tags; the answer span holds exactly one box (in any accepted format,
-    e.g. inside ``<|box_start|>…<|box_end|>``) and no other number.
+    not contain answer or think tags; the answer span holds exactly one box and no other number. The
+    box may be in any accepted format (``fmt=None``, e.g. inside ``<|box_start|>…<|box_end|>``) or
+    must be in format ``fmt`` (the family's, as the training rewards parse it).
+
+    Raises:
+        ValueError: unknown ``fmt`` (never because of ``text``).
     """
+    pattern = _FORMAT_RE[check_format(fmt)]
     try:
         if not isinstance(text, str):
             text = completion_text(text)
@@ -204,16 +330,20 @@ def is_well_formatted(text: Any) -> bool:
         think_end = s.find(THINK_CLOSE)
         if think_end < 0:
             return False
-        think = s[len(THINK_OPEN) : think_end]
-        if any(tag in think for tag in (THINK_OPEN, ANSWER_OPEN, ANSWER_CLOSE)):
+        lo = len(THINK_OPEN)
+        if s.find(THINK_OPEN, lo, think_end) >= 0 or s.find(ANSWER_OPEN, lo, think_end) >= 0 or s.find(
+                ANSWER_CLOSE, lo, think_end) >= 0:
             return False
         rest = s[think_end + len(THINK_CLOSE) :].lstrip()
         if not rest.startswith(ANSWER_OPEN):
             return False
         answer = rest[len(ANSWER_OPEN) : -len(ANSWER_CLOSE)]
-        if any(tag in answer for tag in (ANSWER_OPEN, ANSWER_CLOSE, THINK_OPEN, THINK_CLOSE)):
+        only = _ONLY_BOX_RE[fmt].fullmatch(answer)
+        if only is not None:  # the common case: the answer is one box and whitespace
+            return _to_box(only.groups()) is not None
+        if ANSWER_OPEN in answer or ANSWER_CLOSE in answer or THINK_OPEN in answer or THINK_CLOSE in answer:
             return False
-        matches = list(_BOX_RE.finditer(answer))
+        matches = list(pattern.finditer(answer))
         if len(matches) != 1 or _to_box(matches[0].groups()) is None:
             return False
         rest = answer[: matches[0].start()] + answer[matches[0].end() :]

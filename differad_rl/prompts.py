@@ -46,6 +46,35 @@ FORMAT_HINTS: dict[str, str] = {
 }
 
 
+FAMILY_BOX_FORMATS: dict[str, str] = {
+    "qwen": "qwen",
+    "reasoning": "qwen",
+    "internvl": "internvl",
+    "minicpm": "minicpm",
+    "mantis": "bracket",
+    "mplug_owl3": "bracket",
+    "cogvlm": "cogvlm",
+}
+"""The box format (:data:`differad_rl.parsing.BOX_FORMATS`) each family's hint asks for.
+
+The training rewards parse, and the format reward accepts, exactly this format of the family the
+model is prompted with (``family=`` of the reward factories; the Qwen pair ``(x1,y1),(x2,y2)`` may sit
+inside ``<|box_start|>…<|box_end|>``). Evaluation stays lenient (``fmt=None``: every format)."""
+
+
+def box_format(family: str | None) -> str | None:
+    """The box format of ``family`` (:data:`FAMILY_BOX_FORMATS`); ``None`` → ``None`` (any format).
+
+    Raises:
+        ValueError: unknown ``family``.
+    """
+    if family is None:
+        return None
+    if family not in FAMILY_BOX_FORMATS:
+        raise ValueError(f"family={family!r} is not known; expected None (any format) or one of {tuple(FAMILY_BOX_FORMATS)}")
+    return FAMILY_BOX_FORMATS[family]
+
+
 def build_prompt(family: str = "reasoning", rng: random.Random | int | None = None) -> str:
     """The user text of one sample: an instruction plus the family's format hint.
 

@@ -15,14 +15,16 @@ degenerate groups and draws new prompts instead; resampling keeps the hard promp
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from differad_rl.groups import degenerate_groups
+from differad_rl.groups import as_rewards, check_group_size, degenerate_groups
 
 Regenerate = Callable[[Tensor, int], Any]
 
@@ -83,15 +85,18 @@ def resample_groups(
         perfect: the reward of a perfect answer (a group of perfect answers is not degenerate).
 
     Returns:
-        The final localization rewards (a new tensor; the input is not modified) and the
+        The final localization rewards (a new floating tensor — integer input becomes float64, so
+        regenerated rewards are never truncated; the input is not modified) and the
         :class:`ResampleStats`.
 
     Raises:
         ValueError: ``max_rounds`` negative, or ``regenerate`` returned the wrong number of rewards.
     """
-    if isinstance(max_rounds, bool) or not isinstance(max_rounds, int) or max_rounds < 0:
+    if isinstance(max_rounds, (bool, np.bool_)) or not isinstance(max_rounds, numbers.Integral) or max_rounds < 0:
         raise ValueError(f"max_rounds must be an integer >= 0, got {max_rounds!r}")
-    rewards = (loc_rewards if isinstance(loc_rewards, Tensor) else torch.as_tensor(loc_rewards)).clone()
+    max_rounds, group_size = int(max_rounds), check_group_size(group_size)
+    # floating (integer / bool / list input → float64): regenerated rewards are never truncated
+    rewards = as_rewards(loc_rewards, "loc_rewards").clone()
     degenerate = degenerate_groups(rewards, group_size, tol, perfect)
     n_groups = degenerate.numel()
     ever = torch.zeros_like(degenerate)

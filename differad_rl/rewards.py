@@ -9,13 +9,27 @@ Every reward is in ``[0, 1]``. The rules of DESIGN §3:
   consistency (:func:`differad_rl.boxes.dclr`).
 * **Several boxes**: pairwise DCLR, optimal one-to-one assignment (Hungarian), reward
   ``Σ matched / max(P, N)``; a normal target (``N = 0``) scores 1 iff the answer is empty or the
-  zero box.
+  zero box(es) — prose or an unparsable answer scores 0.
+* **Sane bound.** A predicted box with a coordinate of magnitude above
+  :data:`differad_rl.boxes.MAX_COORD` is invalid (0, never NaN); such ground truth raises.
+* **One format rule in training.** The TRL-shaped rewards read the box only in the format the
+  prompt of their ``family`` asks for (:data:`differad_rl.prompts.FAMILY_BOX_FORMATS`; default
+  ``"reasoning"``: ``(x1,y1),(x2,y2)`` inside ``<answer>``), the same rule the format reward applies,
+  so an answer never earns a localization reward for a format the format reward rejects. ``family=None``
+  accepts every format (evaluation parsing is lenient: :mod:`differad_rl.parsing`).
+* **Ground truth on the model's grid.** With ``gt_space="pixel"`` the ground truth is converted to the
+  model's space and snapped to its integer grid (:func:`differad_rl.coords.to_model_grid`), so the
+  best answer a model can write scores exactly 1.
 
 The TRL-shaped callables have the signature ``f(completions, solution, **kwargs) -> list[float]``
 (``completions``: strings or TRL's ``[{"role": "assistant", "content": str}]``). Parameterised
 versions come from the ``get_*`` factories, which return picklable callables with a ``__name__``
 (TRL names reward columns after it). A model's output never raises: unparsable output scores 0 and
 is counted (``<name>/unparsable`` through TRL's ``log_metric`` when it is passed).
+
+Speed: a call with at most :data:`SCALAR_MAX_BATCH` completions (TRL's per-device batches) runs a
+pure-Python scalar path (no tensor is created); larger calls parse in one pass and score vectorised.
+Both compute the same formulas (checked against ``tests/oracle.py`` to 1e-9).
 """
 
 from __future__ import annotations
@@ -31,11 +45,30 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
-from differad_rl.boxes import CENTER_NORMS, SIZE_TERMS, box_iou, consistency_score, dclr, is_degenerate, is_zero_box
-from differad_rl.coords import DEFAULT_FACTOR, DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, check_space, to_model_space
-from differad_rl.parsing import answer_span, completion_text, is_well_formatted, parse_boxes, parse_boxes_batch
+from differad_rl.boxes import (
+    CENTER_NORMS,
+    MAX_COORD,
+    SIZE_TERMS,
+    box_iou,
+    consistency_score,
+    dclr,
+    is_degenerate,
+    is_zero_box,
+)
+from differad_rl.coords import (
+    DEFAULT_FACTOR,
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MIN_PIXELS,
+    box_to_model_grid,
+    check_space,
+    to_model_grid,
+)
+from differad_rl.parsing import answer_boxes, first_box, is_well_formatted, parse_boxes_batch
+from differad_rl.prompts import box_format
 
 LOCALIZATION_KINDS: tuple[str, ...] = ("dclr", "iou", "consistency")
+SCALAR_MAX_BATCH = 96
+"""Calls of at most this many completions take the scalar pure-Python path (faster below it)."""
 
 
 @dataclass(frozen=True)
@@ -75,16 +108,19 @@ class DCLRConfig:
             raise ValueError(f"size_term={self.size_term!r} is not known; expected one of {SIZE_TERMS}")
 
 
+_SEQ, _FOUR = frozenset({list, tuple}), {4}
+
+
 def check_gt_boxes(gt: Any, *, name: str = "solution", n: int | None = None) -> Tensor:
-    """Validate ground-truth boxes: shape ``(N, 4)``, finite, and each either the zero box or of
-    positive width and height. Returns them as a float tensor (float64 unless already floating).
+    """Validate ground-truth boxes: shape ``(N, 4)``, finite and within ``|v| <= MAX_COORD``, and each
+    either the zero box or of positive width and height. Returns them as a float tensor (float64 unless already floating).
 
     Raises:
         ValueError: naming ``name``, the offending index and value.
     """
     if isinstance(gt, Tensor):
         t = gt if gt.is_floating_point() else gt.to(torch.float64)
-    elif isinstance(gt, (list, tuple)) and all(isinstance(b, (list, tuple)) and len(b) == 4 for b in gt):
+    elif isinstance(gt, (list, tuple)) and gt and set(map(type, gt)) <= _SEQ and set(map(len, gt)) == _FOUR:
         # fast path for the common case (a dataset column): a list of 4-number lists
         try:
             flat = np.fromiter(itertools.chain.from_iterable(gt), dtype=np.float64, count=4 * len(gt))
@@ -105,10 +141,16 @@ def check_gt_boxes(gt: Any, *, name: str = "solution", n: int | None = None) -> 
     if n is not None and t.shape[0] != n:
         raise ValueError(f"{name} has {t.shape[0]} boxes but there are {n} completions")
     finite = torch.isfinite(t).all(dim=1)
-    bad = ~finite | (~is_zero_box(t) & is_degenerate(t))
+    bounded = (t.abs() <= MAX_COORD).all(dim=1)
+    bad = ~bounded | (~is_zero_box(t) & is_degenerate(t))
     if bool(bad.any()):
         i = int(bad.nonzero()[0, 0])
-        why = "is not finite" if not bool(finite[i]) else "has zero or negative size (x2 <= x1 or y2 <= y1)"
+        if not bool(finite[i]):
+            why = "is not finite"
+        elif not bool(bounded[i]):
+            why = f"has a coordinate beyond the sane bound |v| <= MAX_COORD = {MAX_COORD:g}"
+        else:
+            why = "has zero or negative size (x2 <= x1 or y2 <= y1)"
         raise ValueError(f"{name}[{i}] = {t[i].tolist()} {why}; use [0, 0, 0, 0] for a normal target")
     return t
 
@@ -123,7 +165,8 @@ def localization_scores(
     """Localization reward per sample with the zero-box and degenerate rules, shape ``(N,)``.
 
     Args:
-        pred: predicted boxes ``(N, 4)``; rows where ``pred_valid`` is False are ignored (may be NaN).
+        pred: predicted boxes ``(N, 4)``; rows where ``pred_valid`` is False are ignored (may be NaN);
+            a row with a value beyond ``|v| <= MAX_COORD`` (or not finite) counts as no prediction.
         pred_valid: ``(N,)`` bool, whether a box was parsed.
         gt: ground-truth boxes ``(N, 4)`` in the same space (validated by :func:`check_gt_boxes`).
         kind: ``"dclr"`` (the method), ``"iou"`` (plain IoU) or ``"consistency"`` (``S`` alone).
@@ -142,7 +185,8 @@ def _scores(pred: Any, pred_valid: Any, g: Tensor, kind: str, cfg: DCLRConfig) -
     p = torch.as_tensor(pred, dtype=g.dtype, device=g.device)
     if p.shape != g.shape:
         raise ValueError(f"pred must have the shape of gt {tuple(g.shape)}, got {tuple(p.shape)}")
-    valid = torch.as_tensor(pred_valid, dtype=torch.bool, device=g.device) & torch.isfinite(p).all(dim=1)
+    # finite and within the sane bound (NaN fails the comparison): beyond it the products overflow
+    valid = torch.as_tensor(pred_valid, dtype=torch.bool, device=g.device) & (p.abs() <= MAX_COORD).all(dim=1)
     gt_zero = is_zero_box(g)
     p_finite = torch.nan_to_num(p)
     pred_zero = valid & is_zero_box(p_finite)
@@ -161,6 +205,56 @@ def _scores(pred: Any, pred_valid: Any, g: Tensor, kind: str, cfg: DCLRConfig) -
     return torch.where(gt_zero, pred_zero.to(g.dtype), torch.where(usable, raw, zero))
 
 
+def score_box(
+    pred: tuple[float, float, float, float] | None,
+    gt: tuple[float, float, float, float],
+    kind: str = "dclr",
+    w_center: float = 0.6,
+    w_area: float = 0.4,
+    eps: float = 1e-6,
+    enclosing: bool = False,
+    sides: bool = False,
+) -> float:
+    """Scalar :func:`localization_scores` of one sample (pure Python; the small-batch fast path).
+
+    ``pred`` is the parsed box or ``None``; ``gt`` a ground truth already validated
+    (:func:`check_gt_boxes`). ``enclosing``/``sides`` select ``center_norm="enclosing"`` and
+    ``size_term="sides"``. The zero-box, degenerate and sane-bound rules and the formulas are those
+    of :mod:`differad_rl.boxes`, in the same order of operations.
+    """
+    gx1, gy1, gx2, gy2 = gt
+    if gx1 == 0 and gy1 == 0 and gx2 == 0 and gy2 == 0:
+        return 1.0 if pred is not None and pred[0] == 0 and pred[1] == 0 and pred[2] == 0 and pred[3] == 0 else 0.0
+    if pred is None:
+        return 0.0
+    x1, y1, x2, y2 = pred
+    # degenerate, zero, NaN or beyond the sane bound: no box (x1 < x2 makes two comparisons enough)
+    if not (x2 > x1 and y2 > y1 and x1 >= -MAX_COORD and x2 <= MAX_COORD and y1 >= -MAX_COORD and y2 <= MAX_COORD):
+        return 0.0
+    wp, hp, wg, hg = x2 - x1, y2 - y1, gx2 - gx1, gy2 - gy1
+    iw = (x2 if x2 < gx2 else gx2) - (x1 if x1 > gx1 else gx1)
+    ih = (y2 if y2 < gy2 else gy2) - (y1 if y1 > gy1 else gy1)
+    inter = iw * ih if iw > 0 and ih > 0 else 0.0
+    ap, ag = wp * hp, wg * hg
+    union = ap + ag - inter
+    iou = inter / union if union > 0 else 0.0
+    if kind == "iou":
+        return iou
+    d = math.hypot(((x1 - gx1) + (x2 - gx2)) / 2, ((y1 - gy1) + (y2 - gy2)) / 2)
+    if enclosing:
+        norm = math.hypot((x2 if x2 > gx2 else gx2) - (x1 if x1 < gx1 else gx1),
+                          (y2 if y2 > gy2 else gy2) - (y1 if y1 < gy1 else gy1))
+    else:
+        norm = max(math.hypot(wp, hp), math.hypot(wg, hg))
+    s_c = 1 - min(d / ((norm if norm > 1.0 else 1.0) + eps), 1.0)
+    if sides:
+        s_s = 1 - min((abs(wp - wg) / (wg + eps) + abs(hp - hg) / (hg + eps)) / 2, 1.0)
+    else:
+        s_s = 1 - min(abs(ap - ag) / (ag + eps), 1.0)
+    s = (w_center * s_c + w_area * s_s) / (w_center + w_area)
+    return s if kind == "consistency" else iou + (1 - iou) * s
+
+
 def multi_box_score(
     pred_boxes: Sequence[Sequence[float]] | None,
     gt_boxes: Any,
@@ -174,9 +268,10 @@ def multi_box_score(
         config: DCLR parameters.
 
     Returns:
-        In ``[0, 1]``. Normal target: 1 iff an answer exists and is empty or only zero boxes.
-        Otherwise a degenerate or zero predicted box counts in ``P`` and matches with 0; equal to
-        single-box DCLR when ``P = N = 1``.
+        In ``[0, 1]``. Normal target: 1 iff an answer exists and is empty or only zero boxes (pass
+        ``None`` for an answer without a parsable box: :func:`differad_rl.parsing.answer_boxes`).
+        Otherwise a degenerate, zero or out-of-bound predicted box counts in ``P`` and matches with
+        0; equal to single-box DCLR when ``P = N = 1``.
     """
     cfg = config or DCLRConfig()
     g = torch.as_tensor(np.asarray(gt_boxes, dtype=np.float64).reshape(-1, 4))
@@ -190,7 +285,7 @@ def multi_box_score(
         return 1.0 if bool(is_zero_box(p).all()) else 0.0
     if p.shape[0] == 0:
         return 0.0
-    ok = torch.isfinite(p).all(dim=1) & ~is_degenerate(torch.nan_to_num(p))
+    ok = (p.abs() <= MAX_COORD).all(dim=1) & ~is_degenerate(torch.nan_to_num(p))
     p_safe = torch.where(ok[:, None], p, torch.tensor([0.0, 0.0, 1.0, 1.0], dtype=p.dtype))
     m = dclr(p_safe[:, None, :], g[None, :, :], cfg.w_center, cfg.w_area, cfg.eps, cfg.center_norm, cfg.size_term)
     m = torch.where(ok[:, None], m, torch.zeros_like(m)).numpy()
@@ -230,8 +325,11 @@ class _Reward:
         min_pixels: int,
         max_pixels: int,
         factor: int,
+        family: str | None = "reasoning",
     ) -> None:
         check_space(space)
+        self.family = family
+        self.fmt = box_format(family)
         if gt_space is not None:
             check_space(gt_space)
         if gt_space not in (None, "pixel", space):
@@ -248,15 +346,56 @@ class _Reward:
         params["config"] = asdict(self.config)
         return f"{type(self).__name__}(name={self.__name__!r}, {params})"
 
+    @property
+    def _converts(self) -> bool:
+        return self.gt_space == "pixel" and self.space != "pixel"
+
     def _to_space(self, boxes: Any, kwargs: dict[str, Any], n: int) -> Any:
-        """Ground truth given in original pixels → the model's space (continuous, not rounded)."""
-        if self.gt_space != "pixel" or self.space == "pixel":
+        """Ground truth given in original pixels → the model's integer grid (:func:`to_model_grid`)."""
+        if not self._converts:
             return boxes
         w, h = _image_sizes(kwargs, n)
-        return to_model_space(
-            boxes, w, h, self.space,
-            min_pixels=self.min_pixels, max_pixels=self.max_pixels, factor=self.factor, round=False,
-        )
+        return to_model_grid(boxes, w, h, self.space, min_pixels=self.min_pixels, max_pixels=self.max_pixels,
+                             factor=self.factor)
+
+    def _gt_rows(self, solution: Any, kwargs: dict[str, Any], n: int) -> list[tuple[float, float, float, float]]:
+        """Scalar twin of ``check_gt_boxes`` + :meth:`_to_space`: validated ground truth as float tuples
+        in the model's grid. Anything unusual goes through the vectorised checks (same errors)."""
+        if not isinstance(solution, (list, tuple)) or len(solution) != n:
+            return [tuple(b) for b in self._to_space(check_gt_boxes(solution, n=n), kwargs, n).tolist()]
+        rows: list[tuple[float, float, float, float]] = []
+        lo, hi = -MAX_COORD, MAX_COORD
+        try:
+            for b in solution:
+                x1, y1, x2, y2 = g = (float(b[0]), float(b[1]), float(b[2]), float(b[3]))
+                if len(b) != 4:
+                    raise ValueError
+                if not (x2 > x1 and y2 > y1 and x1 >= lo and x2 <= hi and y1 >= lo and y2 <= hi):
+                    if not (x1 == 0 and y1 == 0 and x2 == 0 and y2 == 0):
+                        raise ValueError
+                rows.append(g)
+        except (TypeError, ValueError, IndexError, KeyError):
+            check_gt_boxes(solution, n=n)  # raises the message naming the row
+            raise  # pragma: no cover - check_gt_boxes accepted what the scalar check refused
+        if not self._converts:
+            return rows
+        sizes = kwargs.get("image_size")
+        try:
+            if sizes is None or len(sizes) != n:
+                raise ValueError
+            whs = [(float(s[0]), float(s[1])) for s in sizes]
+            if not all(len(s) == 2 for s in sizes):
+                raise ValueError
+        except (TypeError, ValueError, IndexError):
+            _image_sizes(kwargs, n)  # raises the message
+            raise  # pragma: no cover
+        args = (self.space, self.min_pixels, self.max_pixels, self.factor)
+        out = []
+        for g, (w, h) in zip(rows, whs):
+            if not (w > 0 and h > 0 and math.isfinite(w) and math.isfinite(h)):
+                _image_sizes(kwargs, n)  # raises naming the row
+            out.append(box_to_model_grid(g, w, h, *args))
+        return out
 
     def _log_unparsable(self, kwargs: dict[str, Any], valid: np.ndarray) -> None:
         log = kwargs.get("log_metric")
@@ -268,31 +407,49 @@ class LocalizationReward(_Reward):
     """Single-box localization reward (``kind`` = ``"dclr"``, ``"iou"`` or ``"consistency"``).
 
     ``solution``: one ``[x1, y1, x2, y2]`` per completion, ``[0, 0, 0, 0]`` for a normal target, in
-    the model's space (or original pixels with ``gt_space="pixel"`` and an ``image_size`` column).
+    the model's space (or original pixels with ``gt_space="pixel"`` and an ``image_size`` column: then
+    snapped to the model's integer grid). ``family``: the prompt family whose box format counts
+    (:data:`differad_rl.prompts.FAMILY_BOX_FORMATS`; ``None`` = any format).
     """
 
     def __init__(self, kind: str = "dclr", config: DCLRConfig | None = None, *, name: str | None = None,
                  require_answer: bool = True, space: str = "pixel", gt_space: str | None = None,
                  min_pixels: int = DEFAULT_MIN_PIXELS, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 factor: int = DEFAULT_FACTOR) -> None:
+                 factor: int = DEFAULT_FACTOR, family: str | None = "reasoning") -> None:
         if kind not in LOCALIZATION_KINDS:
             raise ValueError(f"kind={kind!r} is not known; expected one of {LOCALIZATION_KINDS}")
         super().__init__(name or f"{kind}_reward", config or DCLRConfig(), require_answer=require_answer,
                          space=space, gt_space=gt_space, min_pixels=min_pixels, max_pixels=max_pixels,
-                         factor=factor)
+                         factor=factor, family=family)
         self.kind = kind
 
     def scores(self, completions: Sequence[Any], solution: Any, **kwargs: Any) -> Tensor:
-        """The rewards as a float64 tensor ``(N,)`` (the list-returning ``__call__`` wraps this)."""
+        """The rewards as a float64 tensor ``(N,)``, scored vectorised (any batch size)."""
         n = len(completions)
-        # validated once; the conversion scales by positive factors, so it stays valid
+        # validated once; the conversion scales by positive factors and keeps boxes boxes
         gt = torch.as_tensor(self._to_space(check_gt_boxes(solution, n=n), kwargs, n))
-        boxes, valid = parse_boxes_batch(completions, require_answer=self.require_answer)
+        boxes, valid = parse_boxes_batch(completions, require_answer=self.require_answer, fmt=self.fmt)
         self._log_unparsable(kwargs, valid)
         return _scores(torch.from_numpy(boxes).to(gt.dtype), torch.from_numpy(valid), gt, self.kind, self.config)
 
     def __call__(self, completions: Sequence[Any], solution: Any, **kwargs: Any) -> list[float]:
-        return self.scores(completions, solution, **kwargs).tolist()
+        n = len(completions)
+        if n > SCALAR_MAX_BATCH:
+            return self.scores(completions, solution, **kwargs).tolist()
+        gts = self._gt_rows(solution, kwargs, n)
+        cfg, kind, require, fmt = self.config, self.kind, self.require_answer, self.fmt
+        args = (kind, cfg.w_center, cfg.w_area, cfg.eps, cfg.center_norm == "enclosing", cfg.size_term == "sides")
+        out: list[float] = []
+        missing = 0
+        for completion, g in zip(completions, gts):
+            p = first_box(completion, require, fmt)
+            if p is None:
+                missing += 1
+            out.append(score_box(p, g, *args))
+        log = kwargs.get("log_metric")
+        if n and callable(log):
+            log(f"{self.__name__}/unparsable", missing / n)
+        return out
 
 
 class MultiBoxReward(_Reward):
@@ -302,15 +459,16 @@ class MultiBoxReward(_Reward):
     def __init__(self, config: DCLRConfig | None = None, *, name: str = "multi_box_reward",
                  require_answer: bool = True, space: str = "pixel", gt_space: str | None = None,
                  min_pixels: int = DEFAULT_MIN_PIXELS, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 factor: int = DEFAULT_FACTOR) -> None:
+                 factor: int = DEFAULT_FACTOR, family: str | None = "reasoning") -> None:
         super().__init__(name, config or DCLRConfig(), require_answer=require_answer, space=space,
-                         gt_space=gt_space, min_pixels=min_pixels, max_pixels=max_pixels, factor=factor)
+                         gt_space=gt_space, min_pixels=min_pixels, max_pixels=max_pixels, factor=factor,
+                         family=family)
 
     def __call__(self, completions: Sequence[Any], solution: Any, **kwargs: Any) -> list[float]:
         n = len(completions)
         if len(solution) != n:
             raise ValueError(f"solution has {len(solution)} entries but there are {n} completions")
-        sizes = _image_sizes(kwargs, n) if (self.gt_space == "pixel" and self.space != "pixel") else None
+        sizes = _image_sizes(kwargs, n) if self._converts else None
         out: list[float] = []
         valid = np.zeros(n, dtype=bool)
         for i, (completion, gts) in enumerate(zip(completions, solution)):
@@ -318,11 +476,9 @@ class MultiBoxReward(_Reward):
             if g.size:
                 check_gt_boxes(g, name=f"solution[{i}]")
             if sizes is not None and g.size:
-                g = to_model_space(g, sizes[0][i], sizes[1][i], self.space, min_pixels=self.min_pixels,
-                                   max_pixels=self.max_pixels, factor=self.factor, round=False)
-            text = completion_text(completion)
-            has_answer = answer_span(text) is not None or not self.require_answer
-            preds = parse_boxes(text, require_answer=self.require_answer) if has_answer else None
+                g = to_model_grid(g, sizes[0][i], sizes[1][i], self.space, min_pixels=self.min_pixels,
+                                  max_pixels=self.max_pixels, factor=self.factor)
+            preds = answer_boxes(completion, require_answer=self.require_answer, fmt=self.fmt)
             valid[i] = bool(preds)
             out.append(multi_box_score(preds, g, self.config))
         self._log_unparsable(kwargs, valid)
@@ -330,16 +486,23 @@ class MultiBoxReward(_Reward):
 
 
 class FormatReward:
-    """1 if the completion is ``<think>…</think>`` then ``<answer>`` with exactly one box, else 0."""
+    """1 if the completion is ``<think>…</think>`` then ``<answer>`` with exactly one box, else 0.
 
-    def __init__(self, name: str = "format_reward") -> None:
+    The box must be in the format of ``family`` (default ``"reasoning"``: ``(x1,y1),(x2,y2)``), the
+    rule the localization rewards parse with; ``family=None`` accepts any format.
+    """
+
+    def __init__(self, name: str = "format_reward", *, family: str | None = "reasoning") -> None:
         self.__name__ = name
+        self.family = family
+        self.fmt = box_format(family)
 
     def __repr__(self) -> str:
-        return f"FormatReward(name={self.__name__!r})"
+        return f"FormatReward(name={self.__name__!r}, family={self.family!r})"
 
     def __call__(self, completions: Sequence[Any], solution: Any = None, **kwargs: Any) -> list[float]:
-        return [1.0 if is_well_formatted(c) else 0.0 for c in completions]
+        fmt = self.fmt
+        return [1.0 if is_well_formatted(c, fmt=fmt) else 0.0 for c in completions]
 
 
 def _config(w_center: float, w_area: float, eps: float, center_norm: str, size_term: str) -> DCLRConfig:
@@ -350,7 +513,7 @@ def get_dclr_reward(*, w_center: float = 0.6, w_area: float = 0.4, eps: float = 
                     center_norm: str = "paper", size_term: str = "area", name: str = "dclr_reward",
                     **space_kwargs: Any) -> LocalizationReward:
     """DCLR reward callable. ``space_kwargs``: ``require_answer``, ``space``, ``gt_space``,
-    ``min_pixels``, ``max_pixels``, ``factor`` (see :class:`LocalizationReward`).
+    ``min_pixels``, ``max_pixels``, ``factor``, ``family`` (see :class:`LocalizationReward`).
 
     >>> r = get_dclr_reward()
     >>> r(["<think>.</think><answer>(10,10),(20,20)</answer>"], solution=[[10, 10, 20, 20]])
@@ -380,9 +543,9 @@ def get_multi_box_reward(*, w_center: float = 0.6, w_area: float = 0.4, eps: flo
     return MultiBoxReward(_config(w_center, w_area, eps, center_norm, size_term), name=name, **space_kwargs)
 
 
-def get_format_reward(*, name: str = "format_reward") -> FormatReward:
+def get_format_reward(*, name: str = "format_reward", family: str | None = "reasoning") -> FormatReward:
     """Format reward callable (see :class:`FormatReward`)."""
-    return FormatReward(name=name)
+    return FormatReward(name=name, family=family)
 
 
 dclr_reward = get_dclr_reward()
@@ -410,4 +573,6 @@ __all__ = [
     "localization_scores",
     "multi_box_reward",
     "multi_box_score",
+    "score_box",
+    "SCALAR_MAX_BATCH",
 ]

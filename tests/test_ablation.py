@@ -178,3 +178,16 @@ def test_reward_iou_alignment_iou_agrees_with_itself(tmp_path):
     assert abs(out["iou"]["rho_overlap"] - 1.0) < 1e-9  # IoU ranks groups exactly as IoU does
     assert -1.0 <= out["dclr_sides"]["rho_all"] <= 1.0
     assert "DCLR-sides" in alignment_markdown([out])
+
+
+def test_quick_run_never_writes_over_published_results(capsys):
+    import run
+
+    results = os.path.join(ABLATION, "results")
+    before = {n: os.path.getmtime(os.path.join(results, n)) for n in os.listdir(results)
+              if os.path.isfile(os.path.join(results, n))}
+    assert run.main(["--quick", "--out", results]) == 2
+    assert "published results" in capsys.readouterr().err
+    assert before == {n: os.path.getmtime(os.path.join(results, n)) for n in before}
+    assert os.path.realpath(run.QUICK_OUT) != os.path.realpath(results)
+    assert not os.path.realpath(run.QUICK_OUT).startswith(os.path.realpath(ABLATION))

@@ -355,3 +355,85 @@ def test_plan_invariants(spec, ratio, seed, shuffler):
     for cat, (_, _, n_anom) in spec.items():
         n_norm = sum(p.target.is_normal for p in plans if p.target.category == cat)
         assert n_norm == (round(n_anom * ratio / (1 - ratio)) if n_anom else 0)
+
+
+# --- issue 11: relative roots, interruptions, leftovers, file modes --------------------------------
+
+
+def test_relative_root_writes_paths_that_resolve_from_the_pairs_file(tmp_path: Path, monkeypatch):
+    make_mvtec(tmp_path / "data" / "m", categories=("a",))
+    monkeypatch.chdir(tmp_path / "data")
+    assert _data_cli(["build-pairs", "--layout", "mvtec", "--root", "m", "--out", str(tmp_path / "out"), "--quiet",
+                      "--split", "none"]) == 0
+    monkeypatch.chdir(tmp_path)  # read from elsewhere: the paths must not depend on the folder of the build
+    recs = load_pairs(tmp_path / "out" / "pairs.jsonl")
+    assert recs and all(Path(r.reference).is_file() and Path(r.target).is_file() for r in recs)
+    samples = read_layout("mvtec", Path("data") / "m")
+    assert all(Path(s.path).is_absolute() for s in samples)
+
+
+def test_ctrl_c_is_reported_without_traceback_and_leaves_nothing(tmp_path: Path, monkeypatch, capsys):
+    from differad_rl.data import pairing
+
+    root = make_mvtec(tmp_path / "m", categories=("a",))
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pairing, "build_pairs", interrupt)
+    code = _data_cli(["build-pairs", "--layout", "mvtec", "--root", str(root), "--out", str(tmp_path / "o"), "--quiet"])
+    assert code == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]
+
+
+def test_out_that_is_a_file_is_an_error_not_a_traceback(tmp_path: Path, capsys):
+    root = make_mvtec(tmp_path / "m", categories=("a",))
+    (tmp_path / "file").write_text("x")
+    for out in (tmp_path / "file", tmp_path / "file" / "sub"):
+        assert _data_cli(["build-pairs", "--layout", "mvtec", "--root", str(root), "--out", str(out), "--quiet"]) == 2
+        assert "error" in capsys.readouterr().err
+
+
+def test_leftovers_of_a_killed_build_are_removed_by_the_next_run(tmp_path: Path):
+    import subprocess
+    import sys
+
+    from differad_rl.data.atomic import atomic_directory, atomic_write_text, clean_stale_temporaries
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale_dir = tmp_path / f".tmp-out.{dead.pid}.abc"
+    (stale_dir / "images").mkdir(parents=True)
+    stale_old = tmp_path / f".old-out.{dead.pid}.xyz"
+    stale_old.mkdir()
+    stale_file = tmp_path / f".tmp-pairs.jsonl.{dead.pid}.q"
+    stale_file.write_text("half")
+    live = tmp_path / f".tmp-out.{1}.live"  # pid 1 always runs: a concurrent writer's temporary
+    live.mkdir()
+    with atomic_directory(tmp_path / "out") as tmp:
+        (tmp / "x").write_text("1")
+    assert not stale_dir.exists() and not stale_old.exists() and live.exists()
+    atomic_write_text(tmp_path / "pairs.jsonl", "{}\n")
+    assert not stale_file.exists()
+    assert clean_stale_temporaries(tmp_path / "out") == []
+
+
+def test_outputs_honour_the_umask(tmp_path: Path):
+    import os
+
+    from differad_rl.data.atomic import atomic_directory, atomic_write_text
+
+    old = os.umask(0o027)
+    try:
+        f = atomic_write_text(tmp_path / "a.txt", "x")
+        with atomic_directory(tmp_path / "d") as tmp:
+            (tmp / "y").write_text("y")
+        plain = tmp_path / "plain"
+        plain.write_text("z")
+        (tmp_path / "plaind").mkdir()
+    finally:
+        os.umask(old)
+    assert f.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777 == 0o640
+    assert (tmp_path / "d").stat().st_mode & 0o777 == (tmp_path / "plaind").stat().st_mode & 0o777 == 0o750

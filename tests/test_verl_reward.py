@@ -135,7 +135,7 @@ def test_reward_kwargs_options():
     assert a["localization"] < 1.0 and compute_score("d", text, [[0, 0, 10, 10]])["localization"] == 1.0
     # veRL's reward-model router kwargs are accepted and ignored
     assert compute_score("d", text, [[0, 0, 10, 10]], reward_router_address=None, reward_model_tokenizer=None) == base | {
-        "localization": 1.0, "iou": 1.0, "score": 2.0
+        "localization": 1.0, "iou": 1.0, "score": 2.0, "acc_0.3": 1.0, "tp": 1.0, "fp": 0.0, "fn": 0.0
     }
 
 
@@ -227,3 +227,62 @@ def test_reward_loop_worker_scores_equal_compute_score(reward_worker):
         assert {k: out["reward_extra_info"][k] for k in REWARD_KEYS} == pytest.approx(want)
     assert outs[0]["reward_extra_info"]["localization"] > 0.99  # converted to Qwen2.5-VL pixels, not compared raw
     assert outs[1]["reward_score"] == pytest.approx(1.5)  # zero box on a normal target, well formatted
+
+
+# ------------------------------------------------------------------------------------------------
+# evaluation-protocol indicators, exactness corners
+
+
+def test_protocol_indicators_equal_the_evaluation_metrics():
+    """Means of iou / acc_0.3 and F1 from the means of tp, fp, fn = the eval module's mIoU, Acc@0.3, F1@0.3."""
+    from differad_rl.eval.metrics import f1_at, sample_ious
+    from differad_rl.parsing import parse_boxes_batch
+
+    rng = np.random.default_rng(0)
+    texts, gts = [], []
+    for i in range(300):
+        g = [] if i % 4 == 0 else [[int(v) for v in (rng.integers(0, 300), rng.integers(0, 300))]]
+        if g:
+            g[0] += [g[0][0] + int(rng.integers(5, 200)), g[0][1] + int(rng.integers(5, 200))]
+            if i % 7 == 0:
+                g.append([400, 400, 450, 470])
+        kind = i % 5
+        if kind == 0:
+            p = (0, 0, 0, 0)
+        elif kind == 1:
+            p = None
+        elif kind == 2 and g:
+            p = tuple(v + int(rng.integers(-15, 15)) for v in g[-1])
+        else:
+            p = tuple(int(v) for v in sorted(rng.integers(0, 500, 2))) * 2
+            p = (p[0], p[1], p[0] + int(rng.integers(-5, 150)), p[1] + int(rng.integers(1, 150)))
+        texts.append(completion(p, fmt="bracket" if i % 3 == 0 else "qwen"))
+        gts.append(g)
+    outs = [compute_score("d", t, g) for t, g in zip(texts, gts)]
+    pred, valid = parse_boxes_batch(texts)
+    gt_lists = [g if g else [] for g in gts]
+    ious = sample_ious(pred, valid, gt_lists)
+    np.testing.assert_allclose([o["iou"] for o in outs], ious, rtol=0, atol=1e-12)
+    assert np.mean([o["acc_0.3"] for o in outs]) == pytest.approx(np.mean(ious >= 0.3))
+    normal = np.array([not g for g in gts])
+    has_box = valid & ~(pred == 0).all(axis=1)
+    tp, fp, fn = (np.mean([o[k] for o in outs]) for k in ("tp", "fp", "fn"))
+    assert 2 * tp / (2 * tp + fp + fn) == pytest.approx(f1_at(ious, normal, has_box, 0.3))
+    # the protocol reads every format; the training reward only the family's
+    bracket = compute_score("d", completion((1, 1, 5, 5), fmt="bracket"), [[1, 1, 5, 5]])
+    assert bracket["iou"] == 1.0 and bracket["tp"] == 1.0 and bracket["localization"] == 0.0 and bracket["format"] == 0.0
+    assert compute_score("d", completion((1, 1, 5, 5), fmt="bracket"), [[1, 1, 5, 5]], family="mantis")["score"] == 2.0
+
+
+def test_best_writable_answer_scores_exactly_one_and_huge_values_score_zero():
+    info = {"space": "qwen2_vl", "width": 4000, "height": 3000}
+    g = [[1001, 1001, 1013, 1009]]
+    best = ground_truth_boxes(g, info)[0].astype(int)
+    assert compute_score("d", completion(tuple(best)), g, info)["localization"] == 1.0
+    for huge in ("1e307", "1.7e308"):
+        out = compute_score("d", f"<think>r</think><answer>(10,10),({huge},20)</answer>", [[10, 10, 20, 20]])
+        assert out["localization"] == 0.0 and out["iou"] == 0.0 and not any(np.isnan(v) for v in out.values())
+    with pytest.raises(ValueError, match="sane bound"):
+        compute_score("d", "x", [[0, 0, 1e307, 10]])
+    with pytest.raises(ValueError, match="family"):
+        compute_score("d", "x", [], family="llava")

@@ -11,7 +11,30 @@ import sys
 from typing import Any
 
 
+INTERRUPTED = 130  # the shell's exit status for SIGINT
+
+
+def _interrupted(command: str) -> int:
+    print(f"differad-rl {command}: interrupted; nothing was written (the output folder is unchanged)",
+          file=sys.stderr)
+    return INTERRUPTED
+
+
 def _demo_data(args: argparse.Namespace) -> int:
+    try:
+        return _demo_data_run(args)
+    except KeyboardInterrupt:
+        return _interrupted("demo-data")
+
+
+def _build_pairs(args: argparse.Namespace) -> int:
+    try:
+        return _build_pairs_run(args)
+    except KeyboardInterrupt:
+        return _interrupted("build-pairs")
+
+
+def _demo_data_run(args: argparse.Namespace) -> int:
     from differad_rl.data.demo import build_demo_pairs
     from differad_rl.data.records import load_pairs
 
@@ -41,7 +64,7 @@ def _csv(value: str | None) -> tuple[str, ...]:
     return tuple(v.strip() for v in value.split(",") if v.strip()) if value else ()
 
 
-def _build_pairs(args: argparse.Namespace) -> int:
+def _build_pairs_run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from differad_rl.data.pairing import PairingConfig, build_pair_dir, default_textures
@@ -76,7 +99,7 @@ def _build_pairs(args: argparse.Namespace) -> int:
             samples, args.out, cfg, textures=textures, workers=args.workers, progress=not args.quiet,
             hf_dataset=args.hf_dataset,
         )
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, OSError) as exc:  # FileNotFoundError, a file where a folder must be, permissions
         print(f"differad-rl build-pairs: error: {exc}", file=sys.stderr)
         return 2
     from differad_rl.data.records import load_pairs

@@ -310,6 +310,14 @@ def _run_job(job: _Job) -> tuple[str, tuple[int, int], list[list[int]]]:
     return job.key, (w0, h0), boxes
 
 
+def _ignore_sigint() -> None:
+    """Worker initializer: Ctrl-C is the parent's to handle (it stops the pool and cleans up once),
+    not every worker's (each would print its own traceback)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _save_png(im: Any, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     im.save(path, format="PNG", compress_level=6)
@@ -447,7 +455,7 @@ def build_pairs(
                 results[k] = (size, boxes)
                 bar.update(1)
         else:
-            with ProcessPoolExecutor(max_workers=n_workers) as ex:
+            with ProcessPoolExecutor(max_workers=n_workers, initializer=_ignore_sigint) as ex:
                 chunk = max(1, len(job_list) // (16 * n_workers))
                 for k, size, boxes in ex.map(_run_job, job_list, chunksize=chunk):
                     results[k] = (size, boxes)
@@ -461,8 +469,9 @@ def build_pairs(
                 what = p.target.mask_paths[0] if p.target.mask_paths and not p.synthetic else p.target.path
                 warnings.warn(f"pair {p.id!r}: empty defect mask ({what}); pair dropped", stacklevel=2)
                 continue
-        ref_path = (out / rel_of[rkey]) if rkey in rel_of and out is not None else p.reference.path
-        tgt_path = (out / rel_of[tkey]) if tkey in rel_of and out is not None else p.target.path
+        # absolute: a relative sample path is relative to the current folder, not to the pairs file
+        ref_path = (out / rel_of[rkey]) if rkey in rel_of and out is not None else Path(p.reference.path).absolute()
+        tgt_path = (out / rel_of[tkey]) if tkey in rel_of and out is not None else Path(p.target.path).absolute()
         defect = f"synthetic_{p.synthetic}" if p.synthetic else p.target.defect
         records.append(
             PairRecord(

@@ -74,10 +74,13 @@ def _images(folder: Path) -> list[Path]:
 
 
 def _require_dir(root: str | os.PathLike[str]) -> Path:
+    """The dataset root as an absolute path: every sample path read under it is absolute, so the
+    pairs written from them resolve from anywhere (a relative ``--root`` is relative to the
+    current folder, which a pairs file read later knows nothing about)."""
     r = Path(root)
     if not r.is_dir():
         raise FileNotFoundError(f"dataset root not found or not a folder: {r}")
-    return r
+    return r.absolute()
 
 
 def _select(found: list[str], categories: Iterable[str] | None, root: Path) -> list[str]:

@@ -6,7 +6,9 @@ Steps: (1) signal-density simulation → ``density.md`` / ``density.png``, rewar
 ``size_bias.md``; (2) the demo pairs
 (``differad_rl.data.build_demo_pairs``, cached in the temp folder); (3) one supervised cold start
 per seed; (4) every arm × seed with GRPO at an equal generation budget → ``ablation.md``,
-``curves.png``, ``runs.json`` in ``--out`` (default ``examples/ablation/results``).
+``curves.png``, ``runs.json`` in ``--out`` (default ``examples/ablation/results`` for the full run;
+a ``--quick`` run writes to a temp folder, ``<tmp>/differad-rl-ablation-quick``, and refuses to write
+over the committed results: a smoke run never replaces published numbers).
 """
 
 from __future__ import annotations
@@ -81,10 +83,15 @@ class _Runner:
             self.pool.join()
 
 
+RESULTS = os.path.join(HERE, "results")
+QUICK_OUT = os.path.join(tempfile.gettempdir(), "differad-rl-ablation-quick")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny CI run: checks the pipeline, not the claims")
-    ap.add_argument("--out", default=os.path.join(HERE, "results"), help="output folder")
+    ap.add_argument("--out", default=None,
+                    help="output folder (default: examples/ablation/results; with --quick a temp folder)")
     ap.add_argument("--data-dir", default=None, help="demo pair folder (default: a cached temp folder)")
     ap.add_argument("--seeds", type=int, default=None, help="seeds per arm (default 3; quick 1)")
     ap.add_argument("--workers", type=int, default=None, help="processes (default 2; quick 1)")
@@ -95,6 +102,12 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     quick = args.quick
+    if args.out is None:
+        args.out = QUICK_OUT if quick else RESULTS
+    elif quick and os.path.realpath(args.out) == os.path.realpath(RESULTS):
+        print(f"run.py: error: --quick would overwrite the published results in {RESULTS}; "
+              "give another --out (a smoke run's numbers mean nothing)", file=sys.stderr)
+        return 2
     seeds = args.seeds if args.seeds is not None else (1 if quick else 3)
     workers = args.workers if args.workers is not None else (1 if quick else 2)
     n_pairs = args.pairs if args.pairs is not None else (32 if quick else 600)

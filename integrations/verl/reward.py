@@ -1,4 +1,5 @@
-"""DifferAD-R1 reward for veRL 0.9's reward loop: ``compute_score`` → ``{score, localization, format, iou}``.
+"""DifferAD-R1 reward for veRL 0.9's reward loop: ``compute_score`` → ``{score, localization, format, iou,
+acc_0.3, tp, fp, fn}``.
 
 Configure (0.9 ``reward.*`` keys; veRL silently ignores the legacy top-level
 ``custom_reward_function.*``)::
@@ -10,14 +11,32 @@ Configure (0.9 ``reward.*`` keys; veRL silently ignores the legacy top-level
 Per sample (DESIGN §3), with ``p`` the first box of the first ``<answer>`` and ``g`` the ground truth
 in the model's coordinate space::
 
-    localization = DCLR(p, g)      (zero-box and degenerate-box rules; multi_box=True: Hungarian)
-    iou          = IoU(p, g)       (same rules)
+    localization = DCLR(p, g)      (zero-box, degenerate-box and sane-bound rules; multi_box=True: Hungarian)
     format       = 1 if <think>…</think><answer>one box</answer> else 0
     score        = localization_weight · localization + format_weight · format
 
-Every sample returns the same four keys (veRL requires it); a model's output never raises (bad
-output scores 0). The values come from the core (:func:`differad_rl.rewards.localization_scores`,
-:func:`differad_rl.rewards.multi_box_score`, :func:`differad_rl.parsing.is_well_formatted`).
+``p`` is read in the format of the prompt ``family`` (default ``"reasoning"``: ``(x1,y1),(x2,y2)``),
+the rule of the format reward too (:data:`differad_rl.prompts.FAMILY_BOX_FORMATS`).
+
+**Evaluation-protocol indicators** (DESIGN §8), so that veRL's validation logs — which average every
+returned key per data source — carry held-out mIoU, Acc@0.3 and F1@0.3. They follow the protocol:
+the first box of the answer in *any* format (lenient parsing, as ``differad-rl eval``), IoU against
+the best-matching ground-truth box, a normal target scoring IoU 1 iff it answers the zero box::
+
+    iou      = protocol IoU                                    (mean → mIoU)
+    acc_0.3  = 1 if iou >= 0.3 else 0                          (mean → Acc@0.3)
+    tp       = anomalous target and iou >= 0.3
+    fp       = a box (valid, not the zero box) on a normal target, or with iou < 0.3
+    fn       = anomalous target and not iou >= 0.3             F1@0.3 = 2·TP / (2·TP + FP + FN)
+
+(an anomalous target answered by a wrong box counts one FP and one FN; F1 from the per-source means
+equals F1 from the counts, the ratio is scale-free).
+
+Every sample returns the same keys (:data:`REWARD_KEYS`; veRL requires it); a model's output never
+raises (bad output scores 0). The values come from the core (:func:`differad_rl.rewards.score_box`,
+the scalar twin of :func:`differad_rl.rewards.localization_scores`;
+:func:`differad_rl.rewards.multi_box_score`, :func:`differad_rl.parsing.is_well_formatted`). A call
+creates no tensor (single-box mode): about as cheap as a plain scalar implementation.
 
 Ground truth and coordinate spaces (veRL passes no images): ``ground_truth`` holds the box(es) —
 a box ``[x1, y1, x2, y2]``, a list of boxes, ``[]`` or the zero box for a normal target, a JSON
@@ -26,9 +45,11 @@ The metadata is looked up in the ``ground_truth`` dict, then ``extra_info``, the
 
 - ``space``: the model's coordinate space (``differad_rl.coords.SPACES``, e.g. ``"qwen2_5_vl"``);
 - ``width``, ``height``: size of the ORIGINAL target image (pixels);
-- ``gt_space``: ``"pixel"`` (ground truth in original target pixels) or ``"model"`` (already in
-  the model's space). Unset: ``"pixel"`` when ``space`` or an image size is given, else ``"model"``
-  — with neither given the ground truth is taken as already in the model's space;
+- ``gt_space``: ``"pixel"`` (ground truth in original target pixels; converted to the model's
+  space and snapped to its integer grid, so that the best answer a model can write scores exactly
+  1: :func:`differad_rl.coords.to_model_grid`) or ``"model"`` (already in the model's space). Unset:
+  ``"pixel"`` when ``space`` or an image size is given, else ``"model"`` — with neither given the
+  ground truth is taken as already in the model's space;
 - ``min_pixels``, ``max_pixels``: the processor's pixel budget (Qwen2.5-VL's resize).
 
 A ground truth in pixels without ``space``, or without an image size where the space needs one,
@@ -41,20 +62,26 @@ import dataclasses
 import functools
 import json
 import math
+from math import isfinite
 from collections.abc import Mapping
 from typing import Any, Literal
 
 import numpy as np
 import torch
 
-from differad_rl.coords import DEFAULT_FACTOR, DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, SPACES, to_model_space
-from differad_rl.parsing import answer_span, is_well_formatted, parse_box, parse_boxes
-from differad_rl.rewards import DCLRConfig, localization_scores, multi_box_score
+from differad_rl.boxes import MAX_COORD
+from differad_rl.coords import DEFAULT_FACTOR, DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, SPACES, box_to_model_grid
+from differad_rl.parsing import answer_boxes, first_box, is_well_formatted, parse_boxes
+from differad_rl.prompts import FAMILY_BOX_FORMATS, box_format
+from differad_rl.rewards import DCLRConfig, multi_box_score, score_box
 
-__all__ = ["RewardOptions", "REWARD_KEYS", "compute_score", "ground_truth_boxes"]
+__all__ = ["RewardOptions", "REWARD_KEYS", "PROTOCOL_IOU_THRESHOLD", "compute_score", "ground_truth_boxes"]
 
-REWARD_KEYS = ("score", "localization", "format", "iou")
+REWARD_KEYS = ("score", "localization", "format", "iou", "acc_0.3", "tp", "fp", "fn")
 """Keys of every :func:`compute_score` result, in this order."""
+
+PROTOCOL_IOU_THRESHOLD = 0.3
+"""τ of the evaluation protocol's Acc@τ and F1@τ (DESIGN §8)."""
 
 # Passed by veRL's naive reward manager when a reward-model router is configured; not ours.
 _VERL_PASSTHROUGH = frozenset({"reward_router_address", "reward_model_tokenizer"})
@@ -76,6 +103,8 @@ class RewardOptions:
         space, gt_space, min_pixels, max_pixels: defaults for the per-sample metadata (module
             docstring); the ground truth / extra_info override them.
         factor: the processor's resize factor (patch size × merge size; 28 for Qwen2/2.5-VL).
+        family: the prompt family whose box format the reward and the format check accept
+            (:data:`differad_rl.prompts.FAMILY_BOX_FORMATS`, default ``"reasoning"``; ``None``: any).
     """
 
     localization_weight: float = 1.0
@@ -92,6 +121,7 @@ class RewardOptions:
     min_pixels: int = DEFAULT_MIN_PIXELS
     max_pixels: int = DEFAULT_MAX_PIXELS
     factor: int = DEFAULT_FACTOR
+    family: str | None = "reasoning"
 
     def __post_init__(self) -> None:
         for name in ("localization_weight", "format_weight"):
@@ -109,12 +139,24 @@ class RewardOptions:
             raise ValueError(f"reward_kwargs.min_pixels={self.min_pixels} must be <= max_pixels={self.max_pixels}")
         _check_space(self.space, "reward_kwargs.space")
         _check_gt_space(self.gt_space, "reward_kwargs.gt_space")
+        if self.family is not None and self.family not in FAMILY_BOX_FORMATS:
+            raise ValueError(f"reward_kwargs.family must be one of {', '.join(FAMILY_BOX_FORMATS)} or null, "
+                             f"got {self.family!r}")
         self.dclr  # validates w_center / w_area / eps / center_norm / size_term (raises ValueError)
 
     @functools.cached_property
     def dclr(self) -> DCLRConfig:
         return DCLRConfig(w_center=self.w_center, w_area=self.w_area, eps=self.eps, center_norm=self.center_norm,
                           size_term=self.size_term)
+
+    @functools.cached_property
+    def fmt(self) -> str | None:
+        return box_format(self.family)
+
+    @functools.cached_property
+    def score_args(self) -> tuple[float, float, float, bool, bool]:
+        c = self.dclr
+        return c.w_center, c.w_area, c.eps, c.center_norm == "enclosing", c.size_term == "sides"
 
     @classmethod
     def known_options(cls) -> tuple[str, ...]:
@@ -141,12 +183,32 @@ def _options(items: tuple[tuple[str, Any], ...]) -> RewardOptions:
     return RewardOptions(**dict(items))
 
 
+_DEFAULT_OPTIONS: RewardOptions | None = None
+_BY_CALL: dict[tuple[tuple[str, Any], ...], RewardOptions] = {}
+
+
 def _options_from_kwargs(kwargs: Mapping[str, Any]) -> RewardOptions:
+    global _DEFAULT_OPTIONS
+    if not kwargs:
+        if _DEFAULT_OPTIONS is None:
+            _DEFAULT_OPTIONS = RewardOptions()
+        return _DEFAULT_OPTIONS
+    raw = tuple(kwargs.items())  # veRL passes the same config in the same order every call
+    try:
+        hit = _BY_CALL.get(raw)
+    except TypeError:  # an unhashable value (e.g. a list): validate without the cache
+        hit = None
+        raw = None  # type: ignore[assignment]
+    if hit is not None:
+        return hit
     items = tuple(sorted((k, v) for k, v in kwargs.items() if k not in _VERL_PASSTHROUGH))
     try:
-        return _options(items)
-    except TypeError:  # an unhashable value (e.g. a list): validate without the cache
+        options = _options(items)
+    except TypeError:
         return _options.__wrapped__(items)
+    if raw is not None and len(_BY_CALL) < 256:
+        _BY_CALL[raw] = options
+    return options
 
 
 def _as_boxes(value: Any, field: str) -> np.ndarray:
@@ -197,22 +259,49 @@ def _lookup(key: str, *sources: Mapping[str, Any] | None) -> Any:
     return None
 
 
-def ground_truth_boxes(
-    ground_truth: Any, extra_info: Mapping[str, Any] | None = None, options: RewardOptions | None = None
-) -> np.ndarray:
-    """The ground-truth boxes of one sample in the model's coordinate space, ``(N, 4)`` float64.
+def _fast_rows(value: Any) -> list[tuple[float, float, float, float]] | None:
+    """The common ground-truth forms as float tuples (``[x1, y1, x2, y2]``, a list of those — also
+    as parquet gives them, numpy arrays in an object array — or ``[]``), else ``None``."""
+    try:
+        if isinstance(value, np.ndarray):
+            if value.dtype != object:
+                value = value.tolist()
+            else:
+                value = [v.tolist() if isinstance(v, np.ndarray) else v for v in value]
+        if not isinstance(value, (list, tuple)):
+            return None
+        if len(value) == 4 and not isinstance(value[0], (list, tuple, np.ndarray, str, Mapping)):
+            value = [value]
+        rows = []
+        for b in value:
+            if b.__class__ is np.ndarray:
+                b = b.tolist()
+            if b.__class__ is not list and b.__class__ is not tuple or len(b) != 4:
+                return None
+            x1, y1, x2, y2 = b
+            if x1.__class__ is str or x1.__class__ is bool or y1.__class__ is str or y1.__class__ is bool or (
+                    x2.__class__ is str or x2.__class__ is bool or y2.__class__ is str or y2.__class__ is bool):
+                return None
+            r = (float(x1), float(y1), float(x2), float(y2))
+            if not (isfinite(r[0]) and isfinite(r[1]) and isfinite(r[2]) and isfinite(r[3])):
+                return None  # the slow path raises the message
+            if r[0] != 0 or r[1] != 0 or r[2] != 0 or r[3] != 0:
+                rows.append(r)
+    except (TypeError, ValueError):
+        return None
+    return rows
 
-    ``N = 0`` means a normal target (zero box). Metadata precedence: ``ground_truth`` dict, then
-    ``extra_info``, then ``options`` (module docstring).
 
-    Raises:
-        ValueError: malformed boxes; unknown ``space``/``gt_space``; ``gt_space="pixel"`` without
-            ``space``, or without ``width``/``height`` when the space needs them.
-    """
-    options = options or RewardOptions()
+def _ground_truth_rows(
+    ground_truth: Any, extra_info: Mapping[str, Any] | None, options: RewardOptions
+) -> list[tuple[float, float, float, float]]:
+    """:func:`ground_truth_boxes` as a list of float tuples (the per-call path, no numpy)."""
     gt_meta = ground_truth if isinstance(ground_truth, Mapping) else None
     info = extra_info if isinstance(extra_info, Mapping) else None
-    boxes = _as_boxes(ground_truth, "ground_truth")
+    rows = _fast_rows(ground_truth) if gt_meta is None else _fast_rows(
+        ground_truth.get("boxes", ground_truth.get("box", [])))
+    if rows is None:
+        rows = [tuple(b) for b in _as_boxes(ground_truth, "ground_truth").tolist()]
 
     space = _lookup("space", gt_meta, info) or options.space
     _check_space(space, "space")
@@ -221,8 +310,16 @@ def ground_truth_boxes(
     width, height = _lookup("width", gt_meta, info), _lookup("height", gt_meta, info)
     if gt_space is None:
         gt_space = "pixel" if (space is not None or width is not None or height is not None) else "model"
-    if gt_space == "model" or boxes.shape[0] == 0:
-        return boxes
+    for b in rows:
+        if not (-MAX_COORD <= b[0] <= MAX_COORD and -MAX_COORD <= b[1] <= MAX_COORD
+                and -MAX_COORD <= b[2] <= MAX_COORD and -MAX_COORD <= b[3] <= MAX_COORD):
+            raise ValueError(f"ground_truth box {list(b)} has a coordinate beyond the sane bound "
+                             f"|v| <= MAX_COORD = {MAX_COORD:g}")
+        if not (b[2] > b[0] and b[3] > b[1]):
+            raise ValueError(f"ground_truth box {list(b)} has zero or negative size (x2 <= x1 or y2 <= y1); "
+                             "use [] or [0, 0, 0, 0] for a normal target")
+    if gt_space == "model" or not rows:
+        return rows
     if space is None:
         raise ValueError(
             "the ground truth is in original image pixels (gt_space='pixel' or an image size given) but the "
@@ -230,7 +327,7 @@ def ground_truth_boxes(
             f"to one of {', '.join(SPACES)}"
         )
     if space == "pixel":
-        return boxes
+        return rows
     if width is None or height is None:
         missing = [name for name, v in (("width", width), ("height", height)) if v is None]
         raise ValueError(
@@ -241,17 +338,25 @@ def ground_truth_boxes(
         raise ValueError(f"image size must be positive, got width={width!r}, height={height!r}")
     min_pixels = _lookup("min_pixels", gt_meta, info) or options.min_pixels
     max_pixels = _lookup("max_pixels", gt_meta, info) or options.max_pixels
-    out = to_model_space(
-        boxes,
-        int(width),
-        int(height),
-        space,
-        min_pixels=int(min_pixels),
-        max_pixels=int(max_pixels),
-        factor=options.factor,
-        round=False,  # as the core's rewards: continuous ground truth, integer predictions
-    )
-    return np.asarray(out, dtype=np.float64).reshape(-1, 4)
+    args = (int(width), int(height), space, int(min_pixels), int(max_pixels), options.factor)
+    return [box_to_model_grid(b, *args) for b in rows]
+
+
+def ground_truth_boxes(
+    ground_truth: Any, extra_info: Mapping[str, Any] | None = None, options: RewardOptions | None = None
+) -> np.ndarray:
+    """The ground-truth boxes of one sample in the model's coordinate space, ``(N, 4)`` float64.
+
+    ``N = 0`` means a normal target (zero box). Metadata precedence: ``ground_truth`` dict, then
+    ``extra_info``, then ``options`` (module docstring). Boxes given in original pixels are snapped
+    to the model's integer grid (:func:`differad_rl.coords.to_model_grid`).
+
+    Raises:
+        ValueError: malformed boxes; unknown ``space``/``gt_space``; ``gt_space="pixel"`` without
+            ``space``, or without ``width``/``height`` when the space needs them.
+    """
+    rows = _ground_truth_rows(ground_truth, extra_info, options or RewardOptions())
+    return np.asarray(rows, dtype=np.float64).reshape(-1, 4)
 
 
 def compute_score(
@@ -272,8 +377,9 @@ def compute_score(
         **kwargs: :class:`RewardOptions` (``reward.custom_reward_function.reward_kwargs``).
 
     Returns:
-        ``{"score", "localization", "format", "iou"}`` floats (:data:`REWARD_KEYS`), the same keys
-        for every sample; localization/format/iou in [0, 1].
+        ``{"score", "localization", "format", "iou", "acc_0.3", "tp", "fp", "fn"}`` floats
+        (:data:`REWARD_KEYS`), the same keys for every sample; all but ``score`` in [0, 1] (the last
+        four are 0/1 protocol indicators, module docstring).
 
     Raises:
         ValueError: an unknown/invalid option, a malformed ground truth or missing metadata
@@ -281,20 +387,31 @@ def compute_score(
     """
     del data_source
     options = _options_from_kwargs(kwargs)
-    gt = ground_truth_boxes(ground_truth, extra_info, options)
+    gt = _ground_truth_rows(ground_truth, extra_info, options)
     text = solution_str if isinstance(solution_str, str) else ""
+    require, w_center, w_area, eps, enclosing, sides = options.require_answer, *options.score_args
 
-    fmt = 1.0 if is_well_formatted(text) else 0.0
-    box = parse_box(text, require_answer=options.require_answer)
-    pred = torch.tensor([box if box is not None else (0.0, 0.0, 0.0, 0.0)], dtype=torch.float64)
-    valid = torch.tensor([box is not None])
-    first_gt = torch.tensor(gt[:1] if gt.shape[0] else np.zeros((1, 4)), dtype=torch.float64)
-    iou = float(localization_scores(pred, valid, first_gt, kind="iou", config=options.dclr)[0])
+    fmt = 1.0 if is_well_formatted(text, fmt=options.fmt) else 0.0
+    box = first_box(text, require, options.fmt)
     if options.multi_box:
-        has_answer = answer_span(text) is not None or not options.require_answer
-        preds = parse_boxes(text, require_answer=options.require_answer) if has_answer else None
-        loc = float(multi_box_score(preds, [tuple(b) for b in gt.tolist()], options.dclr))
+        preds = answer_boxes(text, require_answer=require, fmt=options.fmt)
+        loc = float(multi_box_score(preds, gt, options.dclr))
     else:
-        loc = float(localization_scores(pred, valid, first_gt, kind="dclr", config=options.dclr)[0])
+        loc = score_box(box, gt[0] if gt else _ZERO, "dclr", w_center, w_area, eps, enclosing, sides)
+    # evaluation protocol (DESIGN §8): lenient parsing, best-matching ground-truth box. A
+    # well-formatted answer holds one box and no other number, so the lenient parse finds that box.
+    pbox = box if fmt == 1.0 else first_box(text, require, None)
+    if gt:
+        iou = max(score_box(pbox, g, "iou") for g in gt)
+        hit = iou >= PROTOCOL_IOU_THRESHOLD
+        has_box = pbox is not None and pbox != _ZERO
+        tp, fp, fn = float(hit), float(has_box and not hit), float(not hit)
+    else:
+        iou = 1.0 if pbox is not None and pbox == _ZERO else 0.0
+        tp, fp, fn = 0.0, float(pbox is not None and iou == 0.0), 0.0
     score = options.localization_weight * loc + options.format_weight * fmt
-    return {"score": float(score), "localization": loc, "format": fmt, "iou": iou}
+    return {"score": float(score), "localization": loc, "format": fmt, "iou": iou,
+            "acc_0.3": float(iou >= PROTOCOL_IOU_THRESHOLD), "tp": tp, "fp": fp, "fn": fn}
+
+
+_ZERO = (0.0, 0.0, 0.0, 0.0)
