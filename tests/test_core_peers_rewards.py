@@ -22,7 +22,7 @@ from differad_rl.box_rewards import (
     matched_hits_score,
     peer_box_scores,
 )
-from differad_rl.coords import to_model_space
+from differad_rl.coords import to_model_grid, to_model_space
 from differad_rl.rewards import get_iou_reward
 from tests import oracle, oracle_peers
 
@@ -178,7 +178,7 @@ def test_factories_pickle_and_convert_ground_truth_like_iou_reward(factory):
     assert got[1] == 1.0 and ious[1] == 1.0
     if r.kind == "iou_squared":
         assert got[0] == pytest.approx(ious[0] ** 2, abs=1e-12)
-    g = to_model_space(np.asarray([sol[0]], dtype=np.float64), 640, 480, "qwen2_vl", round=False)
+    g = to_model_grid(np.asarray([sol[0]], dtype=np.float64), 640, 480, "qwen2_vl")  # snapped as the model writes
     p = torch.tensor([[70.0, 45.0, 180.0, 120.0]], dtype=torch.float64)
     want = peer_box_scores(p, torch.ones(1, dtype=torch.bool), torch.as_tensor(g), r.kind)
     assert got[0] == pytest.approx(float(want), abs=1e-12)

@@ -130,8 +130,8 @@ def test_rewards_equal_core_on_converted_boxes(processors, family, w, h, gt, pre
         g = [x1, y1, min(w, x1 + gt[2] * (w - x1) + 1), min(h, y1 + gt[3] * (h - y1) + 1)]
     comps = [_completion(_answer(pred)), _completion(_answer((0, 0, 0, 0))), _completion("no box")]
     kw = {"solution": [g] * 3, "image_size": [[w, h]] * 3}
-    conv = coords.to_model_space(np.array([g] * 3), w, h, family, min_pixels=spec.min_pixels,
-                                 max_pixels=spec.max_pixels, factor=spec.factor, round=False)
+    conv = coords.to_model_grid(np.array([g] * 3), w, h, family, min_pixels=spec.min_pixels,
+                                max_pixels=spec.max_pixels, factor=spec.factor)  # snapped as the model writes
     fns = differad_rewards(proc, names=("dclr", "iou", "consistency"))
     for name, fn in zip(("dclr", "iou", "consistency"), fns):
         ours = fn(prompts=[None] * 3, completions=comps, **kw)

@@ -55,7 +55,8 @@ def compute_score(
             (weights, ``space``, ``require_answer``, pixel budget...; the DCLR parameters are unused).
 
     Returns:
-        ``{"score", "localization", "format", "iou"}``, ``score = localization_weight · localization
+        the method reward's keys (:data:`~differad_rl.integrations.verl.reward.REWARD_KEYS`) with
+        ``localization`` = the peer reward and ``score = localization_weight · localization
         + format_weight · format``.
 
     Raises:
@@ -84,4 +85,4 @@ def compute_score(
         loc = float(peer_box_scores(pred, torch.tensor([box is not None]), first_gt, box_reward,
                                     threshold=float(iou_threshold))[0])
     score = options.localization_weight * loc + options.format_weight * base["format"]
-    return {"score": float(score), "localization": float(loc), "format": base["format"], "iou": base["iou"]}
+    return {**base, "score": float(score), "localization": float(loc)}  # the protocol keys stay the method's
