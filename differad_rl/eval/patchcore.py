@@ -80,24 +80,31 @@ def greedy_coreset(
 
     Start at a seeded random index; then repeatedly take ``argmax_i min_{j ∈ S} ‖z_i − z_j‖`` (ties →
     the lowest index), where ``z = features · P`` with ``P ~ N(0, 1/d)`` of shape ``(C, d)`` when
-    ``0 < d = projection_dim < C``, else ``z = features``. Returns ``(k,) int64`` in selection order.
+    ``0 < d = projection_dim < C``, else ``z = features``. Squared distances are computed as
+    ``‖z_i‖² − 2 z_i·z_j + ‖z_j‖²`` (one matrix-vector product per step) in the features' dtype.
+    Returns ``(k,) int64`` in selection order.
     """
     n = int(features.shape[0])
     if n == 0:
         raise ValueError("greedy_coreset needs at least one feature")
     k = min(n, max(1, int(math.floor(n * ratio))))
     gen = torch.Generator().manual_seed(seed)
-    z = features.double()
+    z = features if features.is_floating_point() else features.double()
     if 0 < projection_dim < z.shape[1]:
         proj = torch.randn(z.shape[1], projection_dim, generator=gen, dtype=torch.float64) / math.sqrt(projection_dim)
-        z = z @ proj.to(z.device)
+        z = z @ proj.to(device=z.device, dtype=z.dtype)
+    sq = (z * z).sum(dim=1)
+
+    def dist2(i: int) -> torch.Tensor:  # squared distances to z_i (same argmax as the distances)
+        return (sq - 2.0 * (z @ z[i]) + sq[i]).clamp_min_(0)
+
     start = int(torch.randint(n, (1,), generator=gen).item())
     chosen = [start]
-    min_d = torch.linalg.vector_norm(z - z[start], dim=1)
+    min_d = dist2(start)
     for _ in range(k - 1):
         i = int(torch.argmax(min_d).item())
         chosen.append(i)
-        torch.minimum(min_d, torch.linalg.vector_norm(z - z[i], dim=1), out=min_d)
+        torch.minimum(min_d, dist2(i), out=min_d)
     return torch.tensor(chosen, dtype=torch.int64)
 
 
