@@ -70,7 +70,7 @@ def fit_gaussians(embeddings: torch.Tensor, eps: float) -> tuple[torch.Tensor, t
     """Per-position mean ``(P, d)`` and inverse regularised covariance ``(P, d, d)`` of ``(N, P, d)``.
 
     ``Σ_p = Xcᵀ Xc / max(N − 1, 1) + eps·I`` with ``Xc`` the centred ``(N, d)`` samples at position p;
-    computed in float64, returned in the input's dtype.
+    computed in float64 (inverse through the Cholesky factor), returned in the input's dtype.
     """
     n = embeddings.shape[0]
     if n == 0:
@@ -80,14 +80,14 @@ def fit_gaussians(embeddings: torch.Tensor, eps: float) -> tuple[torch.Tensor, t
     xc = (x - mean).permute(1, 0, 2)  # (P, N, d)
     cov = xc.transpose(1, 2) @ xc / max(n - 1, 1)
     cov += eps * torch.eye(x.shape[-1], dtype=x.dtype, device=x.device)
-    inv = torch.linalg.inv(cov)
+    inv = torch.cholesky_inverse(torch.linalg.cholesky(cov))  # Σ is SPD (ε > 0); 2-8x faster than inv
     return mean.to(embeddings.dtype), inv.to(embeddings.dtype)
 
 
 def mahalanobis(embeddings: torch.Tensor, mean: torch.Tensor, inv_cov: torch.Tensor) -> torch.Tensor:
     """``(B, P)`` distances ``sqrt((x − μ_p)ᵀ Σ_p⁻¹ (x − μ_p))`` of ``(B, P, d)`` embeddings."""
-    diff = embeddings - mean
-    q = torch.einsum("bpd,pde,bpe->bp", diff, inv_cov, diff)
+    diff = (embeddings - mean).transpose(0, 1)  # (P, B, d)
+    q = (torch.bmm(diff, inv_cov) * diff).sum(dim=-1).transpose(0, 1)
     return q.clamp_min(0).sqrt()
 
 
