@@ -118,6 +118,33 @@ def test_splits_fall_back_to_a_held_out_part_of_the_evaluated_set(pair_set):
     assert {r.id for r in calib}.isdisjoint(r.id for r in evaluated)
 
 
+def test_unknown_split_is_an_error_listing_the_valid_ones(pair_set, tmp_path, capsys):
+    from dataclasses import replace
+
+    from differad_rl.data.records import load_pairs
+
+    recs = load_pairs(pair_set)
+    with pytest.raises(ValueError, match=r"--split 'tset': no record of pairs has it; splits present: 'test' \(\d+\), 'train'"):
+        baseline_splits(recs, "tset")
+    with pytest.raises(ValueError, match=r"--calib-split 'trian'.*splits present: 'test'.*'train'"):
+        baseline_splits(recs, "test", "trian")
+    with pytest.raises(ValueError, match="no record outside the evaluated split"):
+        baseline_splits(recs, "test", "test")
+    evaluated, calib = baseline_splits(recs, "all", "all", 0.25)
+    assert len(evaluated) == 12 and len(calib) == 4
+    # "auto": test when present, else every record; train calibration when present
+    assert [r.split for r in baseline_splits(recs)[0]] == ["test"] * 8
+    only_train = [replace(r, split="train") for r in recs]
+    evaluated, calib = baseline_splits(only_train, "auto", "auto", 0.25)
+    assert len(evaluated) == 12 and {r.id for r in calib}.isdisjoint(r.id for r in evaluated)
+    parser = argparse.ArgumentParser()
+    eval_cli.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["baseline", "--pairs", str(pair_set), "--out", str(tmp_path / "o"), "--split", "tset"])
+    assert args.func(args) == 2
+    err = capsys.readouterr().err
+    assert "'tset'" in err and "splits present: 'test' (8), 'train' (8)" in err and not (tmp_path / "o").exists()
+
+
 def test_config_validation():
     with pytest.raises(ValueError, match="objective"):
         BaselineConfig(objective="auc")

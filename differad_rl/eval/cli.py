@@ -71,35 +71,46 @@ def register(subparsers: Any) -> None:
 
     b = subparsers.add_parser(
         "baseline",
-        help="run the classic no-model baseline (align, blur, difference, calibrated threshold) and evaluate it",
-        description="Classic baseline: align, blur, |difference|, threshold calibrated on a seeded split, "
-        "largest component → box. Writes preds.jsonl and the evaluation report.",
+        help="run a non-LLM baseline (classic difference, PatchCore or PaDiM) through the box protocol and evaluate it",
+        description="Non-LLM baselines: anomaly maps (diff: align, blur, |difference|; patchcore / padim: "
+        "pretrained EfficientNet-Lite0 fitted per category on normal images), threshold calibrated on a seeded "
+        "split, largest component → box. Writes preds.jsonl, the evaluation report and baseline.json "
+        "(threshold, image AUROC, pixel AUROC, AUPRO).",
     )
     b.add_argument("--pairs", required=True, help="pair records JSONL")
     b.add_argument(
+        "--method",
+        default="diff",
+        choices=["diff", "patchcore", "padim"],
+        help="diff (classic, default), patchcore or padim (need the 'baselines' extra)",
+    )
+    b.add_argument(
         "--split",
-        default=None,
-        help="split to evaluate; a split no record has is an error (default: test, or all records when no "
-        "record is in a test split)",
+        default="auto",
+        help="split to evaluate (default: test when the pairs have one, else all records; 'all' = every record)",
     )
     b.add_argument(
         "--calib-split",
-        default="train",
-        help="split the calibration set is drawn from (default train; else part of the evaluated split)",
+        default="auto",
+        help="split the calibration set is drawn from (default train when present; else part of the evaluated split)",
     )
     b.add_argument("--calib-fraction", type=float, default=0.3, help="calibration share (default 0.3)")
     b.add_argument("--seed", type=int, default=0, help="seed of the calibration split")
-    b.add_argument("--work-size", type=int, default=256, help="longest side of the working resolution")
-    b.add_argument("--sigma", type=float, default=1.0, help="Gaussian blur sigma (working pixels)")
-    b.add_argument("--max-shift", type=int, default=8, help="alignment search radius (working pixels)")
-    b.add_argument("--local-search", type=int, default=3, help="residual misalignment tolerance (working pixels)")
+    b.add_argument("--work-size", type=int, default=256, help="diff: longest side of the working resolution")
+    b.add_argument("--sigma", type=float, default=1.0, help="diff: Gaussian blur sigma (working pixels)")
+    b.add_argument("--max-shift", type=int, default=8, help="diff: alignment search radius (working pixels)")
+    b.add_argument("--local-search", type=int, default=3, help="diff: residual misalignment tolerance (pixels)")
+    b.add_argument("--image-size", type=int, default=256, help="patchcore/padim: square input side (default 256)")
+    b.add_argument("--coreset-ratio", type=float, default=0.1, help="patchcore: memory-bank share (default 0.1)")
+    b.add_argument("--padim-dims", type=int, default=100, help="padim: random channel subset size (default 100)")
+    b.add_argument("--device", default="cpu", help="patchcore/padim: torch device (default cpu)")
     b.add_argument(
         "--objective",
         default="pixel_f1",
         choices=["pixel_f1", "miou"],
         help="what the calibrated threshold maximises (default pixel_f1, the anomaly-map protocol)",
     )
-    b.add_argument("--workers", type=int, default=2, help="threads computing anomaly maps")
+    b.add_argument("--workers", type=int, default=2, help="threads computing/decoding anomaly maps")
     _add_common(b)
     b.set_defaults(func=_user_errors(_cmd_baseline, "baseline"))
 
@@ -166,12 +177,15 @@ def _cmd_baseline(args: argparse.Namespace) -> int:
 
     from differad_rl.data.atomic import atomic_write_text
     from differad_rl.data.records import load_pairs, write_pairs
-    from differad_rl.eval.baseline import BaselineConfig, baseline_splits, run_baseline
-    from differad_rl.eval.protocol import EvalConfig, Predictions, evaluate_records, select_split
+    from differad_rl.eval.baseline import BaselineConfig, baseline_splits, normal_images, run_baseline
+    from differad_rl.eval.padim import PadimConfig
+    from differad_rl.eval.patchcore import PatchCoreConfig
+    from differad_rl.eval.protocol import EvalConfig, Predictions, evaluate_records
     from differad_rl.eval.report import jsonable, write_metrics_json, write_report
 
     _check_out_folder(args.out)
     cfg = BaselineConfig(
+        method=args.method,
         work_size=args.work_size,
         sigma=args.sigma,
         max_shift=args.max_shift,
@@ -180,13 +194,18 @@ def _cmd_baseline(args: argparse.Namespace) -> int:
         calibration_fraction=args.calib_fraction,
         seed=args.seed,
         workers=args.workers,
+        patchcore=PatchCoreConfig(image_size=args.image_size, coreset_ratio=args.coreset_ratio),
+        padim=PadimConfig(image_size=args.image_size, dims=args.padim_dims),
+        device=args.device,
     )
     records = load_pairs(args.pairs)
-    if args.split is not None:
-        select_split(records, args.split, source=args.pairs)  # a typo is an error listing the splits present
-    split = args.split if args.split is not None else "test"  # default: test, else all records
-    evaluated, calibration = baseline_splits(records, split, args.calib_split, args.calib_fraction, args.seed)
-    result = run_baseline(evaluated, calibration, cfg)
+    evaluated, calibration = baseline_splits(records, args.split, args.calib_split, args.calib_fraction, args.seed)
+    try:
+        normal = normal_images(records, evaluated, calibration) if cfg.method != "diff" else None
+        result = run_baseline(evaluated, calibration, cfg, normal=normal)
+    except ImportError as exc:
+        print(f"differad-rl baseline: error: {exc}", file=sys.stderr)
+        return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     lines = [json.dumps({"id": r.id, "box": b.tolist()}) for r, b in zip(evaluated, result.boxes, strict=True)]
@@ -201,14 +220,20 @@ def _cmd_baseline(args: argparse.Namespace) -> int:
     ev = evaluate_records(preds, evaluated, EvalConfig(family="pixel", iou_threshold=args.iou_threshold))
     write_report(ev, out, num_cases=args.num_cases, visual=not args.no_report)
     info = {
+        "method": cfg.method,
         "threshold": result.threshold,
         "calibration_pixel_f1": result.calibration_f1,
         "calibration_ids": result.calibration_ids,
         "evaluated": len(evaluated),
+        "map_metrics": result.map_metrics,
+        "fit_images": result.fit_images,
         "config": asdict(cfg),
     }
     write_metrics_json(info, out / "baseline.json")
     _print_summary(ev.metrics)
-    print(json.dumps(jsonable({k: info[k] for k in ("threshold", "calibration_pixel_f1", "evaluated")})))
-    print(f"wrote {out / 'preds.jsonl'}, {out / 'metrics.json'}, report in {out}")
+    summary = {k: info[k] for k in ("method", "threshold", "calibration_pixel_f1", "evaluated")}
+    if result.map_metrics is not None:
+        summary["map_metrics"] = result.map_metrics["overall"]
+    print(json.dumps(jsonable(summary)))
+    print(f"wrote {out / 'preds.jsonl'}, {out / 'metrics.json'}, {out / 'baseline.json'}, report in {out}")
     return 0

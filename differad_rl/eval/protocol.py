@@ -290,8 +290,10 @@ def read_predictions(path: str | os.PathLike[str]) -> Predictions:
     )
 
 
-def select_split(records: Sequence[Any], split: str | None, *, source: str = "pairs") -> list[Any]:
-    """The records of ``split`` (all when None).
+def select_split(
+    records: Sequence[Any], split: str | None, *, source: str = "pairs", option: str = "--split"
+) -> list[Any]:
+    """The records of ``split`` (all when None); ``option`` names the option in the error.
 
     Raises:
         ValueError: no records at all, or none with that split (the message lists the splits present).
@@ -306,7 +308,7 @@ def select_split(records: Sequence[Any], split: str | None, *, source: str = "pa
         for r in records:
             counts[r.split] = counts.get(r.split, 0) + 1
         present = ", ".join(f"{k!r} ({n})" for k, n in sorted(counts.items()))
-        raise ValueError(f"--split {split!r}: no record of {source} has it; splits present: {present}")
+        raise ValueError(f"{option} {split!r}: no record of {source} has it; splits present: {present}")
     return chosen
 
 
