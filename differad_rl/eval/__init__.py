@@ -4,7 +4,10 @@
 * :mod:`~differad_rl.eval.protocol` — prediction files, family formats/spaces, :func:`evaluate`;
 * :mod:`~differad_rl.eval.report` — metrics JSON, per-sample JSONL, PNG sheets and HTML report;
 * :mod:`~differad_rl.eval.anomaly_maps` — anomaly map → box (calibrated threshold, largest component);
-* :mod:`~differad_rl.eval.baseline` — the classic no-model baseline;
+* :mod:`~differad_rl.eval.baseline` — the non-LLM baselines (classic difference, PatchCore, PaDiM:
+  :mod:`~differad_rl.eval.patchcore`, :mod:`~differad_rl.eval.padim` on
+  :mod:`~differad_rl.eval.backbone`), with the map metrics of :mod:`~differad_rl.eval.map_metrics`;
+* :mod:`~differad_rl.eval.comparison` — constant predictors and several methods side by side;
 * :mod:`~differad_rl.eval.cli` — ``differad-rl eval`` / ``differad-rl baseline``.
 
 Names are re-exported lazily so ``import differad_rl.eval`` (and the CLI) stays cheap.
@@ -38,6 +41,18 @@ _EXPORTS = {
     "BaselineConfig": "baseline",
     "run_baseline": "baseline",
     "baseline_splits": "baseline",
+    "normal_images": "baseline",
+    "PatchCore": "patchcore",
+    "PatchCoreConfig": "patchcore",
+    "Padim": "padim",
+    "PadimConfig": "padim",
+    "map_metrics": "map_metrics",
+    "aupro": "map_metrics",
+    "pixel_auroc": "map_metrics",
+    "image_auroc": "map_metrics",
+    "constant_predictions": "comparison",
+    "write_comparison": "comparison",
+    "comparison_table": "comparison",
 }
 
 __all__ = sorted(_EXPORTS)
