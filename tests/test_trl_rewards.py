@@ -169,7 +169,7 @@ def test_target_sizes_errors_name_the_sample():
     img = Image.new("RGB", (50, 40))
     with pytest.raises(ValueError, match=r"sample 1 \(id 'b'\): image_size=\[50, 41\] but the target image is 50x40"):
         target_image_sizes(2, image_size=[[50, 40], [50, 41]], images=[[img, img], [img, img]], ids=["a", "b"])
-    with pytest.raises(ValueError, match="sample 0: no 'image_size' column and no target image"):
+    with pytest.raises(ValueError, match="sample 0: no 'image_size' column and no 'images' / 'image' column"):
         target_image_sizes(1)
     with pytest.raises(ValueError, match="must be two positive integers"):
         target_image_sizes(1, image_size=[[0, 10]])

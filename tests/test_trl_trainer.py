@@ -418,3 +418,106 @@ def test_train_with_weights_and_resampling_logs_metrics(model_path, tmp_path, st
         assert 1.0 <= h["differad/weight_mean"] <= h["differad/weight_max"] <= 2.07
         assert torch.isfinite(torch.tensor(h["loss"]))
     assert sum(h["differad/rounds_used"] for h in generated) >= 1  # the 2 hard prompts were resampled
+
+
+# ------------------------------------------------------------------ start-up refusals (issue 10, items 3, 4, 5, 7)
+def _box_rows(n=2):
+    rows = make_prompt_rows(["easy"] * n)
+    return [{**r, "solution": [4.0, 4.0, 20.0, 20.0], "image_size": [56, 56]} for r in rows]
+
+
+def _processor(model_path):
+    from differad_rl.integrations.tiny_qwen_vl import load_tiny_qwen_vl
+
+    return load_tiny_qwen_vl(model_path)[1]
+
+
+def test_format_reward_is_never_the_localization_reward(model_path, tmp_path):
+    """item 3: `--rewards format,iou` used to make the format reward the localization reward."""
+    from differad_rl.integrations.trl import differad_rewards, localization_reward_name
+
+    names = ["format", "iou"]
+    funcs = differad_rewards(_processor(model_path), names=names)
+    with pytest.raises(ValueError, match=r"localization_reward='format_reward' is the format reward.*box reward"):
+        make_trainer(DifferADGRPOTrainer, model_path, funcs, _box_rows(), 8, tmp_path,
+                     difficulty_weighting=True, localization_reward="format_reward")
+    assert localization_reward_name(names) == "iou_reward"
+    assert localization_reward_name(["format", "iou", "dclr"]) == "dclr_reward"
+    with pytest.raises(ValueError, match="no box reward"):
+        localization_reward_name(["format"])
+    trainer = make_trainer(DifferADGRPOTrainer, model_path, funcs, _box_rows(), 8, tmp_path,
+                           difficulty_weighting=True, localization_reward=localization_reward_name(names))
+    assert trainer._loc_index == 1
+
+
+def test_two_rewards_with_one_name_are_refused(model_path, tmp_path):
+    """item 4: two DCLR variants named alike silently resolved to the first."""
+    from differad_rl.integrations.trl import get_reward
+
+    processor = _processor(model_path)
+    paper = get_reward("dclr", processor)
+    enclosing = get_reward("dclr", processor, center_norm="enclosing")
+    with pytest.raises(ValueError, match=r"2 reward functions have this name.*distinct name"):
+        make_trainer(DifferADGRPOTrainer, model_path, [paper, enclosing], _box_rows(), 8, tmp_path,
+                     difficulty_weighting=True, localization_reward="dclr_reward")
+    renamed = get_reward("dclr", processor, center_norm="enclosing", name="dclr_enclosing_reward")
+    trainer = make_trainer(DifferADGRPOTrainer, model_path, [paper, renamed], _box_rows(), 8, tmp_path,
+                           difficulty_weighting=True, localization_reward="dclr_enclosing_reward")
+    assert trainer._loc_index == 1 and trainer.reward_func_names == ["dclr_reward", "dclr_enclosing_reward"]
+
+
+def test_resampling_with_vllm_refused_before_trl_builds_anything(model_path, tmp_path):
+    """item 5: refused by the config, and by the trainer before GRPOTrainer.__init__ (no vLLM here:
+    TRL would otherwise fail on its own vLLM import)."""
+    with pytest.raises(ValueError, match=r"resample_rounds=1 is not supported with use_vllm=True.*resample_rounds=0"):
+        DifferADGRPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], resample_rounds=1, use_vllm=True)
+    cfg = DifferADGRPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], resample_rounds=1,
+                             num_generations=G, per_device_train_batch_size=8)
+    cfg.use_vllm = True  # set after construction: the trainer still refuses first
+    from datasets import Dataset
+
+    from differad_rl.integrations.tiny_qwen_vl import load_tiny_qwen_vl
+
+    model, processor = load_tiny_qwen_vl(model_path)
+    with pytest.raises(ValueError, match=r"not supported together with use_vllm=True"):
+        DifferADGRPOTrainer(model=model, processing_class=processor, reward_funcs=[text_loc_reward], args=cfg,
+                            train_dataset=Dataset.from_list(make_prompt_rows(["easy"] * 2)))
+    cfg.use_vllm = False
+    with pytest.raises(ValueError, match=r"not supported together with rollout_func"):
+        DifferADGRPOTrainer(model=model, processing_class=processor, reward_funcs=[text_loc_reward], args=cfg,
+                            train_dataset=Dataset.from_list(make_prompt_rows(["easy"] * 2)),
+                            rollout_func=lambda prompts, trainer: {})
+
+
+def test_dataset_columns_checked_at_start_up(model_path, tmp_path):
+    """item 7: a dataset without `solution` failed with a TypeError after the first generation."""
+    from differad_rl.integrations.trl import differad_rewards
+
+    funcs = differad_rewards(_processor(model_path))
+    rows = [{k: v for k, v in r.items() if k != "solution"} for r in _box_rows()]
+    with pytest.raises(ValueError, match=r"no 'solution' column, which reward 'dclr_reward' reads.*to_trl_dataset"):
+        make_trainer(DifferADGRPOTrainer, model_path, funcs, rows, 8, tmp_path)
+    rows = [{k: v for k, v in r.items() if k not in ("image_size", "images")} for r in _box_rows()]
+    with pytest.raises(ValueError, match=r"neither an 'image_size' column nor an 'images'"):
+        make_trainer(DifferADGRPOTrainer, model_path, funcs, rows, 8, tmp_path)
+
+
+def test_image_paths_are_measured_and_cross_checked(tmp_path):
+    """item 7: images given as paths (TRL accepts them) are measured, and cross-checked with image_size."""
+    from PIL import Image
+
+    from differad_rl.integrations.trl import target_image_sizes
+
+    ref, tgt = tmp_path / "ref.png", tmp_path / "tgt.png"
+    Image.new("RGB", (40, 30)).save(ref)
+    Image.new("RGB", (64, 48)).save(tgt)
+    images = [[str(ref), str(tgt)], [{"path": str(ref)}, f"file://{tgt}"], [ref, {"bytes": tgt.read_bytes()}]]
+    assert target_image_sizes(3, images=images).tolist() == [[64, 48]] * 3
+    with pytest.raises(ValueError, match=r"sample 0: image_size=\[60, 48\] but the target image is 64x48"):
+        target_image_sizes(1, image_size=[[60, 48]], images=images[:1])
+    with pytest.raises(ValueError, match=r"sample 0: no 'image_size' column, and the target \(last\) image is a int"):
+        target_image_sizes(1, images=[[3]])
+    with pytest.raises(ValueError, match=r"sample 0: no 'image_size' column and no 'images' / 'image' column"):
+        target_image_sizes(1)
+    with pytest.raises(ValueError, match="cannot open the target image"):
+        target_image_sizes(1, images=[[str(tmp_path / "missing.png")]])

@@ -87,7 +87,9 @@ def test_design_hyperparameters(launch):
     assert (actor.clip_ratio_low, actor.clip_ratio_high) == (0.2, 0.28)
     assert actor.loss_agg_mode == "token-mean"
     assert actor.freeze_vision_tower is True
-    assert cfg.data.max_prompt_length == 1024
+    # the prompt budget follows the pixel budget: two images of 1,003,520 px = 2 × 1280 visual tokens + text
+    assert cfg.data.max_prompt_length == 2 * 1003520 // 28**2 + 512 == 3072
+    assert cfg.algorithm.differad.mask_truncated is True  # DESIGN §1: truncated completions masked
     assert cfg.trainer.total_epochs == 1
     assert rollout.limit_images == 2
     assert cfg.trainer.use_v1 is True
@@ -103,7 +105,7 @@ def test_plugin_pieces_resolve(launch):
     from differad_rl.integrations.verl.reward import _options_from_kwargs
 
     assert get_adv_estimator_fn(cfg.algorithm.adv_estimator) is compute_differad_advantage
-    assert DifferadConfig.from_algorithm_config(cfg.algorithm) == DifferadConfig(scale="group")
+    assert DifferadConfig.from_algorithm_config(cfg.algorithm) == DifferadConfig(scale="group", mask_truncated=True)
     fn = get_custom_reward_fn(cfg)  # veRL's own pkg:// loading with the reward_kwargs bound
     out = fn(data_source="d", solution_str="<think>.</think><answer>(1,1),(9,9)</answer>", ground_truth=[[1, 1, 9, 9]])
     assert out["score"] == 2.0

@@ -217,7 +217,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def build_config(args: argparse.Namespace, out: Path, tiny: bool, reward_names: list[str], learner: bool = False) -> Any:
-    from differad_rl.integrations.trl import DifferADGRPOConfig
+    from differad_rl.integrations.trl import DifferADGRPOConfig, localization_reward_name
 
     import torch
 
@@ -242,7 +242,7 @@ def build_config(args: argparse.Namespace, out: Path, tiny: bool, reward_names: 
         "difficulty_weighting": not (args.no_difficulty_weights or args.plain_grpo),
         "difficulty_scope": args.difficulty_scope,
         "resample_rounds": 0 if args.plain_grpo else (k_default if args.resample_rounds is None else args.resample_rounds),
-        "localization_reward": "dclr_reward" if "dclr" in reward_names else f"{reward_names[0]}_reward",
+        "localization_reward": localization_reward_name(reward_names),  # never the format reward
     }
     explicit = {k: v for k, v in {
         "num_generations": args.num_generations,

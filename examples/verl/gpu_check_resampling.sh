@@ -4,7 +4,7 @@
 # manager (regenerates degenerate groups up to K rounds) and replay buffer (logs the statistics).
 # A few training steps on the offline demo pairs, then the logged metrics are checked.
 #
-#   pip install "differad-rl[verl]" vllm        # vLLM brings torchvision (veRL's image path needs it)
+#   pip install "differad-rl[verl-vllm]"        # veRL's pinned vLLM extra (brings torchvision, which veRL's image path needs)
 #   MODEL_PATH=/models/Qwen2.5-VL-3B-Instruct bash examples/verl/gpu_check_resampling.sh
 #
 # Environment: MODEL_PATH (a local folder or a hub id the machine can download), NGPUS (1),

@@ -3,14 +3,16 @@
 # DCLR + format reward, the `differad` advantage estimator (difficulty weights from the localization
 # reward), same-prompt group resampling, the paper's hyperparameters (DESIGN §1).
 #
-#   pip install "differad-rl[verl]" vllm          # on the GPU machines (vLLM brings torchvision)
-#   python examples/verl/prepare_data.py --pairs pairs.jsonl --out ~/data/differad
+#   pip install "differad-rl[verl-vllm]"   # on the GPU machines: veRL's own vllm extra (vllm 0.24.0 with the
+#                                          # torch / torchvision / transformers it pins)
+#   python examples/verl/prepare_data.py --pairs pairs.jsonl --out ~/data/differad --max-pixels 1003520
 #   bash examples/verl/run_differad_qwen2_5_vl.sh [extra hydra overrides ...]
 #
 # Multi-node: start Ray on every node first (`ray start --head` on one, `ray start
 # --address=<head>:6379` on the others), then run this script on the head node with NNODES set.
 # Every config key below is checked against veRL 0.9.1's own config schema by
-# tests/test_verl_examples.py. Keys that veRL's YAML lacks need a leading `+`.
+# tests/test_verl_examples.py. Keys that veRL's YAML lacks need a leading `+`. Every differad-rl
+# option is checked again when veRL starts (before Ray), by the plugin's start-up check.
 set -euo pipefail
 
 MODEL_PATH=${MODEL_PATH:-Qwen/Qwen2.5-VL-7B-Instruct}
@@ -23,6 +25,16 @@ TP=${TP:-2}                                 # vLLM tensor parallel size per repl
 # -> one update per step over 2 prompts per GPU.
 GROUP_SIZE=8
 PROMPTS_PER_STEP=$((2 * NNODES * NGPUS_PER_NODE))
+# The prompt budget follows the pixel budget (DESIGN §1: max_pixels = 14·14·4·1280). Each image is
+# at most MAX_PIXELS / FACTOR² visual tokens (FACTOR = patch 14 × merge 2 for Qwen2/2.5-VL; 32 for
+# Qwen3-VL), two images per prompt, plus the text (system prompt, instruction, chat template: under
+# 300 tokens). The paper's 1024-token cap fits only images under ~560 px; with
+# data.filter_overlong_prompts=True a smaller budget silently drops every larger pair.
+MAX_PIXELS=${MAX_PIXELS:-1003520}
+FACTOR=${FACTOR:-28}
+IMAGES_PER_PROMPT=2
+TEXT_TOKENS=512
+MAX_PROMPT_LENGTH=$((IMAGES_PER_PROMPT * MAX_PIXELS / (FACTOR * FACTOR) + TEXT_TOKENS))   # 3072
 
 python3 -m verl.trainer.main_ppo \
     trainer.use_v1=True \
@@ -30,6 +42,7 @@ python3 -m verl.trainer.main_ppo \
     +algorithm.differad.tau=0.3 \
     +algorithm.differad.scope=group \
     +algorithm.differad.eps=1e-4 \
+    +algorithm.differad.mask_truncated=True \
     algorithm.norm_adv_by_std_in_grpo=True \
     algorithm.use_kl_in_reward=False \
     reward.custom_reward_function.path=pkg://differad_rl.integrations.verl.reward \
@@ -46,7 +59,7 @@ python3 -m verl.trainer.main_ppo \
     data.train_files="$DATA_DIR/train.parquet" \
     data.val_files="$DATA_DIR/val.parquet" \
     data.train_batch_size="$PROMPTS_PER_STEP" \
-    data.max_prompt_length=1024 \
+    data.max_prompt_length="$MAX_PROMPT_LENGTH" \
     data.max_response_length=1024 \
     data.filter_overlong_prompts=True \
     data.truncation=error \

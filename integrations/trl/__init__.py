@@ -36,6 +36,7 @@ from .rewards import (  # noqa: E402
     coordinate_spec,
     differad_rewards,
     get_reward,
+    localization_reward_name,
     reward_names,
     target_image_sizes,
 )
@@ -53,6 +54,7 @@ __all__ = [
     "coordinate_spec",
     "differad_rewards",
     "get_reward",
+    "localization_reward_name",
     "reward_names",
     "target_image_sizes",
     "build_messages",

@@ -128,6 +128,11 @@ class DifferADGRPOConfig(GRPOConfig):
             raise ValueError(f"degenerate_tol must be a finite number >= 0, got {tol!r}")
         self.degenerate_tol = float(tol)
         check_peer_fields(self)
+        if k > 0 and getattr(self, "use_vllm", False):
+            raise ValueError(
+                f"resample_rounds={k} is not supported with use_vllm=True (group resampling regenerates single rows "
+                "with TRL's transformers generation); set resample_rounds=0 or use_vllm=False"
+            )
 
     @property
     def differad_active(self) -> bool:

@@ -41,11 +41,13 @@ from differad_rl import coords as _coords
 from differad_rl import rewards as _core
 
 __all__ = [
+    "BOX_REWARDS",
     "CoordinateSpec",
     "TargetSizeReward",
     "coordinate_spec",
     "differad_rewards",
     "get_reward",
+    "localization_reward_name",
     "reward_names",
     "target_image_sizes",
     "PEER_REWARD_FACTORIES",
@@ -72,12 +74,33 @@ PEER_REWARD_FACTORIES: Mapping[str, str] = {
 REWARD_FACTORIES = {**REWARD_FACTORIES, **PEER_REWARD_FACTORIES}
 _BOX_REWARDS = frozenset({"dclr", "iou", "consistency", "multi_box", *PEER_REWARD_FACTORIES})
 _MULTI_BOX_REWARDS = frozenset({"multi_box", "matched_hits"})
+#: reward names that score a box (the others — ``format`` — judge the text only).
+BOX_REWARDS = _BOX_REWARDS
 _DCLR_OPTIONS = frozenset({"w_center", "w_area", "eps", "center_norm", "size_term"})
 
 
 def reward_names() -> tuple[str, ...]:
     """Names accepted by :func:`get_reward` / :func:`differad_rewards`."""
     return tuple(REWARD_FACTORIES)
+
+
+def localization_reward_name(names: Sequence[str]) -> str:
+    """The ``__name__`` of the localization reward in a list of reward names (``"dclr,format"`` → ``"dclr_reward"``).
+
+    The localization reward is the one that judges the box: ``dclr`` when present (the paper's),
+    else the first box reward of ``names`` (``iou``, ``consistency``, ``multi_box``) — never
+    ``format``, whose values say nothing about where the box is.
+
+    Raises:
+        ValueError: ``names`` holds no box reward (difficulty weights and resampling need one).
+    """
+    boxes = [n for n in names if n in _BOX_REWARDS]
+    if not boxes:
+        raise ValueError(
+            f"rewards {list(names)} hold no box reward: difficulty weights and group resampling are judged on the "
+            f"localization reward; add one of {sorted(_BOX_REWARDS)} (e.g. dclr)"
+        )
+    return f"{'dclr' if 'dclr' in boxes else boxes[0]}_reward"
 
 
 # --------------------------------------------------------------------------------------------
@@ -235,10 +258,28 @@ def coordinate_spec(
 # Target image sizes per sample
 # --------------------------------------------------------------------------------------------
 def _image_wh(img: Any) -> tuple[int, int] | None:
+    """``(width, height)`` of a PIL image, or of an image TRL also accepts: a path (``file://`` too)
+    or a ``{"path"}`` / ``{"bytes"}`` dict (only the header is read). ``None`` when it is none of these."""
     size = getattr(img, "size", None)  # PIL: (width, height)
     if isinstance(size, tuple) and len(size) == 2:
         return int(size[0]), int(size[1])
-    return None
+    source: Any = None
+    if isinstance(img, (str, bytes)) or hasattr(img, "__fspath__"):
+        source = img
+    elif isinstance(img, Mapping):
+        source = img.get("bytes") or img.get("path")
+    if source is None:
+        return None
+    import io
+
+    from PIL import Image
+
+    if isinstance(source, bytes):
+        source = io.BytesIO(source)
+    elif isinstance(source, str) and source.startswith("file://"):
+        source = source[len("file://"):]
+    with Image.open(source) as opened:
+        return int(opened.size[0]), int(opened.size[1])
 
 
 def target_image_sizes(
@@ -270,13 +311,22 @@ def target_image_sizes(
             raise ValueError(f"images: {len(pics)} entries for {n} completions")
         for i, lst in enumerate(pics):
             if lst:
-                from_images[i] = _image_wh(lst[-1])
+                try:
+                    from_images[i] = _image_wh(lst[-1])
+                except OSError as err:
+                    raise ValueError(f"{_name(i)}: cannot open the target image {lst[-1]!r}: {err}") from err
     if image_size is None:
         missing = [i for i, s in enumerate(from_images) if s is None]
         if missing:
-            raise ValueError(
-                f"{_name(missing[0])}: no 'image_size' column and no target image to read the size from"
-            )
+            i = missing[0]
+            if pics is None:
+                why = "no 'image_size' column and no 'images' / 'image' column"
+            elif not pics[i]:
+                why = "no 'image_size' column and no images in this row"
+            else:
+                why = (f"no 'image_size' column, and the target (last) image is a {type(pics[i][-1]).__name__}, "
+                       "not a PIL image, a path or a {'path'|'bytes'} dict")
+            raise ValueError(f"{_name(i)}: {why}; add image_size = [width, height] of the target image")
         return np.asarray(from_images, dtype=np.int64).reshape(n, 2)
     if len(image_size) != n:
         raise ValueError(f"image_size: {len(image_size)} entries for {n} completions")
@@ -345,12 +395,14 @@ class TargetSizeReward:
         return f"TargetSizeReward({self.__name__!r}, {self.inner!r})"
 
 
-def get_reward(name: str, spec: CoordinateSpec | Any, **options: Any) -> Callable[..., list[float]]:
+def get_reward(name: str, spec: CoordinateSpec | Any, /, **options: Any) -> Callable[..., list[float]]:
     """One TRL reward function by ``name`` (see :func:`reward_names`).
 
     Box rewards are built by the core factory with ``gt_space="pixel"``, ``space=spec.space`` and
     the spec's pixel budget, then wrapped in :class:`TargetSizeReward`; ``"format"`` is the core's
-    :func:`~differad_rl.rewards.format_reward` (options are not accepted for it).
+    :func:`~differad_rl.rewards.format_reward` (options are not accepted for it). The option
+    ``name=`` renames the function (its ``__name__``, under which TRL logs it and
+    ``localization_reward`` finds it): two variants of one reward in a trainer need distinct names.
 
     Raises:
         ValueError: unknown ``name`` (the message lists the known ones) or options for ``format``.
@@ -358,9 +410,10 @@ def get_reward(name: str, spec: CoordinateSpec | Any, **options: Any) -> Callabl
     if name not in REWARD_FACTORIES:
         raise ValueError(f"reward name {name!r} is unknown; known rewards: {', '.join(reward_names())}")
     if name not in _BOX_REWARDS:
+        rename = options.pop("name", None)
         if options:
             raise ValueError(f"reward {name!r} takes no options, got {sorted(options)}")
-        return getattr(_core, REWARD_FACTORIES[name])()
+        return getattr(_core, REWARD_FACTORIES[name])(**({"name": rename} if rename else {}))
     spec = coordinate_spec(spec)
     factory = getattr(_peer_core if name in PEER_REWARD_FACTORIES else _core, REWARD_FACTORIES[name])
     kw: dict[str, Any] = dict(options)
@@ -397,6 +450,8 @@ def differad_rewards(
     names = list(names)
     if not names:
         raise ValueError("names=[]: give at least one reward name")
+    if "name" in options:
+        raise ValueError("name= would give every reward the same name; rename one reward with get_reward(kind, spec, name=...)")
     unknown = [n for n in names if n not in REWARD_FACTORIES]
     if unknown:
         raise ValueError(f"reward name {unknown[0]!r} is unknown; known rewards: {', '.join(reward_names())}")

@@ -47,7 +47,7 @@ from .compat import KNOWN_OUTPUT_KEYS, UnsupportedOutputError, check_output_keys
 from .config import DifferADGRPOConfig
 from .peers import apply_peer_strategies, peers_active, resample_rule
 
-__all__ = ["DifferADGRPOTrainer", "splice_rows", "trl_advantages"]
+__all__ = ["DifferADGRPOTrainer", "check_dataset_columns", "splice_rows", "trl_advantages"]
 
 check_trl_version()
 
@@ -212,6 +212,7 @@ class DifferADGRPOTrainer(GRPOTrainer):
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        _check_before_build(*args, **kwargs)  # before TRL builds a vLLM engine or waits for a server
         super().__init__(*args, **kwargs)
         cfg = self.args
         self._dw_on = bool(getattr(cfg, "difficulty_weighting", False))
@@ -236,24 +237,37 @@ class DifferADGRPOTrainer(GRPOTrainer):
             }
             used = [name for name, on in blockers.items() if on]
             if used:
-                raise ValueError(
-                    f"resample_rounds={self._resample_k} is not supported together with {', '.join(used)}; "
-                    "group resampling regenerates single rows with TRL's transformers generation. "
-                    "Set resample_rounds=0."
-                )
+                raise ValueError(_resample_blocked_message(self._resample_k, used))
 
     def _resolve_localization_reward(self, name: str | None) -> int:
         known = list(self.reward_func_names)
         if name is None:
             if len(known) == 1:
-                return 0
-            raise ValueError(
-                "localization_reward=None is ambiguous with several reward functions; set it to the name of "
-                f"the localization reward, one of {known}"
-            )
-        if name not in known:
+                index = 0
+            else:
+                raise ValueError(
+                    "localization_reward=None is ambiguous with several reward functions; set it to the name of "
+                    f"the localization reward, one of {known}"
+                )
+        elif name not in known:
             raise ValueError(f"localization_reward={name!r} is not a reward function of this trainer; known: {known}")
-        return known.index(name)
+        else:
+            index = known.index(name)
+        if known.count(known[index]) > 1:
+            raise ValueError(
+                f"localization_reward={known[index]!r}: {known.count(known[index])} reward functions have this name "
+                f"({known}); TRL logs them under one key and the localization reward would silently be the first. "
+                "Give each a distinct name, e.g. get_reward('dclr', processor, name='dclr_enclosing_reward')"
+            )
+        func = self.reward_funcs[index]
+        if _is_text_only_reward(func):
+            raise ValueError(
+                f"localization_reward={known[index]!r} is the format reward, which judges the text, not the box: "
+                "difficulty weights and degeneracy would be judged on it. Name a box reward (dclr_reward, "
+                "iou_reward, consistency_reward, multi_box_reward); "
+                "differad_rl.integrations.trl.localization_reward_name(names) picks it from a list of names"
+            )
+        return index
 
     # ------------------------------------------------------------------------------------------ hooks
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):  # noqa: D401 - TRL hook
@@ -432,6 +446,76 @@ class DifferADGRPOTrainer(GRPOTrainer):
                     table[base + row] = completion
             self._logs["completion"].clear()
             self._logs["completion"].extend(table)
+
+
+def _resample_blocked_message(k: int, used: Sequence[str]) -> str:
+    return (
+        f"resample_rounds={k} is not supported together with {', '.join(used)}; group resampling regenerates "
+        "single rows with TRL's transformers generation. Set resample_rounds=0."
+    )
+
+
+def _is_text_only_reward(func: Any) -> bool:
+    """The core's format reward (judges the text only; its values say nothing about the box)."""
+    from differad_rl.rewards import FormatReward
+
+    return isinstance(func, FormatReward)
+
+
+def _check_before_build(*args: Any, **kwargs: Any) -> None:
+    """What ``DifferADGRPOTrainer`` can refuse before ``GRPOTrainer.__init__`` runs (it builds a
+    colocated vLLM engine or waits up to 240 s for a vLLM server; without vLLM installed it raises
+    TRL's import error): resampling with vLLM / rollout_func / tools / environments, and a
+    training dataset missing the columns the box rewards read."""
+    names = ("model", "reward_funcs", "args", "train_dataset")
+    given = dict(zip(names, args))
+    given.update({k: kwargs[k] for k in names if k in kwargs})
+    cfg = given.get("args")
+    k = int(getattr(cfg, "resample_rounds", 0) or 0)
+    if k > 0:
+        used = [name for name, on in (
+            ("use_vllm=True", bool(getattr(cfg, "use_vllm", False))),
+            ("rollout_func", kwargs.get("rollout_func") is not None),
+            ("tools", bool(kwargs.get("tools"))),
+            ("environment_factory", kwargs.get("environment_factory") is not None),
+        ) if on]
+        if used:
+            raise ValueError(_resample_blocked_message(k, used))
+    funcs = given.get("reward_funcs")
+    funcs = funcs if isinstance(funcs, (list, tuple)) else [funcs] if funcs is not None else []
+    check_dataset_columns(given.get("train_dataset"), funcs)
+
+
+def check_dataset_columns(dataset: Any, reward_funcs: Sequence[Any]) -> None:
+    """Raise ``ValueError`` when ``dataset`` lacks a column that one of ``reward_funcs`` reads.
+
+    Box rewards (:class:`~differad_rl.integrations.trl.rewards.TargetSizeReward`) read ``solution``
+    (``boxes`` for the multi-box reward may replace it) and the target size, from ``image_size`` or
+    the last image of ``images`` / ``image``. A dataset whose columns are unknown (an
+    ``IterableDataset`` without features) is not checked.
+    """
+    from .rewards import TargetSizeReward
+
+    columns = getattr(dataset, "column_names", None)
+    if dataset is None or not columns:
+        return
+    columns = set(columns)
+    for func in reward_funcs:
+        if not isinstance(func, TargetSizeReward):
+            continue
+        need_box = {"solution", "boxes"} if func.multi_box else {"solution"}
+        if not columns & need_box:
+            raise ValueError(
+                f"train_dataset has no {' or '.join(repr(c) for c in sorted(need_box))} column, which reward "
+                f"{func.__name__!r} reads (the target's box(es) in original pixels, [0, 0, 0, 0] for a normal target); "
+                f"its columns are {sorted(columns)}. Build it with differad_rl.integrations.trl.to_trl_dataset"
+            )
+        if not columns & {"image_size", "images", "image"}:
+            raise ValueError(
+                f"train_dataset has neither an 'image_size' column nor an 'images' / 'image' column, so reward "
+                f"{func.__name__!r} cannot know the target image's size; its columns are {sorted(columns)}. "
+                "Add image_size = [width, height] of the target (to_trl_dataset does)"
+            )
 
 
 def _replace_last(values: list, value: float) -> None:

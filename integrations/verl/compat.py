@@ -14,8 +14,12 @@ advantage estimator, so the per-sample **localization** reward that
 ``extra_fields["reward_extra_info"]``, exactly where veRL's own DAPO ``filter_groups.metric`` reads
 it) never reaches the estimator. :func:`install_localization_bridge` wraps that one method: when
 ``algorithm.adv_estimator == "differad"`` it reads the localization of the batch's trajectories
-from the TransferQueue (same keys, same order as the method's own fetch) and provides it to the
-estimator for the duration of the call (:func:`differad_rl.integrations.verl.estimator.provide_localization`).
+from the TransferQueue (same keys, same order as the method's own fetch) — only when the
+difficulty weights need it (``difficulty_weights=true``, ``weight_source=localization``) — and
+provides it to the estimator for the duration of the call
+(:func:`differad_rl.integrations.verl.estimator.provide_batch_context`), together with the
+multi-output session layout of the keys (only each session's final output enters the group
+statistics, as veRL's GRPO) and, with ``mask_truncated``, the rollout's response length.
 For every other estimator the wrapper is a pass-through. veRL's code is not copied or edited.
 
 The wrap is installed lazily: ``trainer_base`` costs ~2 s to import and is only needed in the
@@ -168,13 +172,19 @@ def _fetch_localization(tq: Any, batch: Any, key: str) -> np.ndarray:
             f"trajectories carry none (neither extra_fields.reward_extra_info[{key!r}] nor a field {key!r}). "
             "Use reward.custom_reward_function.path=pkg://differad_rl.integrations.verl.reward "
             "(name=compute_score), or set +algorithm.differad.localization_key to the key your reward "
-            "returns, or +algorithm.differad.weight_source=score."
+            "returns, or +algorithm.differad.difficulty_weights=false for plain group advantages."
         ) from err
     return loc
 
 
 def _wrap_compute_advantage(original: Callable[..., Any], tq: Any) -> Callable[..., Any]:
-    from differad_rl.integrations.verl.estimator import ESTIMATOR_NAME, DifferadConfig, provide_localization
+    from differad_rl.integrations.verl.estimator import (
+        ESTIMATOR_NAME,
+        BatchContext,
+        DifferadConfig,
+        provide_batch_context,
+        session_layout,
+    )
 
     @functools.wraps(original)
     def _compute_advantage(self: Any, batch: Any, metrics: dict) -> Any:
@@ -182,10 +192,19 @@ def _wrap_compute_advantage(original: Callable[..., Any], tq: Any) -> Callable[.
         if str(algorithm.adv_estimator) != ESTIMATOR_NAME:
             return original(self, batch, metrics)
         cfg = DifferadConfig.from_algorithm_config(algorithm)
-        if cfg.weight_source != "localization":
-            return original(self, batch, metrics)
-        loc = _fetch_localization(tq, batch, cfg.localization_key)
-        with provide_localization(loc):
+        needs_loc = cfg.difficulty_weights and cfg.weight_source == "localization"
+        loc = _fetch_localization(tq, batch, cfg.localization_key) if needs_loc else None
+        layout = session_layout(batch.keys)
+        response_length = None
+        if cfg.mask_truncated:
+            response_length = int(self.config.actor_rollout_ref.rollout.response_length)
+        context = BatchContext(
+            localization=loc,
+            session_of_row=None if layout is None else layout[0],
+            final_rows=None if layout is None else layout[1],
+            response_length=response_length,
+        )
+        with provide_batch_context(context):
             return original(self, batch, metrics)
 
     setattr(_compute_advantage, _BRIDGE_MARK, True)

@@ -17,15 +17,28 @@ Where the localization reward comes from: veRL calls an estimator with ``token_l
 provided, in this order of precedence, by
 
 1. the ``localization=`` argument (direct calls, tests);
-2. :func:`provide_localization` — installed by the plugin's localization bridge
+2. :func:`provide_batch_context` — installed by the plugin's localization bridge
    (:func:`differad_rl.integrations.verl.compat.install_localization_bridge`) around veRL's V1
    ``PPOTrainer._compute_advantage``, which reads ``reward_extra_info["localization"]`` of each
    trajectory from the TransferQueue;
-3. with ``+algorithm.differad.weight_source=score``, the summed reward itself (for a reward that
-   is the localization score alone).
+3. with ``+algorithm.differad.weight_source=score``, the summed reward itself — only for a reward
+   that IS the localization score, in [0, 1]: a score outside [0, 1] raises (ω would leave
+   [1, 2.066]; differad's own ``compute_score`` adds the format reward unless
+   ``reward_kwargs.format_weight=0``).
 
 Otherwise the estimator raises ``ValueError`` rather than weigh by the wrong signal. veRL's
-deprecated legacy trainer (``trainer.use_v1=False``) has no bridge: use ``weight_source=score`` there.
+deprecated legacy trainer (``trainer.use_v1=False``) has no bridge; the start-up check
+(:mod:`differad_rl.integrations.verl.checks`) refuses it with the localization weights on.
+
+Multi-output sessions: an agent loop may return several outputs per session (``{uid}_{session}_{i}``
+TransferQueue keys). As veRL's own GRPO (``compute_advantage_for_multi_trajectories``), only the
+final output of each session enters the group statistics, and its advantage is broadcast to the
+other outputs of the session; the bridge provides the layout (``session_of_row``).
+
+Truncated completions (``mask_truncated=True``, DESIGN §1): a completion that used the whole
+response budget (``actor_rollout_ref.rollout.response_length`` generated tokens, provided by the
+bridge) gets advantage 0 after the group statistics are taken — it adds no policy-gradient term,
+as TRL's ``mask_truncated_completions``; its reward still counts in its group's mean and std.
 
 Options (``+algorithm.differad.<name>=<value>`` on the command line), see :class:`DifferadConfig`.
 """
@@ -49,14 +62,38 @@ __all__ = [
     "DifferadConfig",
     "compute_differad_advantage",
     "group_ids_from_index",
+    "BatchContext",
+    "provide_batch_context",
     "provide_localization",
     "register",
+    "session_layout",
 ]
 
 ESTIMATOR_NAME = "differad"
 """``algorithm.adv_estimator`` value that selects this estimator."""
 
-_LOCALIZATION: contextvars.ContextVar[Any] = contextvars.ContextVar("differad_localization", default=None)
+_SCORE_RANGE_TOL = 1e-6
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchContext:
+    """What the bridge knows about the batch beyond veRL's estimator arguments (rows in batch order).
+
+    Attributes:
+        localization: ``(bs,)`` localization reward of each row, or ``None``.
+        session_of_row: ``(bs,)`` int index of each row's session, with ``final_rows[s]`` the row of
+            session ``s``'s final output; ``None`` when every session has one output.
+        final_rows: ``(sessions,)`` int rows of the final outputs, or ``None``.
+        response_length: the rollout's response budget (tokens), for ``mask_truncated``; or ``None``.
+    """
+
+    localization: Any = None
+    session_of_row: Any = None
+    final_rows: Any = None
+    response_length: int | None = None
+
+
+_CONTEXT: contextvars.ContextVar[BatchContext | None] = contextvars.ContextVar("differad_batch", default=None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +120,8 @@ class DifferadConfig:
             ``difficulty_weights=false``; ``None`` (default) — ``difficulty_weights`` decides.
         correct_threshold: EMIT's "correct" (localization ``> correct_threshold``; EMIT's rule is ``> 0``).
         univg_form, univg_power: UniVG-R1's factor (defaults: its code's ``"power"``, 1).
+        mask_truncated: ``True`` zeroes the advantage of completions that used the whole response
+            budget (module docstring); needs the response length, which the bridge provides.
     """
 
     tau: float = 0.3
@@ -96,6 +135,7 @@ class DifferadConfig:
     correct_threshold: float = 0.0
     univg_form: Literal["power", "exp", "log"] = "power"
     univg_power: float = 1.0
+    mask_truncated: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)) or not 0.0 <= float(self.tau) <= 1.0:
@@ -114,6 +154,8 @@ class DifferadConfig:
             raise ValueError(
                 f"algorithm.differad.weight_source must be 'localization' or 'score', got {self.weight_source!r}"
             )
+        if not isinstance(self.mask_truncated, bool):
+            raise ValueError(f"algorithm.differad.mask_truncated must be true or false, got {self.mask_truncated!r}")
         if not isinstance(self.localization_key, str) or not self.localization_key:
             raise ValueError(
                 f"algorithm.differad.localization_key must be a non-empty string, got {self.localization_key!r}"
@@ -198,6 +240,16 @@ def _plain(value: Any) -> Any:
 
 
 @contextlib.contextmanager
+def provide_batch_context(context: BatchContext) -> Iterator[None]:
+    """Make ``context`` visible to ``differad`` calls inside the block (the bridge's hand-over)."""
+    token = _CONTEXT.set(context)
+    try:
+        yield
+    finally:
+        _CONTEXT.reset(token)
+
+
+@contextlib.contextmanager
 def provide_localization(localization: Any) -> Iterator[None]:
     """Make per-sample localization rewards visible to ``differad`` calls inside the block.
 
@@ -205,11 +257,36 @@ def provide_localization(localization: Any) -> Iterator[None]:
         localization: ``(bs,)`` array-like aligned with the rows of the batch whose advantages are
             computed inside the block (the order of ``token_level_rewards``).
     """
-    token = _LOCALIZATION.set(localization)
-    try:
+    with provide_batch_context(BatchContext(localization=localization)):
         yield
-    finally:
-        _LOCALIZATION.reset(token)
+
+
+def session_layout(keys: Any) -> tuple[np.ndarray, np.ndarray] | None:
+    """TransferQueue keys ``{uid}_{session}_{index}`` → ``(session_of_row, final_rows)``, as veRL's GRPO.
+
+    The final output of a session is its highest ``index``. Returns ``None`` when every session
+    has exactly one output (the single-turn case: nothing to select).
+
+    Raises:
+        ValueError: a key not in veRL's ``{uid}_{session}_{index}`` layout.
+    """
+    sessions: dict[str, int] = {}
+    session_of_row = np.empty(len(keys), dtype=np.int64)
+    final: list[tuple[int, int]] = []  # per session: (index, row)
+    for row, key in enumerate(keys):
+        parts = str(key).rsplit("_", 2)
+        if len(parts) != 3 or not parts[2].lstrip("-").isdigit():
+            raise ValueError(f"TransferQueue key {key!r} is not veRL's '{{uid}}_{{session}}_{{index}}' layout")
+        s = sessions.setdefault(f"{parts[0]}_{parts[1]}", len(sessions))
+        index = int(parts[2])
+        if s == len(final):
+            final.append((index, row))
+        elif final[s][0] < index:
+            final[s] = (index, row)
+        session_of_row[row] = s
+    if len(final) == len(keys):
+        return None
+    return session_of_row, np.asarray([row for _, row in final], dtype=np.int64)
 
 
 def group_ids_from_index(index: Any, device: torch.device | str | None = None) -> torch.Tensor:
@@ -245,19 +322,22 @@ def compute_differad_advantage(
         index: ``(bs,)`` veRL ``uid`` of each sample's prompt (its group).
         config: veRL's ``algorithm`` config; options under ``config.differad`` (:class:`DifferadConfig`).
         localization: ``(bs,)`` localization reward of each sample; default: the value given by
-            :func:`provide_localization` (the plugin's bridge), see the module docstring.
+            :func:`provide_batch_context` (the plugin's bridge), see the module docstring.
         **kwargs: other arguments veRL may pass (``reward_baselines``...), ignored.
 
     Returns:
         ``(advantages, returns)``, both ``(bs, response_length)`` and equal (outcome reward), in the
-        dtype/device of ``token_level_rewards``.
+        dtype/device of ``token_level_rewards``. With a multi-output session layout in the batch
+        context, every output of a session carries its final output's advantage.
 
     Raises:
         ValueError: no ``index``; invalid/unknown ``algorithm.differad`` options; no localization
-            reward available with ``weight_source="localization"``; a length mismatch.
+            reward available with ``weight_source="localization"``; ``weight_source="score"`` with a
+            score outside [0, 1]; ``mask_truncated`` without a known response length; a length mismatch.
     """
     del kwargs
     cfg = DifferadConfig.from_algorithm_config(config)
+    context = _CONTEXT.get() or BatchContext()
     if index is None:
         raise ValueError("the differad estimator needs veRL's uid index (index=None): rollout.n samples per prompt")
     with torch.no_grad():
@@ -265,34 +345,72 @@ def compute_differad_advantage(
         ids = group_ids_from_index(index, device=scores.device)
         if ids.numel() != scores.numel():
             raise ValueError(f"index has {ids.numel()} entries for {scores.numel()} samples")
-        adv = group_advantages_by_id(scores, ids, scale=cfg.scale, eps=cfg.eps)
-        weighting = cfg.active_weighting
-        if weighting is not None:
-            loc = _resolve_localization(localization, scores, cfg)
-            if weighting == "differad":
-                adv = adv * difficulty_weights_by_id(loc, ids, tau=cfg.tau, scope=cfg.scope)
-            elif weighting == "emit":
-                adv = adv * wrong_share_weights_by_id(loc, ids, float(cfg.correct_threshold))
-            else:
-                adv = adv * mean_reward_weight(loc, cfg.univg_form, float(cfg.univg_power))
+        loc = _resolve_localization(localization, context, scores, cfg) if cfg.active_weighting else None
+        if context.final_rows is not None:  # only each session's final output enters the statistics
+            rows = torch.as_tensor(np.asarray(context.final_rows), device=scores.device, dtype=torch.long)
+            back = torch.as_tensor(np.asarray(context.session_of_row), device=scores.device, dtype=torch.long)
+            if back.numel() != scores.numel():
+                raise ValueError(f"session layout has {back.numel()} rows for {scores.numel()} samples")
+            adv = _advantages(scores[rows], ids[rows], None if loc is None else loc[rows], cfg)[back]
+        else:
+            adv = _advantages(scores, ids, loc, cfg)
+        if cfg.mask_truncated:
+            adv = adv.masked_fill(_truncated(response_mask, context.response_length), 0.0)
         # cast the (int) mask once into a fresh tensor, then scale it in place: ~3x faster than the
         # mixed-dtype broadcast product, and never writes into the caller's mask (copy=True)
         advantages = response_mask.to(token_level_rewards.dtype, copy=True).mul_(adv.to(token_level_rewards.dtype).unsqueeze(-1))
     return advantages, advantages
 
 
-def _resolve_localization(localization: Any, scores: torch.Tensor, cfg: DifferadConfig) -> torch.Tensor:
+def _advantages(scores: torch.Tensor, ids: torch.Tensor, loc: torch.Tensor | None, cfg: DifferadConfig) -> torch.Tensor:
+    """Group advantages × the active weighting (ω, EMIT's or UniVG-R1's) of ``loc`` (None: unweighted)."""
+    adv = group_advantages_by_id(scores, ids, scale=cfg.scale, eps=cfg.eps)
+    weighting = cfg.active_weighting
+    if loc is None or weighting is None:
+        return adv
+    if weighting == "differad":
+        return adv * difficulty_weights_by_id(loc, ids, tau=cfg.tau, scope=cfg.scope)
+    if weighting == "emit":
+        return adv * wrong_share_weights_by_id(loc, ids, float(cfg.correct_threshold))
+    return adv * mean_reward_weight(loc, cfg.univg_form, float(cfg.univg_power))
+
+
+def _truncated(response_mask: torch.Tensor, response_length: int | None) -> torch.Tensor:
+    """Rows whose response used the whole budget: last response token at position >= budget - 1."""
+    if response_length is None:
+        raise ValueError(
+            "algorithm.differad.mask_truncated=True needs the rollout's response length, which the differad "
+            "plugin's bridge provides in veRL's V1 trainer (trainer.use_v1=True); set "
+            "+algorithm.differad.mask_truncated=false elsewhere"
+        )
+    positions = torch.arange(1, response_mask.size(-1) + 1, device=response_mask.device)
+    length = (positions * (response_mask != 0)).amax(dim=-1)
+    return length >= int(response_length)
+
+
+def _resolve_localization(
+    localization: Any, context: BatchContext, scores: torch.Tensor, cfg: DifferadConfig
+) -> torch.Tensor:
     if localization is None and cfg.weight_source == "score":
+        low, high = float(scores.min()), float(scores.max())
+        if low < -_SCORE_RANGE_TOL or high > 1.0 + _SCORE_RANGE_TOL:
+            raise ValueError(
+                f"algorithm.differad.weight_source=score weighs groups by the summed reward, which must be a "
+                f"localization score in [0, 1]; got rewards in [{low:.4g}, {high:.4g}] (the difficulty weight "
+                "would leave [1, 2.066]). Keep weight_source=localization (the default; the reward returns "
+                "'localization'), or make the reward the localization score alone "
+                "(+reward.custom_reward_function.reward_kwargs.format_weight=0 with differad's compute_score)."
+            )
         return scores
     if localization is None:
-        localization = _LOCALIZATION.get()
+        localization = context.localization
     if localization is None:
         raise ValueError(
             "the differad estimator weighs groups by the localization reward, but none reached it. "
             "With veRL's V1 trainer the differad_rl plugin provides it (install differad-rl so that its "
             "verl.plugins entry point loads, and return 'localization' from the reward: "
             "reward.custom_reward_function.path=pkg://differad_rl.integrations.verl.reward); "
-            "or set +algorithm.differad.weight_source=score to weigh by the summed reward."
+            "or set +algorithm.differad.difficulty_weights=false for plain group advantages."
         )
     loc = torch.as_tensor(np.asarray(localization) if not isinstance(localization, torch.Tensor) else localization)
     loc = loc.to(device=scores.device, dtype=scores.dtype).reshape(-1)

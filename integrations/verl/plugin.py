@@ -7,7 +7,11 @@ trainer and every Ray worker without user code. Importing this module
 1. checks the veRL / transformers versions (:func:`differad_rl.integrations.verl.compat.check_versions`);
 2. registers the ``differad`` advantage estimator (:func:`differad_rl.integrations.verl.estimator.register`);
 3. installs the localization bridge (:func:`differad_rl.integrations.verl.compat.install_localization_bridge`),
-   which lets the reward's per-sample localization score reach the estimator in the V1 trainer.
+   which lets the reward's per-sample localization score reach the estimator in the V1 trainer;
+4. installs the start-up check (:func:`differad_rl.integrations.verl.checks.install_startup_check`):
+   ``verl.trainer.main_ppo`` validates every differad-rl option (estimator, reward kwargs,
+   resampling, sampler class) in the driver, before Ray starts, instead of after the first rollout
+   or inside a Ray worker.
 
 The group-resampling classes (:mod:`differad_rl.integrations.verl.resampling`) need no import here:
 veRL loads them by name from the configuration (``agent_loop_manager_class``, ``custom_sampler``),
@@ -33,11 +37,12 @@ REGISTERED: tuple[str, ...] = ()
 
 def load() -> tuple[str, ...]:
     """Register everything (idempotent); returns :data:`REGISTERED`."""
-    from differad_rl.integrations.verl import compat, estimator
+    from differad_rl.integrations.verl import checks, compat, estimator
 
     compat.check_versions()
     estimator.register()
     compat.install_localization_bridge()
+    checks.install_startup_check()
     return (estimator.ESTIMATOR_NAME,)
 
 

@@ -33,7 +33,8 @@ veRL's conversion of the rollout node to its ``RolloutConfig`` dataclass in ever
 
     +actor_rollout_ref.rollout.agent.agent_loop_manager_class=differad_rl.integrations.verl.resampling.DifferadAgentLoopManagerTQ
     trainer.v1.sampler.custom_sampler.path=pkg://differad_rl.integrations.verl.resampling
-    trainer.v1.sampler.custom_sampler.name=DifferadReplayBuffer       # DifferadReplayBufferAsync for async modes
+    trainer.v1.sampler.custom_sampler.name=DifferadReplayBuffer       # DifferadReplayBufferAsync for
+    #   trainer.v1.trainer_mode=colocate_async|separate_async (a mismatch is refused at start-up)
     +differad.resample.rounds=2          # K; 0 = off (the statistics are still reported)
     +differad.resample.metric=localization
     +differad.resample.tol=1e-6
@@ -56,7 +57,6 @@ import contextvars
 import dataclasses
 import functools
 import logging
-import math
 import os
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -72,6 +72,14 @@ from verl.trainer.ppo.v1 import replay_buffer as _replay_buffer
 from verl.trainer.ppo.v1.replay_buffer import ReplayBuffer, ReplayBufferAsync
 
 from differad_rl.groups import degenerate_groups
+from differad_rl.integrations.verl.checks import (
+    CONFIG_NODE,
+    MANAGER_FQN,
+    ResampleConfig,
+    _get,
+    _plain,
+    validate_trainer_config,
+)
 from differad_rl.resampling import ResampleStats, resample_groups
 
 __all__ = [
@@ -92,17 +100,12 @@ __all__ = [
 logger = logging.getLogger(__name__)
 logger.setLevel(os.getenv("VERL_LOGGING_LEVEL", "WARN"))
 
-CONFIG_NODE = "differad.resample"
-"""Where the options live in veRL's config (``+differad.resample.<name>=...``)."""
-
 RECORD_KEY = "differad_resample"
 """Key of the per-group record in each trajectory's ``extra_fields``."""
 
 METRIC_PREFIX = "training/differad_resample/"
 """Prefix of the logged statistics."""
 
-MANAGER_FQN = f"{__name__}.DifferadAgentLoopManagerTQ"
-"""Value for ``+actor_rollout_ref.rollout.agent.agent_loop_manager_class``."""
 _SAMPLER_NAMES = ("DifferadReplayBuffer", "DifferadReplayBufferAsync")
 _DRIVER_THREADS = 64
 
@@ -115,119 +118,8 @@ _COLLECTING: contextvars.ContextVar[bool] = contextvars.ContextVar("differad_res
 
 
 # ------------------------------------------------------------------------------------------------
-# configuration
-
-
-@dataclasses.dataclass(frozen=True)
-class ResampleConfig:
-    """Options of same-prompt group resampling (``+differad.resample.<name>``).
-
-    Attributes:
-        rounds: K, regeneration rounds at most (exactly K when a group stays degenerate); 0 turns
-            regeneration off while still reporting the degenerate shares.
-        metric: the reward extra judged for degeneracy (a key of the reward's extra info);
-            ``"reward"`` judges the summed score instead (not recommended, DESIGN §6).
-        tol: std under which a group's rewards count as all equal.
-        perfect: the reward of a perfect answer; a group holding one is never degenerate.
-    """
-
-    rounds: int = 0
-    metric: str = "localization"
-    tol: float = 1e-6
-    perfect: float = 1.0
-
-    def __post_init__(self) -> None:
-        if isinstance(self.rounds, bool) or not isinstance(self.rounds, int) or self.rounds < 0:
-            raise ValueError(f"{CONFIG_NODE}.rounds must be an integer >= 0, got {self.rounds!r}")
-        if not isinstance(self.metric, str) or not self.metric:
-            raise ValueError(f"{CONFIG_NODE}.metric must be a non-empty string, got {self.metric!r}")
-        for name in ("tol", "perfect"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-                raise ValueError(f"{CONFIG_NODE}.{name} must be a finite number, got {value!r}")
-        if self.tol <= 0:
-            raise ValueError(f"{CONFIG_NODE}.tol must be > 0, got {self.tol!r}")
-
-    @classmethod
-    def from_config(cls, config: Any) -> ResampleConfig:
-        """Read ``config.differad.resample`` (a veRL DictConfig or a plain mapping).
-
-        A missing node gives the defaults (K = 0). Unknown keys raise ``ValueError`` naming them.
-        """
-        node = _get(_get(config, "differad"), "resample")
-        if node is None:
-            return cls()
-        if not isinstance(node, Mapping) and not hasattr(node, "items"):
-            raise ValueError(f"{CONFIG_NODE} must be a mapping of options, got {node!r}")
-        values = {str(k): _plain(v) for k, v in node.items()}
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            names = ", ".join(f"{CONFIG_NODE}.{k}" for k in unknown)
-            raise ValueError(f"unknown option(s) {names}; known: {sorted(known)}")
-        return cls(**values)
-
-
-def _get(node: Any, key: str) -> Any:
-    if node is None:
-        return None
-    if isinstance(node, Mapping):
-        return node.get(key)
-    getter = getattr(node, "get", None)
-    return getter(key) if getter is not None else getattr(node, key, None)
-
-
-def _plain(value: Any) -> Any:
-    try:  # OmegaConf containers -> python
-        from omegaconf import OmegaConf
-
-        if OmegaConf.is_config(value):
-            return OmegaConf.to_container(value, resolve=True)
-    except ImportError:  # pragma: no cover - omegaconf always comes with veRL
-        pass
-    return value
-
-
-def validate_trainer_config(config: Any) -> ResampleConfig:
-    """Check a whole veRL trainer config for resampling; return the :class:`ResampleConfig`.
-
-    Raises ValueError for: unknown/invalid ``differad.resample`` options, the legacy trainer
-    (``trainer.use_v1=False``), ``rollout.n < 2`` with K > 0, and ``algorithm.filter_groups``
-    enabled together with a differad sampler that was not told about it (veRL gives custom
-    samplers no filter-groups settings, so DAPO would silently be off).
-    """
-    cfg = ResampleConfig.from_config(config)
-    trainer = _get(config, "trainer")
-    if trainer is not None and _get(trainer, "use_v1") is False:
-        raise ValueError(
-            "differad group resampling runs in veRL's V1 trainer only; got trainer.use_v1=False "
-            "(the V1 trainer is the 0.9 default)"
-        )
-    rollout = _get(_get(config, "actor_rollout_ref"), "rollout")
-    n = _get(rollout, "n")
-    if cfg.rounds > 0 and n is not None and int(n) < 2:
-        raise ValueError(f"{CONFIG_NODE}.rounds={cfg.rounds} needs groups: actor_rollout_ref.rollout.n={n} < 2")
-    if cfg.rounds > 0 and _get(rollout, "full_determinism"):
-        logger.warning(
-            "actor_rollout_ref.rollout.full_determinism=True: regenerated groups may repeat the same "
-            "completions (request ids are deterministic), so resampling cannot help"
-        )
-    filter_groups = _get(_get(config, "algorithm"), "filter_groups")
-    sampler = _get(_get(_get(trainer, "v1"), "sampler"), "custom_sampler")
-    if filter_groups is not None and _get(filter_groups, "enable") and _get(sampler, "name") in _SAMPLER_NAMES:
-        kwargs = _get(_get(_get(trainer, "v1"), "sampler"), "sampler_kwargs") or {}
-        want = {
-            "filter_groups_metric": _get(filter_groups, "metric"),
-            "train_batch_size": _get(_get(config, "data"), "train_batch_size"),
-        }
-        for key, value in want.items():
-            if _get(kwargs, key) != value:
-                raise ValueError(
-                    f"algorithm.filter_groups.enable=True with trainer.v1.sampler.custom_sampler.name="
-                    f"{_get(sampler, 'name')}: veRL passes no filter-groups settings to a custom sampler, so set "
-                    f"+trainer.v1.sampler.sampler_kwargs.{key}={value} (got {_get(kwargs, key)!r})"
-                )
-    return cfg
+# configuration: ResampleConfig and validate_trainer_config live in .checks (no veRL trainer import),
+# where the plugin's start-up check uses them too; re-exported here.
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,0 +1,411 @@
+"""Start-up checks of a veRL 0.9 trainer config that uses differad-rl's pieces.
+
+veRL validates ``algorithm.*`` extras, reward kwargs and the sampler class only when they are first
+used — after the first rollout, or inside Ray reward workers whose ``ValueError`` lands in worker
+logs. :func:`check_config` checks everything differad-rl reads, in the driver, before Ray starts:
+the plugin (:mod:`differad_rl.integrations.verl.plugin`) wraps ``verl.utils.config.validate_config``
+(what ``python -m verl.trainer.main_ppo`` calls first, for the V1 and the legacy trainer alike) so
+that :func:`check_config` runs right after veRL's own checks (:func:`install_startup_check`).
+
+Each problem is reported with the option, its value and the fix; all problems are raised at once
+as one :class:`ConfigError` (a ``ValueError``). What is checked, when the piece is in use:
+
+- ``algorithm.adv_estimator=differad``: the ``algorithm.differad.*`` options
+  (:class:`~differad_rl.integrations.verl.estimator.DifferadConfig`); ``actor_rollout_ref.rollout.n``
+  ≥ 2 (one completion per prompt has advantage 0: nothing trains); the V1 trainer when the
+  localization bridge is needed (weights from ``localization`` or ``mask_truncated``);
+  ``weight_source=score`` only with a score that is the localization alone (differad's own reward
+  with ``format_weight=0``, ``localization_weight=1``): else ω leaves [1, 2.066].
+- the reward ``pkg://differad_rl.integrations.verl.reward`` / ``compute_score``: its
+  ``reward_kwargs`` (:class:`~differad_rl.integrations.verl.reward.RewardOptions`), built as the
+  reward builds them.
+- group resampling (the ``DifferadAgentLoopManagerTQ`` manager, :class:`ResampleConfig`): the
+  ``differad.resample.*`` options; the V1 trainer; ``n`` ≥ 2, sampling on (``temperature`` > 0,
+  ``do_sample``) and rewards computed at rollout time when K > 0; the sampler class matching
+  ``trainer.v1.trainer_mode`` (``sync`` → ``DifferadReplayBuffer``, async modes →
+  ``DifferadReplayBufferAsync``); DAPO ``filter_groups`` settings passed to a differad sampler.
+- a differad sampler in any trainer mode: the class matching ``trainer.v1.trainer_mode``.
+
+This module imports neither veRL's trainer nor Ray (only the core, the estimator's config and the
+reward's options), so it is cheap in every process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+__all__ = [
+    "CONFIG_NODE",
+    "ConfigError",
+    "MANAGER_FQN",
+    "REWARD_MODULE",
+    "ResampleConfig",
+    "SAMPLER_FOR_MODE",
+    "check_config",
+    "config_problems",
+    "install_startup_check",
+    "validate_trainer_config",
+]
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NODE = "differad.resample"
+"""Where the resampling options live in veRL's config (``+differad.resample.<name>=...``)."""
+
+MANAGER_FQN = "differad_rl.integrations.verl.resampling.DifferadAgentLoopManagerTQ"
+"""Value for ``+actor_rollout_ref.rollout.agent.agent_loop_manager_class``."""
+
+REWARD_MODULE = "differad_rl.integrations.verl.reward"
+"""The module of differad's ``compute_score``."""
+
+SAMPLER_FOR_MODE: Mapping[str, str] = {
+    "sync": "DifferadReplayBuffer",
+    "colocate_async": "DifferadReplayBufferAsync",
+    "separate_async": "DifferadReplayBufferAsync",
+}
+"""The differad sampler class for each ``trainer.v1.trainer_mode`` (veRL's own choice: the sync
+``ReplayBuffer`` for ``sync``, ``ReplayBufferAsync`` for the async modes)."""
+
+_SAMPLER_NAMES = frozenset(SAMPLER_FOR_MODE.values())
+_STARTUP_MARK = "__differad_startup_check__"
+
+
+class ConfigError(ValueError):
+    """A differad-rl setting in a veRL config that would fail or silently misbehave later."""
+
+
+# ------------------------------------------------------------------------------------------------
+# config access
+
+
+def _get(node: Any, key: str) -> Any:
+    if node is None:
+        return None
+    if isinstance(node, Mapping):
+        return node.get(key)
+    getter = getattr(node, "get", None)
+    if callable(getter):
+        try:
+            return getter(key, None)
+        except Exception:  # noqa: BLE001 - dataclass-style configs whose get() differs
+            pass
+    return getattr(node, key, None)
+
+
+def _path(config: Any, dotted: str) -> Any:
+    node = config
+    for key in dotted.split("."):
+        node = _get(node, key)
+    return node
+
+
+def _plain(value: Any) -> Any:
+    try:  # OmegaConf containers -> python
+        from omegaconf import OmegaConf
+
+        if OmegaConf.is_config(value):
+            return OmegaConf.to_container(value, resolve=True)
+    except ImportError:  # pragma: no cover - omegaconf always comes with veRL
+        pass
+    return value
+
+
+# ------------------------------------------------------------------------------------------------
+# resampling options
+
+
+@dataclasses.dataclass(frozen=True)
+class ResampleConfig:
+    """Options of same-prompt group resampling (``+differad.resample.<name>``).
+
+    Attributes:
+        rounds: K, regeneration rounds at most (exactly K when a group stays degenerate); 0 turns
+            regeneration off while still reporting the degenerate shares.
+        metric: the reward extra judged for degeneracy (a key of the reward's extra info);
+            ``"reward"`` judges the summed score instead (not recommended, DESIGN §6).
+        tol: std under which a group's rewards count as all equal.
+        perfect: the reward of a perfect answer; a group holding one is never degenerate.
+    """
+
+    rounds: int = 0
+    metric: str = "localization"
+    tol: float = 1e-6
+    perfect: float = 1.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rounds, bool) or not isinstance(self.rounds, int) or self.rounds < 0:
+            raise ValueError(f"{CONFIG_NODE}.rounds must be an integer >= 0, got {self.rounds!r}")
+        if not isinstance(self.metric, str) or not self.metric:
+            raise ValueError(f"{CONFIG_NODE}.metric must be a non-empty string, got {self.metric!r}")
+        for name in ("tol", "perfect"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                raise ValueError(f"{CONFIG_NODE}.{name} must be a finite number, got {value!r}")
+        if self.tol <= 0:
+            raise ValueError(f"{CONFIG_NODE}.tol must be > 0, got {self.tol!r}")
+
+    @classmethod
+    def from_config(cls, config: Any) -> ResampleConfig:
+        """Read ``config.differad.resample`` (a veRL DictConfig or a plain mapping).
+
+        A missing node gives the defaults (K = 0). Unknown keys raise ``ValueError`` naming them.
+        """
+        node = _get(_get(config, "differad"), "resample")
+        if node is None:
+            return cls()
+        if not isinstance(node, Mapping) and not hasattr(node, "items"):
+            raise ValueError(f"{CONFIG_NODE} must be a mapping of options, got {node!r}")
+        values = {str(k): _plain(v) for k, v in node.items()}
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            names = ", ".join(f"{CONFIG_NODE}.{k}" for k in unknown)
+            raise ValueError(f"unknown option(s) {names}; known: {sorted(known)}")
+        return cls(**values)
+
+
+def _sampler_problems(config: Any) -> list[str]:
+    """The differad sampler class against ``trainer.v1.trainer_mode``."""
+    name = _path(config, "trainer.v1.sampler.custom_sampler.name")
+    if name not in _SAMPLER_NAMES:
+        return []
+    mode = str(_path(config, "trainer.v1.trainer_mode") or "sync")
+    want = SAMPLER_FOR_MODE.get(mode)
+    if want is None or want == name:
+        return []
+    why = (
+        "the sync ReplayBuffer ignores max_off_policy_threshold and lacks the async polling methods"
+        if name == "DifferadReplayBuffer"
+        else "the async buffer's staleness rules assume asynchronous rollout"
+    )
+    return [
+        f"trainer.v1.sampler.custom_sampler.name={name} does not fit trainer.v1.trainer_mode={mode} ({why}); "
+        f"set trainer.v1.sampler.custom_sampler.name={want}"
+    ]
+
+
+def _resample_problems(config: Any, cfg: ResampleConfig) -> list[str]:
+    problems: list[str] = []
+    if _path(config, "trainer.use_v1") is False:
+        problems.append(
+            "differad group resampling runs in veRL's V1 trainer only; got trainer.use_v1=False: "
+            "set trainer.use_v1=True (the 0.9 default)"
+        )
+    rollout = _path(config, "actor_rollout_ref.rollout")
+    n = _get(rollout, "n")
+    if cfg.rounds > 0:
+        if n is not None and int(n) < 2:
+            problems.append(
+                f"{CONFIG_NODE}.rounds={cfg.rounds} needs groups: actor_rollout_ref.rollout.n={n} < 2; "
+                "set actor_rollout_ref.rollout.n=8 (DESIGN §1)"
+            )
+        temperature = _get(rollout, "temperature")
+        if temperature is not None and float(temperature) <= 0.0:
+            problems.append(
+                f"{CONFIG_NODE}.rounds={cfg.rounds} with actor_rollout_ref.rollout.temperature={temperature}: "
+                "greedy decoding regenerates the very same group, so every round is spent for nothing; set "
+                f"actor_rollout_ref.rollout.temperature=1.0 or +{CONFIG_NODE}.rounds=0"
+            )
+        if _get(rollout, "do_sample") is False:
+            problems.append(
+                f"{CONFIG_NODE}.rounds={cfg.rounds} with actor_rollout_ref.rollout.do_sample=False: greedy "
+                f"groups are never regenerated; set actor_rollout_ref.rollout.do_sample=True or +{CONFIG_NODE}.rounds=0"
+            )
+        reward_model = _path(config, "reward.reward_model")
+        if _get(reward_model, "enable") and not _get(reward_model, "enable_resource_pool"):
+            problems.append(
+                f"{CONFIG_NODE}.rounds={cfg.rounds} judges groups on rewards computed at rollout time, but "
+                "reward.reward_model.enable=True without reward.reward_model.enable_resource_pool=True scores "
+                "after the rollout; set reward.reward_model.enable_resource_pool=True (or use a rule-based reward)"
+            )
+    if cfg.metric != "reward" and _uses_differad_reward(config):
+        from differad_rl.integrations.verl.reward import REWARD_KEYS
+
+        if cfg.metric not in REWARD_KEYS:
+            problems.append(
+                f"{CONFIG_NODE}.metric={cfg.metric!r} is not returned by differad's compute_score "
+                f"(it returns {', '.join(REWARD_KEYS)}); set +{CONFIG_NODE}.metric=localization"
+            )
+    filter_groups = _path(config, "algorithm.filter_groups")
+    name = _path(config, "trainer.v1.sampler.custom_sampler.name")
+    if filter_groups is not None and _get(filter_groups, "enable") and name in _SAMPLER_NAMES:
+        kwargs = _path(config, "trainer.v1.sampler.sampler_kwargs") or {}
+        want = {
+            "filter_groups_metric": _get(filter_groups, "metric"),
+            "train_batch_size": _path(config, "data.train_batch_size"),
+        }
+        for key, value in want.items():
+            if _get(kwargs, key) != value:
+                problems.append(
+                    f"algorithm.filter_groups.enable=True with trainer.v1.sampler.custom_sampler.name={name}: "
+                    "veRL passes no filter-groups settings to a custom sampler, so set "
+                    f"+trainer.v1.sampler.sampler_kwargs.{key}={value} (got {_get(kwargs, key)!r})"
+                )
+    return problems
+
+
+def validate_trainer_config(config: Any) -> ResampleConfig:
+    """Check a whole veRL trainer config for resampling; return the :class:`ResampleConfig`.
+
+    Raises:
+        ValueError: unknown/invalid ``differad.resample`` options (from :class:`ResampleConfig`), or
+            :class:`ConfigError` listing the trainer-level problems (module docstring).
+    """
+    cfg = ResampleConfig.from_config(config)
+    problems = _resample_problems(config, cfg) + _sampler_problems(config)
+    if problems:
+        raise ConfigError("; ".join(problems))
+    if cfg.rounds > 0 and _path(config, "actor_rollout_ref.rollout.full_determinism"):
+        logger.warning(
+            "actor_rollout_ref.rollout.full_determinism=True: regenerated groups may repeat the same "
+            "completions (request ids are deterministic), so resampling cannot help"
+        )
+    return cfg
+
+
+# ------------------------------------------------------------------------------------------------
+# estimator and reward
+
+
+def _uses_differad_reward(config: Any) -> bool:
+    path = str(_path(config, "reward.custom_reward_function.path") or "")
+    name = str(_path(config, "reward.custom_reward_function.name") or "compute_score")
+    module_path = path.removeprefix("pkg://").removesuffix(".py").replace("/", ".")
+    return name == "compute_score" and module_path.endswith(("differad_rl.integrations.verl.reward", "integrations.verl.reward"))
+
+
+def _reward_options(config: Any) -> tuple[Any, list[str]]:
+    """differad's ``RewardOptions`` from ``reward.custom_reward_function.reward_kwargs``, as the reward builds them."""
+    from differad_rl.integrations.verl.reward import RewardOptions
+
+    kwargs = _plain(_path(config, "reward.custom_reward_function.reward_kwargs")) or {}
+    prefix = "reward.custom_reward_function.reward_kwargs"
+    unknown = sorted(set(kwargs) - set(RewardOptions.known_options()))
+    if unknown:
+        return None, [
+            f"unknown option(s) {', '.join(f'{prefix}.{k}' for k in unknown)}; known: "
+            f"{', '.join(RewardOptions.known_options())}"
+        ]
+    try:
+        return RewardOptions(**kwargs), []
+    except (TypeError, ValueError) as err:
+        return None, [f"{prefix}: {err}"]
+
+
+def _estimator_problems(config: Any, reward_options: Any) -> list[str]:
+    from differad_rl.integrations.verl.estimator import ESTIMATOR_NAME, DifferadConfig
+
+    algorithm = _get(config, "algorithm")
+    if str(_get(algorithm, "adv_estimator")) != ESTIMATOR_NAME:
+        return []
+    try:
+        cfg = DifferadConfig.from_algorithm_config(algorithm)
+    except ValueError as err:
+        return [str(err)]
+    problems: list[str] = []
+    n = _path(config, "actor_rollout_ref.rollout.n")
+    if n is not None and int(n) < 2:
+        problems.append(
+            f"algorithm.adv_estimator=differad compares the completions of a prompt, but "
+            f"actor_rollout_ref.rollout.n={n}: every advantage is 0 and nothing trains; set "
+            "actor_rollout_ref.rollout.n=8 (DESIGN §1)"
+        )
+    bridge = (cfg.difficulty_weights and cfg.weight_source == "localization") or cfg.mask_truncated
+    if bridge and _path(config, "trainer.use_v1") is False:
+        needs = [n for n, on in (("difficulty weights from the localization reward",
+                                  cfg.difficulty_weights and cfg.weight_source == "localization"),
+                                 ("algorithm.differad.mask_truncated=True", cfg.mask_truncated)) if on]
+        problems.append(
+            f"algorithm.adv_estimator=differad with {' and '.join(needs)} needs veRL's V1 trainer (the plugin's "
+            "bridge hands the localization reward and response length to the estimator there); got "
+            "trainer.use_v1=False: set trainer.use_v1=True (the veRL 0.9 default)"
+        )
+    if cfg.difficulty_weights and cfg.weight_source == "score" and reward_options is not None:
+        if reward_options.format_weight != 0 or reward_options.localization_weight != 1:
+            problems.append(
+                "+algorithm.differad.weight_source=score weighs groups by the summed reward, but differad's "
+                f"compute_score returns score = {reward_options.localization_weight:g}·localization + "
+                f"{reward_options.format_weight:g}·format, which leaves [0, 1] (the difficulty weight would fall "
+                "below 1); keep +algorithm.differad.weight_source=localization (the default), or set "
+                "+reward.custom_reward_function.reward_kwargs.format_weight=0 and localization_weight=1"
+            )
+    return problems
+
+
+# ------------------------------------------------------------------------------------------------
+# entry points
+
+
+def config_problems(config: Any) -> list[str]:
+    """Every problem :func:`check_config` would raise, one message each (empty: fine)."""
+    problems: list[str] = []
+    reward_options = None
+    if _uses_differad_reward(config):
+        reward_options, found = _reward_options(config)
+        problems += found
+    problems += _estimator_problems(config, reward_options)
+    manager = _path(config, "actor_rollout_ref.rollout.agent.agent_loop_manager_class")
+    if manager == MANAGER_FQN:
+        try:
+            cfg = ResampleConfig.from_config(config)
+        except ValueError as err:
+            problems.append(str(err))
+        else:
+            problems += _resample_problems(config, cfg)
+    problems += _sampler_problems(config)
+    return problems
+
+
+def check_config(config: Any) -> None:
+    """Raise :class:`ConfigError` listing every differad-rl problem of a veRL trainer config.
+
+    Args:
+        config: veRL's whole trainer config (Hydra DictConfig or a nested mapping).
+
+    Raises:
+        ConfigError: one message per problem, each naming the option, its value and the fix.
+    """
+    problems = config_problems(config)
+    if problems:
+        raise ConfigError(
+            "differad-rl found problems in the veRL config:\n" + "\n".join(f"  - {p}" for p in problems)
+        )
+
+
+def _wrap_validate_config(original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def validate_config(config: Any, *args: Any, **kwargs: Any) -> Any:
+        result = original(config, *args, **kwargs)
+        check_config(config)
+        return result
+
+    setattr(validate_config, _STARTUP_MARK, True)
+    return validate_config
+
+
+def install_startup_check() -> None:
+    """Run :func:`check_config` whenever veRL validates a trainer config (idempotent).
+
+    Wraps ``verl.utils.config.validate_config``; ``verl.trainer.main_ppo`` imports that name when it
+    runs (after ``import verl`` has loaded this plugin), so ``python -m verl.trainer.main_ppo``
+    calls the wrapped function in the driver before Ray starts. A ``main_ppo`` imported before the
+    plugin is patched in place.
+    """
+    import sys
+
+    from verl.utils import config as verl_config
+
+    if not getattr(verl_config.validate_config, _STARTUP_MARK, False):
+        verl_config.validate_config = _wrap_validate_config(verl_config.validate_config)
+    for name in ("verl.trainer.main_ppo", "__main__"):
+        module = sys.modules.get(name)
+        current = getattr(module, "validate_config", None)
+        if current is not None and not getattr(current, _STARTUP_MARK, False) and getattr(
+            current, "__module__", None
+        ) == "verl.utils.config":
+            module.validate_config = verl_config.validate_config
