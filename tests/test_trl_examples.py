@@ -91,7 +91,7 @@ def test_default_run_is_the_learner_recipe(grpo_script, tmp_path):
     if (grpo_script.SHIPPED_COLD_START / "model.safetensors").is_file():
         assert (model, cold) == (str(grpo_script.SHIPPED_COLD_START), 0)  # the shipped cold start, RL only
     cfg = grpo_script.build_config(args, tmp_path, tiny=True, reward_names=["dclr", "format"], learner=True)
-    assert (cfg.num_generations, cfg.per_device_train_batch_size, cfg.max_steps) == (8, 32, 40)
+    assert (cfg.num_generations, cfg.per_device_train_batch_size, cfg.max_steps) == (8, 32, 100)
     assert cfg.resample_rounds == 2 and cfg.difficulty_weighting is True and cfg.use_cpu is True
     own = grpo_script.resolve_start(grpo_script.parse_args(["--model", "m", "--recipe", "learner"]), tmp_path)
     assert own == ("m", 0, True)

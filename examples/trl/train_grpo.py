@@ -166,7 +166,7 @@ SHIPPED_COLD_START = Path(__file__).resolve().parent / "cold_start"
 #: GRPO settings of the default run (the package's recommended settings: DCLR with the width/height term
 #: and the enclosing-box centre term, format reward, difficulty weights, K = 2 resampling rounds).
 LEARNER_GRPO: dict[str, Any] = {"num_generations": 8, "per_device_train_batch_size": 32, "max_completion_length": 48,
-                                "learning_rate": 2e-4, "max_steps": 40, "resample_rounds": 2}
+                                "learning_rate": 5e-4, "max_steps": 100, "resample_rounds": 2}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -185,12 +185,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output-dir", default="runs/differad_grpo")
     p.add_argument("--paper", action="store_true", help="the paper's GPU hyperparameters (DESIGN §1)")
     p.add_argument("--plain-grpo", action="store_true", help="trl.GRPOTrainer without weights/resampling")
-    p.add_argument("--max-steps", type=int, default=None, help="default 40 (default run) / 6 (tiny) / -1 = one epoch (--paper)")
+    p.add_argument("--max-steps", type=int, default=None, help="default 100 (default run) / 6 (tiny) / -1 = one epoch (--paper)")
     p.add_argument("--num-generations", type=int, default=None, help="G (default 8; 4 tiny)")
     p.add_argument("--batch-size", type=int, default=None, help="completions per device (default 32; 2G tiny; 8 paper)")
     p.add_argument("--grad-accum", type=int, default=None)
     p.add_argument("--max-completion-length", type=int, default=None, help="default 48 / 32 (tiny) / 512")
-    p.add_argument("--learning-rate", type=float, default=None, help="default 2e-4 / 1e-3 (tiny) / 1e-6")
+    p.add_argument("--learning-rate", type=float, default=None, help="default 5e-4 / 1e-3 (tiny) / 1e-6")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--rewards", default="dclr,format", help="comma-separated reward names")
     p.add_argument("--center-norm", default=None, choices=("paper", "enclosing"),
