@@ -1,25 +1,29 @@
 #!/usr/bin/env python
 """DifferAD-R1 GRPO training with TRL: DCLR + format rewards, difficulty weights, group resampling.
 
-Defaults run offline on CPU in about a minute — a tiny random Qwen2.5-VL built on the spot
-(:mod:`differad_rl.integrations.tiny_qwen_vl`) and the embedded demo pairs
-(:func:`differad_rl.data.demo.build_demo_pairs`)::
+The default run (no ``--model``; about 5 minutes on 2 CPU cores, offline) is the *learner recipe*: the
+embedded demo pairs of ``sft_cold_start.LEARNER_DEMO`` (2,000 pairs of 128 px, 100 held out), the shipped
+cold start ``examples/trl/cold_start`` (a tiny Qwen3-VL made by ``sft_cold_start.py --recipe learner``), then
+100 GRPO steps with the recommended settings (DCLR ``size_term="sides"`` + ``center_norm="enclosing"``,
+format reward, difficulty weights, K = 2 resampling rounds), then the held-out evaluation::
 
     python examples/trl/train_grpo.py --output-dir runs/grpo
 
 Each step prints the reward, the DCLR / format rewards, the rollouts' mIoU and Acc@0.3 (evaluation
 protocol, in original target pixels), the difficulty weights (mean/max) and the resampling numbers
 (degenerate share before/after, groups regenerated, rounds used). At the end it saves a checkpoint
-(``--output-dir/checkpoint``), ``reward_curve.png`` and ``metrics.jsonl``. A random tiny model never
-writes a well-formed box (every group would be degenerate, all rewards 0), so with the default
-tiny model the script first runs phase 1 in-process — 150 steps of ``sft_cold_start.py``'s SFT
-(``--cold-start-steps``; 0 turns it off). The two phases as separate runs, as in the paper::
+(``--output-dir/checkpoint``), ``reward_curve.png``, ``metrics.jsonl``, the pairs it used (``pairs.jsonl``)
+and — when the pairs have an ``--eval-split`` (``test``) — predicts the held-out pairs greedily with the
+cold start and with the final checkpoint and scores them with the evaluation protocol beside the constant
+predictors and the classic baseline (``eval/comparison.{md,json,png,html}``). ``--model tiny`` is the
+~0.25M-parameter plumbing model (a 150-step in-process cold start first: a random model never writes a
+well-formed box). The two phases as separate runs, as in the paper::
 
-    python examples/trl/sft_cold_start.py --output-dir runs/sft
-    python examples/trl/train_grpo.py --model runs/sft/checkpoint --output-dir runs/grpo
+    python examples/trl/sft_cold_start.py --recipe learner --output-dir runs/sft
+    python examples/trl/train_grpo.py --model runs/sft/checkpoint --recipe learner --output-dir runs/grpo
 
 Several processes work the same way (decisions are taken from gathered rewards); a quick CPU check
-with two gloo processes: ``torchrun --nproc_per_node 2 examples/trl/train_grpo.py --cold-start-steps 0
+with two gloo processes: ``torchrun --nproc_per_node 2 examples/trl/train_grpo.py --model tiny --cold-start-steps 0
 --max-steps 2`` (the in-process cold start is meant for the single-process demo).
 
 The paper's GPU recipe (DESIGN §1: G = 8, 8 completions per device, gradient accumulation 2, bf16,
