@@ -217,7 +217,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--demo-pairs", type=int, default=None, help="default 2000 (default run) / 32 (tiny)")
     p.add_argument("--demo-size", type=int, default=None, help="default 128 (default run) / 64 (tiny)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="set any DifferADGRPOConfig field last (JSON value, else a string), e.g. the peers' options: "
+                        "--set advantage_weighting=emit --set correct_threshold=0.5 (repeatable)")
     return p.parse_args(argv)
+
+
+def config_overrides(items: list[str]) -> dict[str, Any]:
+    """``--set FIELD=VALUE`` items as a dict; the value is read as JSON (``0.5``, ``true``, ``null``, ``[1, 0]``),
+    else kept as a string. Raises ``SystemExit`` naming an item without ``=`` or an unknown field."""
+    import dataclasses
+
+    from differad_rl.integrations.trl import DifferADGRPOConfig
+
+    known = {f.name for f in dataclasses.fields(DifferADGRPOConfig)}
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or key not in known:
+            raise SystemExit(f"--set {item}: expected FIELD=VALUE with FIELD a DifferADGRPOConfig field "
+                             f"(e.g. advantage_weighting, group_filter, degeneracy_rule, correct_threshold)")
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw
+    return out
 
 
 def build_config(args: argparse.Namespace, out: Path, tiny: bool, reward_names: list[str], learner: bool = False) -> Any:
@@ -256,6 +280,7 @@ def build_config(args: argparse.Namespace, out: Path, tiny: bool, reward_names: 
         "learning_rate": args.learning_rate,
         "max_steps": args.max_steps,
     }.items() if v is not None}
+    explicit.update(config_overrides(args.set))
     if args.paper:
         values = {**common, **method, "learning_rate": 1e-6, "max_completion_length": 512,
                   "use_cpu": not gpu, "bf16": gpu, **explicit}
@@ -345,7 +370,8 @@ def evaluate_methods(
     return results
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, callbacks: tuple[Any, ...] = ()) -> int:
+    """Run the script with ``argv`` (default: the command line); ``callbacks``: extra ``TrainerCallback`` s."""
     args = parse_args(argv)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -413,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     trainer_cls = GRPOTrainer if args.plain_grpo else DifferADGRPOTrainer
     printer = StepPrinter(out)
     trainer = trainer_cls(model=model, processing_class=processor, reward_funcs=reward_funcs, args=config,
-                          train_dataset=train, callbacks=[printer.callback])
+                          train_dataset=train, callbacks=[printer.callback, *callbacks])
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # our one-line-per-step printer replaces the raw dicts
