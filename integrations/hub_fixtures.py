@@ -63,6 +63,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from differad_rl.integrations.tiny_qwen_vl import QWEN_VL_CHAT_TEMPLATE
+
 __all__ = [
     "HUB_FILES",
     "HUB_REPOS",
@@ -90,25 +92,8 @@ _BUILD_VERSION = 1
 _CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 _CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
-_QWEN2_VL_TEMPLATE = (
-    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
-    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
-    "{% else %}{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
-    "{% set image_count.value = image_count.value + 1 %}"
-    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
-    "<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif content['type'] == 'video' or 'video' in content %}"
-    "{% set video_count.value = video_count.value + 1 %}"
-    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
-    "<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
-    "{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+#: the published Qwen2-VL / Qwen2.5-VL chat template (the tiny builds use the same one)
+_QWEN2_VL_TEMPLATE = QWEN_VL_CHAT_TEMPLATE
 
 # Qwen3-VL: no default system prompt; images / videos / text parts (tool-call branches omitted).
 _QWEN3_VL_TEMPLATE = (
