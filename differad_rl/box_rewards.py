@@ -58,13 +58,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
 from differad_rl.boxes import _pair, box_area, box_iou, is_degenerate, is_zero_box
 from differad_rl.coords import DEFAULT_FACTOR, DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, to_model_space
 from differad_rl.parsing import answer_span, completion_text, parse_boxes, parse_boxes_batch
-from differad_rl.rewards import DCLRConfig, _image_sizes, _Reward, check_gt_boxes
+from differad_rl.rewards import DCLRConfig, _image_sizes, _Reward, check_gt_boxes, matched_mean, matching_inputs
 
 PEER_BOX_KINDS: tuple[str, ...] = ("iou_threshold", "iou_squared", "giou", "diou", "ciou")
 
@@ -239,24 +238,12 @@ def matched_hits_score(
         In ``[0, 1]``. Normal target: 1 iff an answer exists and is empty or only zero boxes. A
         degenerate, zero or non-finite predicted box counts in ``P`` and matches with 0.
     """
-    g = torch.as_tensor(np.asarray(gt_boxes, dtype=np.float64).reshape(-1, 4))
-    g = g[~is_zero_box(g)] if g.numel() else g
-    if g.numel():
-        check_gt_boxes(g, name="gt_boxes")
-    if pred_boxes is None:
-        return 0.0
-    p = torch.as_tensor(np.asarray(pred_boxes, dtype=np.float64).reshape(-1, 4))
-    if g.shape[0] == 0:
-        return 1.0 if bool(is_zero_box(p).all()) else 0.0
-    if p.shape[0] == 0:
-        return 0.0
-    ok = torch.isfinite(p).all(dim=1) & ~is_degenerate(torch.nan_to_num(p))
-    p_safe = torch.where(ok[:, None], p, torch.tensor([0.0, 0.0, 1.0, 1.0], dtype=p.dtype))
+    early, p_safe, ok, g = matching_inputs(pred_boxes, gt_boxes)  # the method's rules, shared
+    if early is not None:
+        return early
     pp, gg = p_safe[:, None, :], g[None, :, :]
-    hits = (box_iou(pp, gg) > iou_threshold).to(p.dtype) + ((pp - gg).abs().mean(-1) < l1_threshold).to(p.dtype)
-    m = torch.where(ok[:, None], hits / 2, torch.zeros_like(hits)).numpy()
-    rows, cols = linear_sum_assignment(m, maximize=True)
-    return float(m[rows, cols].sum() / max(p.shape[0], g.shape[0]))
+    hits = (box_iou(pp, gg) > iou_threshold).to(pp.dtype) + ((pp - gg).abs().mean(-1) < l1_threshold).to(pp.dtype)
+    return matched_mean(hits / 2, ok)
 
 
 # ------------------------------------------------------------------------------ TRL-shaped rewards

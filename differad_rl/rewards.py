@@ -274,23 +274,46 @@ def multi_box_score(
         0; equal to single-box DCLR when ``P = N = 1``.
     """
     cfg = config or DCLRConfig()
+    early, p_safe, ok, g = matching_inputs(pred_boxes, gt_boxes)
+    if early is not None:
+        return early
+    m = dclr(p_safe[:, None, :], g[None, :, :], cfg.w_center, cfg.w_area, cfg.eps, cfg.center_norm, cfg.size_term)
+    return matched_mean(m, ok)
+
+
+def matching_inputs(
+    pred_boxes: Any, gt_boxes: Any
+) -> tuple[float | None, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The shared front of every several-box score: ``(score, p_safe, ok, g)``.
+
+    ``score`` is the answer when the rules decide it before any matching (no answer → 0; a normal
+    target → 1 iff every predicted box is the zero box; no predicted box → 0), else None. ``g`` holds
+    the non-zero ground-truth boxes (validated); ``ok`` marks the predicted boxes that are valid
+    (finite, within ``MAX_COORD``, not degenerate) and ``p_safe`` replaces the others by a unit box.
+    """
     g = torch.as_tensor(np.asarray(gt_boxes, dtype=np.float64).reshape(-1, 4))
     g = g[~is_zero_box(g)] if g.numel() else g
     if g.numel():
         check_gt_boxes(g, name="gt_boxes")
+    empty = torch.zeros((0, 4), dtype=torch.float64)
     if pred_boxes is None:
-        return 0.0
+        return 0.0, empty, torch.zeros(0, dtype=torch.bool), g
     p = torch.as_tensor(np.asarray(pred_boxes, dtype=np.float64).reshape(-1, 4))
     if g.shape[0] == 0:
-        return 1.0 if bool(is_zero_box(p).all()) else 0.0
+        return (1.0 if bool(is_zero_box(p).all()) else 0.0), p, torch.zeros(0, dtype=torch.bool), g
     if p.shape[0] == 0:
-        return 0.0
+        return 0.0, p, torch.zeros(0, dtype=torch.bool), g
     ok = (p.abs() <= MAX_COORD).all(dim=1) & ~is_degenerate(torch.nan_to_num(p))
     p_safe = torch.where(ok[:, None], p, torch.tensor([0.0, 0.0, 1.0, 1.0], dtype=p.dtype))
-    m = dclr(p_safe[:, None, :], g[None, :, :], cfg.w_center, cfg.w_area, cfg.eps, cfg.center_norm, cfg.size_term)
-    m = torch.where(ok[:, None], m, torch.zeros_like(m)).numpy()
+    return None, p_safe, ok, g
+
+
+def matched_mean(scores: torch.Tensor, ok: torch.Tensor) -> float:
+    """Optimal one-to-one assignment of a ``(P, N)`` score matrix (invalid rows score 0), summed and
+    divided by ``max(P, N)`` (DESIGN §3, several boxes)."""
+    m = torch.where(ok[:, None], scores, torch.zeros_like(scores)).numpy()
     rows, cols = linear_sum_assignment(m, maximize=True)
-    return float(m[rows, cols].sum() / max(p.shape[0], g.shape[0]))
+    return float(m[rows, cols].sum() / max(m.shape[0], m.shape[1]))
 
 
 def _image_sizes(kwargs: dict[str, Any], n: int) -> tuple[np.ndarray, np.ndarray]:
