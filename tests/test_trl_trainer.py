@@ -521,3 +521,15 @@ def test_image_paths_are_measured_and_cross_checked(tmp_path):
         target_image_sizes(1)
     with pytest.raises(ValueError, match="cannot open the target image"):
         target_image_sizes(1, images=[[str(tmp_path / "missing.png")]])
+
+
+def test_a_right_padded_processor_is_made_left_padded(tmp_path):
+    """Issue 10 item 1: the trainer never trains with a right-padded Qwen-VL processor."""
+    from differad_rl.integrations.tiny_qwen_vl import load_tiny_processor, tiny_model_for
+    from differad_rl.integrations.trl.trainer import _check_before_build
+
+    proc = load_tiny_processor(tiny_model_for("qwen2_5_vl"))
+    proc.tokenizer.padding_side = "right"
+    with pytest.warns(UserWarning, match="pads on the right"):
+        _check_before_build(processing_class=proc)
+    assert proc.tokenizer.padding_side == "left"

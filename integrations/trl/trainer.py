@@ -484,6 +484,17 @@ def _check_before_build(*args: Any, **kwargs: Any) -> None:
     funcs = given.get("reward_funcs")
     funcs = funcs if isinstance(funcs, (list, tuple)) else [funcs] if funcs is not None else []
     check_dataset_columns(given.get("train_dataset"), funcs)
+    processor = kwargs.get("processing_class", args[5] if len(args) > 5 else None)
+    if processor is not None and getattr(getattr(processor, "tokenizer", processor), "padding_side", "left") != "left":
+        # TRL's own loader pads on the left; with a right-padded processor the image-token positions
+        # and the log-probs of padded rows silently change (issue 10 item 1): make it right, loudly.
+        import warnings
+
+        from differad_rl.integrations.loading import force_left_padding
+
+        warnings.warn("DifferADGRPOTrainer: processing_class pads on the right; set to left padding "
+                      "(Qwen-VL generation and log-probs need it)", stacklevel=3)
+        force_left_padding(processor)
 
 
 def check_dataset_columns(dataset: Any, reward_funcs: Sequence[Any]) -> None:
