@@ -179,3 +179,11 @@ def test_real_loading_path_refuses_a_bare_tokenizer(tmp_path, monkeypatch):
     (folder / "tiny_build.json").unlink()
     with pytest.raises(ValueError, match="not a multimodal processor"):
         sft.load_model_and_processor(str(folder))
+
+
+def test_a_split_typo_is_an_error_not_every_record(grpo_script, tmp_path):
+    """--split tset (a typo) must never train on every pair, held-out ones included."""
+    sft = importlib.import_module("sft_cold_start")
+    with pytest.raises(ValueError, match=r"--split 'tset'.*splits present: 'test' \(\d+\), 'train'"):
+        sft.demo_or_data(None, tmp_path, n_pairs=8, size=32, seed=0, split="tset")
+    assert {r.split for r in sft.demo_or_data(None, tmp_path, n_pairs=8, size=32, seed=0, split="test")} == {"test"}

@@ -110,12 +110,10 @@ def demo_or_data(data: str | None, out_dir: Path, *, n_pairs: int, size: int, se
         path = build_demo_pairs(out_dir / "demo_pairs", n_pairs=n_pairs, size=size, seed=seed, progress=False,
                                 workers=1, **demo)
         records = load_pairs(path)
-    if split:
-        chosen = [r for r in records if r.split == split]
-        records = chosen or records
-    if not records:
-        raise ValueError(f"--data {data}: no pair records")
-    return records
+    from differad_rl.eval.protocol import select_split
+
+    # a split no record has is an error listing the splits present (never silently every record)
+    return select_split(records, split or None, source=str(data or "the demo pairs"))
 
 
 def save_curve(path: Path, steps: list[float], series: dict[str, list[float]], title: str) -> Path:

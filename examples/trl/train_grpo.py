@@ -404,8 +404,9 @@ def main(argv: list[str] | None = None, callbacks: tuple[Any, ...] = ()) -> int:
             bf16=args.bf16 or (args.paper and torch.cuda.is_available()),
             attn_implementation=args.attn_implementation)
         every = demo_or_data(args.data, out, split=None, **demo)
-    records = [r for r in every if r.split == args.split] if args.split else every
-    records = records or every
+    from differad_rl.eval.protocol import select_split
+
+    records = select_split(every, args.split or None, source=str(args.data or "the demo pairs"))
     held_out = [r for r in every if args.eval_split and r.split == args.eval_split and r.split != args.split]
     if state.is_main_process:
         write_pairs(every, out / "pairs.jsonl")  # the pairs this run used, with their split
