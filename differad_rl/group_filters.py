@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from differad_rl.groups import _grouped, _ids, _rewards, _segment_stats, degenerate_groups
-from differad_rl.resampling import Regenerate, ResampleStats
+from differad_rl.resampling import Regenerate, ResampleStats, regenerate_rounds
 
 GROUP_RULES: tuple[str, ...] = ("degenerate", "no_correct", "zero_variance", "out_of_band")
 
@@ -187,27 +187,5 @@ def regenerate_groups(
     out = (rewards if isinstance(rewards, Tensor) else torch.as_tensor(rewards)).clone()
     if not out.is_floating_point():
         out = out.to(torch.float64)
-    grouped = _grouped(out, group_size, "rewards")
-    selected = rule(out, group_size).clone()
-    n_groups = selected.numel()
-    ever = torch.zeros_like(selected)
-    stats = ResampleStats(degenerate_before=float(selected.sum()) / max(n_groups, 1))
-    for round_index in range(max_rounds):
-        idx = selected.nonzero().flatten()
-        if idx.numel() == 0:
-            break
-        new = torch.as_tensor(regenerate(idx, round_index), dtype=out.dtype, device=out.device)
-        if new.shape != (idx.numel() * group_size,):
-            raise ValueError(
-                f"regenerate returned {tuple(new.shape)} rewards for {idx.numel()} groups; "
-                f"expected ({idx.numel() * group_size},)"
-            )
-        grouped[idx] = new.view(-1, group_size)
-        ever[idx] = True
-        stats.rounds_used += 1
-        stats.regenerations += idx.numel()
-        stats.per_round.append(int(idx.numel()))
-        selected[idx] = rule(new, group_size)
-    stats.groups_resampled = int(ever.sum())
-    stats.degenerate_after = float(selected.sum()) / max(n_groups, 1)
-    return out, stats
+    _grouped(out, group_size, "rewards")  # validates the layout
+    return regenerate_rounds(out, int(group_size), regenerate, max_rounds, rule)

@@ -97,13 +97,28 @@ def resample_groups(
     max_rounds, group_size = int(max_rounds), check_group_size(group_size)
     # floating (integer / bool / list input → float64): regenerated rewards are never truncated
     rewards = as_rewards(loc_rewards, "loc_rewards").clone()
-    degenerate = degenerate_groups(rewards, group_size, tol, perfect)
-    n_groups = degenerate.numel()
-    ever = torch.zeros_like(degenerate)
-    stats = ResampleStats(degenerate_before=float(degenerate.sum()) / max(n_groups, 1))
+    return regenerate_rounds(rewards, group_size, regenerate, max_rounds,
+                             lambda r, g: degenerate_groups(r, g, tol, perfect))
+
+
+def regenerate_rounds(
+    rewards: torch.Tensor,
+    group_size: int,
+    regenerate: Callable[[torch.Tensor, int], Any],
+    max_rounds: int,
+    rule: Callable[[torch.Tensor, int], torch.Tensor],
+) -> tuple[torch.Tensor, ResampleStats]:
+    """The regeneration loop shared by :func:`resample_groups` and
+    :func:`differad_rl.group_filters.regenerate_groups`: each round regenerates the groups ``rule``
+    selects (``(n_groups,)`` bool from ``(rewards, G)``) and judges only those again; updates the
+    floating ``rewards`` in place (the callers pass a fresh copy) and returns it with the statistics."""
+    selected = rule(rewards, group_size).clone()
+    n_groups = selected.numel()
+    ever = torch.zeros_like(selected)
+    stats = ResampleStats(degenerate_before=float(selected.sum()) / max(n_groups, 1))
     grouped = rewards.view(-1, group_size)
     for round_index in range(max_rounds):
-        idx = degenerate.nonzero().flatten()
+        idx = selected.nonzero().flatten()
         if idx.numel() == 0:
             break
         new = torch.as_tensor(regenerate(idx, round_index), dtype=rewards.dtype, device=rewards.device)
@@ -118,7 +133,7 @@ def resample_groups(
         stats.regenerations += idx.numel()
         stats.per_round.append(int(idx.numel()))
         # Only the regenerated groups can change status; the others keep theirs.
-        degenerate[idx] = degenerate_groups(new, group_size, tol, perfect)
+        selected[idx] = rule(new, group_size)
     stats.groups_resampled = int(ever.sum())
-    stats.degenerate_after = float(degenerate.sum()) / max(n_groups, 1)
+    stats.degenerate_after = float(selected.sum()) / max(n_groups, 1)
     return rewards, stats
