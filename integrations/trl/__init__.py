@@ -42,12 +42,16 @@ from .rewards import (  # noqa: E402
 )
 from .config import DifferADGRPOConfig  # noqa: E402
 from .trainer import DifferADGRPOTrainer  # noqa: E402
+from .evaluation import ProtocolEvaluation, protocol_log_metrics, records_from_rows  # noqa: E402
 
 __all__ = [
     "SUPPORTED_TRL",
     "check_trl_version",
     "DifferADGRPOConfig",
     "DifferADGRPOTrainer",
+    "ProtocolEvaluation",
+    "protocol_log_metrics",
+    "records_from_rows",
     "REWARD_FACTORIES",
     "CoordinateSpec",
     "TargetSizeReward",

@@ -54,6 +54,11 @@ class DifferADGRPOConfig(GRPOConfig):
     ``univg_form``, ``univg_power``, ``degeneracy_rule`` (``"differad"``/``"emit"``), ``group_filter``
     (``None``/``"dapo"``/``"easyr1"``), ``group_filter_low``, ``group_filter_high``.
 
+    Protocol metrics on ``eval_dataset`` (:mod:`differad_rl.integrations.trl.evaluation`): ``protocol_eval``
+    (``None`` = on when the eval rows are pair rows, ``True`` = required, ``False`` = off),
+    ``protocol_eval_batch_size``, ``protocol_eval_max_new_tokens`` (``None`` = ``max_completion_length``),
+    ``protocol_eval_prompt`` (``"reasoning"``/``"qwen"``).
+
     Use :meth:`paper` for the reference hyperparameters of DESIGN §1.
     """
 
@@ -105,6 +110,22 @@ class DifferADGRPOConfig(GRPOConfig):
     )
     group_filter_low: float = field(default=0.01, metadata={"help": "EasyR1 band: keep iff low < group mean."})
     group_filter_high: float = field(default=0.99, metadata={"help": "EasyR1 band: keep iff group mean < high."})
+    # --- protocol metrics on the eval dataset while training (integrations/trl/evaluation.py) ---------------
+    protocol_eval: bool | None = field(
+        default=None,
+        metadata={"help": "Greedy protocol mIoU/Acc/F1 on eval_dataset at every evaluation: None = when its rows "
+                          "are pair rows (to_trl_dataset), True = required, False = off."},
+    )
+    protocol_eval_batch_size: int = field(
+        default=8, metadata={"help": "Pairs per generate call of the protocol evaluation (per process)."}
+    )
+    protocol_eval_max_new_tokens: int | None = field(
+        default=None, metadata={"help": "Generation cap of the protocol evaluation (None = max_completion_length)."}
+    )
+    protocol_eval_prompt: str = field(
+        default="reasoning",
+        metadata={"help": "Protocol prompt: 'reasoning' (<think>/<answer>, answer tag required) or 'qwen'."},
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -133,6 +154,7 @@ class DifferADGRPOConfig(GRPOConfig):
                 f"resample_rounds={k} is not supported with use_vllm=True (group resampling regenerates single rows "
                 "with TRL's transformers generation); set resample_rounds=0 or use_vllm=False"
             )
+        _check_protocol_eval_fields(self)
 
     @property
     def differad_active(self) -> bool:
@@ -171,3 +193,17 @@ class DifferADGRPOConfig(GRPOConfig):
         }
         values.update(overrides)
         return cls(**values)
+
+
+def _check_protocol_eval_fields(cfg: DifferADGRPOConfig) -> None:
+    """Validate the ``protocol_eval*`` fields (see :mod:`~differad_rl.integrations.trl.evaluation`)."""
+    if cfg.protocol_eval is not None and not isinstance(cfg.protocol_eval, bool):
+        raise ValueError(f"protocol_eval must be None (auto), True or False, got {cfg.protocol_eval!r}")
+    bs = cfg.protocol_eval_batch_size
+    if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1:
+        raise ValueError(f"protocol_eval_batch_size must be an int >= 1, got {bs!r}")
+    mx = cfg.protocol_eval_max_new_tokens
+    if mx is not None and (isinstance(mx, bool) or not isinstance(mx, int) or mx < 1):
+        raise ValueError(f"protocol_eval_max_new_tokens must be None or an int >= 1, got {mx!r}")
+    if cfg.protocol_eval_prompt not in ("reasoning", "qwen"):
+        raise ValueError(f"protocol_eval_prompt must be 'reasoning' or 'qwen', got {cfg.protocol_eval_prompt!r}")

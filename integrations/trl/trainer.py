@@ -25,6 +25,9 @@ module only wires them into TRL 1.16's generation step:
 With every feature off the trainer returns ``super()``'s output untouched: it is plain GRPOTrainer.
 Only the training batch is changed; evaluation batches are TRL's.
 
+5. Protocol metrics (:mod:`.evaluation`): with an eval dataset of pair rows, every evaluation also logs
+   greedy held-out ``eval_differad/miou``, ``acc@0.3``, ``f1@0.3``, … beside TRL's own eval metrics.
+
 Logged per step (``train/differad/...``): ``weight_mean``, ``weight_max``, ``degenerate_before``,
 ``degenerate_after`` (shares of groups), ``groups_resampled`` (distinct groups), ``regenerations``
 (group regenerations over all rounds), ``rounds_used``.
@@ -45,6 +48,7 @@ from differad_rl.group_filters import regenerate_groups
 
 from .compat import KNOWN_OUTPUT_KEYS, UnsupportedOutputError, check_output_keys, check_trl_version
 from .config import DifferADGRPOConfig
+from .evaluation import ProtocolEvaluation
 from .peers import apply_peer_strategies, peers_active, resample_rule
 
 __all__ = ["DifferADGRPOTrainer", "check_dataset_columns", "splice_rows", "trl_advantages"]
@@ -238,6 +242,8 @@ class DifferADGRPOTrainer(GRPOTrainer):
             used = [name for name, on in blockers.items() if on]
             if used:
                 raise ValueError(_resample_blocked_message(self._resample_k, used))
+        # protocol metrics on eval_dataset (evaluation.py): checked here, run by evaluate/evaluation_loop below
+        self._protocol_eval = ProtocolEvaluation.from_trainer(self)
 
     def _resolve_localization_reward(self, name: str | None) -> int:
         known = list(self.reward_func_names)
@@ -404,6 +410,20 @@ class DifferADGRPOTrainer(GRPOTrainer):
                     else:
                         del v[kk]
         return sub_output, sub_rpf, completions
+
+    # ------------------------------------------------------------- protocol metrics (evaluation.py)
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+        """TRL's evaluation, plus the protocol metrics (``<prefix>_differad/…``) of the dataset evaluated."""
+        with self._protocol_eval.target(self, eval_dataset):
+            return super().evaluate(eval_dataset=eval_dataset, ignore_keys=ignore_keys,
+                                    metric_key_prefix=metric_key_prefix)
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only=prediction_loss_only,
+                                         ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+        output.metrics.update(self._protocol_eval.metrics(self, metric_key_prefix))  # {} outside evaluate()
+        return output
 
     # --------------------------------------------------------------------------------------- logging
     def _logged_advantages_global(self, weights: torch.Tensor) -> torch.Tensor:
