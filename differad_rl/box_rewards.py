@@ -61,8 +61,8 @@ import torch
 from torch import Tensor
 
 from differad_rl.boxes import _pair, box_area, box_iou, is_degenerate, is_zero_box
-from differad_rl.coords import DEFAULT_FACTOR, DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, to_model_space
-from differad_rl.parsing import answer_span, completion_text, parse_boxes, parse_boxes_batch
+from differad_rl.coords import DEFAULT_FACTOR, DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
+from differad_rl.parsing import answer_boxes, parse_boxes_batch
 from differad_rl.rewards import DCLRConfig, _image_sizes, _Reward, check_gt_boxes, matched_mean, matching_inputs
 
 PEER_BOX_KINDS: tuple[str, ...] = ("iou_threshold", "iou_squared", "giou", "diou", "ciou")
@@ -298,19 +298,12 @@ class MatchedHitsReward(_Reward):
         n = len(completions)
         if len(solution) != n:
             raise ValueError(f"solution has {len(solution)} entries but there are {n} completions")
-        sizes = _image_sizes(kwargs, n) if (self.gt_space == "pixel" and self.space != "pixel") else None
+        sizes = _image_sizes(kwargs, n) if self._converts else None
         out: list[float] = []
         valid = np.zeros(n, dtype=bool)
         for i, (completion, gts) in enumerate(zip(completions, solution)):
-            g = np.asarray(gts if gts is not None else [], dtype=np.float64).reshape(-1, 4)
-            if g.size:
-                check_gt_boxes(g, name=f"solution[{i}]")
-            if sizes is not None and g.size:
-                g = to_model_space(g, sizes[0][i], sizes[1][i], self.space, min_pixels=self.min_pixels,
-                                   max_pixels=self.max_pixels, factor=self.factor, round=False)
-            text = completion_text(completion)
-            has_answer = answer_span(text) is not None or not self.require_answer
-            preds = parse_boxes(text, require_answer=self.require_answer) if has_answer else None
+            g = self._row_boxes(gts, i, sizes)  # validated, snapped to the model's grid (as multi_box_reward)
+            preds = answer_boxes(completion, require_answer=self.require_answer, fmt=self.fmt)
             valid[i] = bool(preds)
             out.append(matched_hits_score(preds, g, iou_threshold=self.iou_threshold,
                                           l1_threshold=self.l1_threshold))

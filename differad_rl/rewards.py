@@ -373,6 +373,17 @@ class _Reward:
     def _converts(self) -> bool:
         return self.gt_space == "pixel" and self.space != "pixel"
 
+    def _row_boxes(self, gts: Any, i: int, sizes: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray:
+        """Row ``i``'s ground-truth boxes ``(N, 4)`` of a several-box reward, validated and — when
+        ``sizes`` (the targets' widths, heights) are given — snapped to the model's integer grid."""
+        g = np.asarray(gts if gts is not None else [], dtype=np.float64).reshape(-1, 4)
+        if g.size:
+            check_gt_boxes(g, name=f"solution[{i}]")
+        if sizes is not None and g.size:
+            g = to_model_grid(g, sizes[0][i], sizes[1][i], self.space, min_pixels=self.min_pixels,
+                              max_pixels=self.max_pixels, factor=self.factor)
+        return g
+
     def _to_space(self, boxes: Any, kwargs: dict[str, Any], n: int) -> Any:
         """Ground truth given in original pixels → the model's integer grid (:func:`to_model_grid`)."""
         if not self._converts:
@@ -495,12 +506,7 @@ class MultiBoxReward(_Reward):
         out: list[float] = []
         valid = np.zeros(n, dtype=bool)
         for i, (completion, gts) in enumerate(zip(completions, solution)):
-            g = np.asarray(gts if gts is not None else [], dtype=np.float64).reshape(-1, 4)
-            if g.size:
-                check_gt_boxes(g, name=f"solution[{i}]")
-            if sizes is not None and g.size:
-                g = to_model_grid(g, sizes[0][i], sizes[1][i], self.space, min_pixels=self.min_pixels,
-                                  max_pixels=self.max_pixels, factor=self.factor)
+            g = self._row_boxes(gts, i, sizes)
             preds = answer_boxes(completion, require_answer=self.require_answer, fmt=self.fmt)
             valid[i] = bool(preds)
             out.append(multi_box_score(preds, g, self.config))
