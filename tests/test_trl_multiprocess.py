@@ -77,3 +77,6 @@ def test_two_processes_equal_one_process(tmp_path):
     # the loss-token count is global: the same on both ranks, the sum of the local counts
     total = ranks[0]["local_loss_tokens"] + ranks[1]["local_loss_tokens"]
     assert ranks[0]["num_items_in_batch"] == ranks[1]["num_items_in_batch"] == total
+    # tokens seen: the final batch's, counted once over both ranks; rank 1's filler rows are not counted
+    final = ranks[0]["local_tokens"] + ranks[1]["local_tokens"]
+    assert ranks[0]["num_tokens"] == ranks[1]["num_tokens"] == final == single["num_tokens"]

@@ -9,7 +9,7 @@ pytest.importorskip("trl")
 
 from trl import GRPOTrainer  # noqa: E402
 
-from differad_rl.group_filters import no_correct_groups  # noqa: E402
+from differad_rl.group_filters import no_correct_groups, out_of_band_groups, zero_variance_groups  # noqa: E402
 from differad_rl.group_weights import mean_reward_weight, wrong_share_weights  # noqa: E402
 from differad_rl.integrations.tiny_qwen_vl import load_tiny_qwen_vl, tiny_model_for  # noqa: E402
 from differad_rl.integrations.trl import differad_rewards  # noqa: E402
@@ -133,6 +133,57 @@ def test_group_filter_drops_groups_from_the_loss(model_path, tmp_path, name, dro
     assert _last(trainer, "filtered") == pytest.approx(len(dropped) / 4)
 
 
+@pytest.mark.parametrize("name, rule", [("dapo", zero_variance_groups), ("easyr1", out_of_band_groups)])
+def test_group_filter_refill_replaces_filtered_groups_with_new_prompts(model_path, tmp_path, name, rule):
+    # the batch's 4 prompts, then 12 more in the training set; each prompt's text names its row
+    rows = make_prompt_rows(["hard", "wrong", "flat", "easy"] + ["easy", "wrong", "hard", "flat"] * 3)
+    for i, row in enumerate(rows):
+        row["prompt"] = [{"role": "user", "content": f"Find the difference in item {i}."}]
+    reward = KindReward()
+    trainer = make_trainer(DifferADGRPOTrainer, model_path, [reward, text_format_reward], rows, 16, tmp_path,
+                           group_filter=name, group_filter_refill_rounds=3, localization_reward="kind_loc_reward")
+    batch = expand_groups(rows[:4])
+    out = _step(trainer, batch)
+    loc = lambda kinds: torch.tensor([_VALUES[k][i % G] for i, k in enumerate(kinds)])  # noqa: E731
+    first = rule(loc(reward.calls[0]), G)
+    assert first.any()
+    # each round regenerates exactly the groups the rule still selects, as whole groups of one new prompt
+    selected = int(first.sum())
+    for call in reward.calls[1:]:
+        assert len(call) == selected * G
+        assert all(len(set(call[j * G:(j + 1) * G])) == 1 for j in range(selected))
+        selected = int(rule(loc(call), G).sum())
+    assert _last(trainer, "refill_rounds_used") == len(reward.calls) - 1 <= 3
+    assert _last(trainer, "refills") == sum(len(c) for c in reward.calls[1:]) / G
+    # the final batch: kept groups untouched, refilled groups hold their new prompt's text and rewards
+    texts = trainer.processing_class.batch_decode(out["prompt_ids"], skip_special_tokens=True)
+    items = [int(t.rsplit("item ", 1)[1].split(".")[0]) for t in texts]
+    kinds = [rows[i]["kind"] for i in items]
+    for j in range(4):
+        group = items[j * G:(j + 1) * G]
+        assert len(set(group)) == 1
+        if not bool(first[j]):
+            assert group[0] == j  # kept
+    refilled = [j for j in range(4) if bool(first[j])]
+    assert any(items[j * G] != j for j in refilled) or len(reward.calls) == 1
+    final = rule(loc(kinds), G)
+    torch.testing.assert_close(trainer._last_rewards_per_func[:, 0], loc(kinds))
+    # groups still filtered after the rounds are dropped from the loss, as without refill
+    gone = final.repeat_interleave(G)
+    assert torch.all(out["advantages"][gone] == 0) and torch.all(out["completion_mask"][gone] == 0)
+    assert _last(trainer, "filtered") == pytest.approx(final.float().mean().item())
+    logged = [[c["text"] for c in p[0]["content"] if c["type"] == "text"] for p in trainer._logs["prompt"]]
+    assert logged == [[rows[i]["prompt"][0]["content"]] for i in items]  # the completions table's prompts
+
+
+def test_group_filter_refill_is_validated(tmp_path):
+    with pytest.raises(ValueError, match="group_filter_refill_rounds=2.*group_filter=None"):
+        DifferADGRPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], group_filter_refill_rounds=2)
+    with pytest.raises(ValueError, match="group_filter_refill_rounds must be an int >= 0"):
+        DifferADGRPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], group_filter="dapo",
+                           group_filter_refill_rounds=-1)
+
+
 def test_training_runs_with_every_peer_option(model_path, tmp_path):
     """A real ``train()`` (loss, backward, optimizer) with EMIT's re-roll and weights, a DAPO filter and a
     peer box reward, reached through the TRL reward factory."""
@@ -145,7 +196,8 @@ def test_training_runs_with_every_peer_option(model_path, tmp_path):
     assert (giou.__name__, matched.__name__) == ("giou_reward", "matched_hits_reward")
     trainer = make_trainer(DifferADGRPOTrainer, model_path, [KindReward(), giou, matched], rows, 8, tmp_path,
                            max_steps=2, resample_rounds=1, degeneracy_rule="emit", correct_threshold=0.5,
-                           advantage_weighting="emit", group_filter="dapo", localization_reward="kind_loc_reward")
+                           advantage_weighting="emit", group_filter="dapo", group_filter_refill_rounds=1,
+                           localization_reward="kind_loc_reward")
     result = trainer.train()
     assert result.global_step == 2 and torch.isfinite(torch.tensor(result.training_loss))
     logged = [h for h in trainer.state.log_history if "differad/filtered" in h]

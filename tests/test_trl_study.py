@@ -39,8 +39,9 @@ def test_every_arm_builds_its_trainer_config(study, tmp_path):
         "no_weights": {"difficulty_weighting": False},
         "no_resampling": {"resample_rounds": 0, "group_filter": None},
         "emit_reroll": {"resample_rounds": 2, "degeneracy_rule": "emit", "correct_threshold": 0.5},
-        "dapo_filter": {"resample_rounds": 0, "group_filter": "dapo"},
-        "easyr1_filter": {"resample_rounds": 0, "group_filter": "easyr1"},
+        "dapo_filter": {"resample_rounds": 0, "group_filter": "dapo", "group_filter_refill_rounds": 2},
+        "dapo_drop": {"resample_rounds": 0, "group_filter": "dapo", "group_filter_refill_rounds": 0},
+        "easyr1_filter": {"resample_rounds": 0, "group_filter": "easyr1", "group_filter_refill_rounds": 2},
         "emit_weights": {"advantage_weighting": "emit", "difficulty_weighting": False, "correct_threshold": 0.5},
         "univg_weights": {"advantage_weighting": "univg", "univg_form": "exp", "difficulty_weighting": False},
     }
@@ -57,6 +58,24 @@ def test_every_arm_builds_its_trainer_config(study, tmp_path):
         train_grpo.config_overrides(["not_a_field=1"])
     with pytest.raises(SystemExit, match="unknown arm 'nope'"):
         study.arms_by_name(["iou", "nope"])
+
+
+def test_budget_counts_regenerated_and_refilled_groups(study, tmp_path):
+    from types import SimpleNamespace
+
+    from transformers import TrainerControl, TrainerState
+
+    cb = study.make_budget_callback(100, tmp_path / "curve.jsonl")
+    args = SimpleNamespace(logging_steps=1, steps_per_generation=1, per_device_train_batch_size=32, world_size=1,
+                           num_generations=8)
+    state, control = TrainerState(), TrainerControl()
+    cb.on_train_begin(args, state, control)
+    cb.on_log(args, state, control, logs={"reward": 0.1, "differad/regenerations": 1.0, "differad/refills": 2.0})
+    assert cb.rows[-1]["sampled"] == 32 + 3 * 8 and not control.should_training_stop
+    cb.on_log(args, state, control, logs={"reward": 0.1})
+    assert cb.generations == 56 + 32 and not control.should_training_stop
+    cb.on_log(args, state, control, logs={"reward": 0.1, "differad/refills": 1.0})
+    assert cb.generations == 128 and control.should_training_stop
 
 
 def test_box_shape_stats_by_hand(study):

@@ -256,6 +256,59 @@ def test_resampling_statistics_with_recovering_groups(model_path, tmp_path):
     assert degenerate_groups(loc, G).tolist() == [True, False, False, False]
 
 
+class LoggingLocReward:
+    """``text_loc_reward`` that also logs through TRL's ``log_metric`` / ``log_extra`` (values of the texts)."""
+
+    __name__ = "logging_loc_reward"
+
+    def __call__(self, completions, kind, log_metric=None, log_extra=None, **kwargs):
+        chars = [len(c[0]["content"]) for c in completions]
+        log_metric("logged/mean_chars", sum(chars) / len(chars))
+        log_extra("chars", chars)
+        return text_loc_reward(completions, kind)
+
+
+def test_resampling_relogs_every_metric_from_the_final_batch(model_path, tmp_path):
+    # issue 10 item 9: after resampling, the step's logs are the final batch's, not the first generation's
+    rows = make_prompt_rows(["easy", "hard", "easy", "hard"])
+    batch = expand_groups(rows)
+    trainer = make_trainer(SpyTrainer, model_path, [LoggingLocReward(), text_format_reward], rows, 16, tmp_path,
+                           resample_rounds=2, localization_reward="logging_loc_reward", max_completion_length=6)
+    # a third of the vocabulary ends a completion, so lengths and clipping vary (a random model never says EOS)
+    stop = sorted({*trainer.eos_token_ids, *range(100, 300)})
+    trainer.eos_token_ids = stop
+    trainer.generation_config.eos_token_id = stop
+    trainer.generation_kwargs["eos_token_id"] = stop
+    before = trainer.state.num_input_tokens_seen
+    out = _step(trainer, batch)
+    assert _last(trainer, "regenerations") == 4
+    m = trainer._metrics["train"]
+    texts = trainer.processing_class.batch_decode(out["completion_ids"], skip_special_tokens=True)
+    chars = [len(t) for t in texts]
+    first = [len(c[0]["content"]) for c in trainer.scored_completions[0]]
+    assert chars != first  # the hard rows changed, so stale values would differ
+    # the reward's own log_metric / log_extra: one value for the step, the final batch's
+    assert m["logged/mean_chars"] == [pytest.approx(sum(chars) / len(chars))]
+    assert list(trainer._logs["extra"]["chars"]) == chars
+    assert [c[0]["content"] for c in trainer._logs["completion"]] == texts
+    # completion lengths and clipped ratio from the final rows (TRL: ids up to and including EOS)
+    lengths = out["completion_mask"].sum(1).float()
+    eos = set(stop) | {trainer.processing_class.tokenizer.pad_token_id}
+    last_tok = out["completion_ids"].gather(1, (lengths.long() - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
+    clipped = torch.tensor([t not in eos for t in last_tok.tolist()])
+    assert clipped.any() and not clipped.all()  # both kinds present, so the ratio can be wrong
+    assert m["completions/mean_length"][-1] == pytest.approx(lengths.mean().item())
+    assert (m["completions/min_length"][-1], m["completions/max_length"][-1]) == (lengths.min(), lengths.max())
+    assert m["completions/clipped_ratio"][-1] == pytest.approx(clipped.float().mean().item())
+    assert m["completions/mean_terminated_length"][-1] == pytest.approx(lengths[~clipped].mean().item())
+    # tokens: the final batch's prompt + completion tokens once (regenerated and replaced rows not counted)
+    tokens = int(out["prompt_mask"].sum() + out["completion_mask"].sum())
+    assert trainer.state.num_input_tokens_seen - before == tokens
+    assert m["num_tokens"] == [trainer.state.num_input_tokens_seen]
+    for name in ("completions/mean_length", "completions/clipped_ratio", "reward"):
+        assert len(m[name]) == 1, name  # replaced, not appended
+
+
 def test_no_degenerate_group_means_no_round(model_path, tmp_path):
     rows = make_prompt_rows(["easy", "easy", "easy"])
     batch = expand_groups(rows)

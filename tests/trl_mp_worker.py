@@ -150,6 +150,7 @@ def run_scripted_step(trainer: Any, rows: list[dict[str, Any]], rank: int, world
     local = batch[rank * local_n : (rank + 1) * local_n]
     trainer.model.train()
     torch.manual_seed(1234 + rank)
+    tokens_before = trainer.state.num_input_tokens_seen
     out = trainer._generate_and_score_completions(local)
     metrics = {k: v[-1] for k, v in trainer._metrics["train"].items() if k.startswith("differad/")}
     return {
@@ -159,6 +160,8 @@ def run_scripted_step(trainer: Any, rows: list[dict[str, Any]], rank: int, world
         "metrics": metrics,
         "num_items_in_batch": float(out["num_items_in_batch"]),
         "local_loss_tokens": float(out["completion_mask"].sum()),
+        "local_tokens": int(out["prompt_mask"].sum() + out["completion_mask"].sum()),
+        "num_tokens": int(trainer.state.num_input_tokens_seen - tokens_before),
     }
 
 

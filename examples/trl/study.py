@@ -92,10 +92,14 @@ ARMS: dict[str, Arm] = {
     "no_resampling": Arm("K = 0: no resampling, no filtering", {"resample_rounds": 0}),
     "emit_reroll": Arm("EMIT's re-roll: K = 2 rounds on groups with no DCLR > 0.5",
                        {"set": {"degeneracy_rule": "emit", "correct_threshold": 0.5}}),
-    "dapo_filter": Arm("DAPO-style: K = 0, zero-variance groups dropped from the loss",
-                       {"resample_rounds": 0, "set": {"group_filter": "dapo"}}),
-    "easyr1_filter": Arm("EasyR1-style: K = 0, groups with mean outside (0.01, 0.99) dropped",
-                         {"resample_rounds": 0, "set": {"group_filter": "easyr1"}}),
+    "dapo_filter": Arm("DAPO-style: K = 0, zero-variance groups replaced by new prompts (2 refill rounds), "
+                       "the rest dropped from the loss",
+                       {"resample_rounds": 0, "set": {"group_filter": "dapo", "group_filter_refill_rounds": 2}}),
+    "dapo_drop": Arm("DAPO's filter without refill: K = 0, zero-variance groups dropped from the loss",
+                     {"resample_rounds": 0, "set": {"group_filter": "dapo"}}),
+    "easyr1_filter": Arm("EasyR1-style: K = 0, groups with mean outside (0.01, 0.99) replaced by new prompts "
+                         "(2 refill rounds), the rest dropped",
+                         {"resample_rounds": 0, "set": {"group_filter": "easyr1", "group_filter_refill_rounds": 2}}),
     "emit_weights": Arm("EMIT's weights × (1 + share wrong, DCLR ≤ 0.5) instead of ω",
                         {"no_difficulty_weights": True,
                          "set": {"advantage_weighting": "emit", "correct_threshold": 0.5}}),
@@ -121,7 +125,8 @@ def arms_by_name(names: list[str]) -> dict[str, Arm]:
 # ------------------------------------------------------------------------------- the budget rule
 def make_budget_callback(budget: int, curve_path: Path) -> Any:
     """A ``TrainerCallback`` that stops training at the first step at which the completions sampled so far,
-    ``Σ (batch + differad/regenerations × G)``, reach ``budget``; it writes one row per step to ``curve_path``.
+    ``Σ (batch + (differad/regenerations + differad/refills) × G)``, reach ``budget``; it writes one row per
+    step to ``curve_path``.
 
     Needs one generation per optimiser step and a log every step (``logging_steps = 1``,
     ``steps_per_generation = 1``, as in the learner recipe); anything else raises at the start of training."""
@@ -146,7 +151,8 @@ def make_budget_callback(budget: int, curve_path: Path) -> Any:
         def on_log(self, args, state, control, logs=None, **kw):  # noqa: D401
             if not logs or "reward" not in logs:
                 return
-            regen = int(round(float(logs.get("differad/regenerations") or 0.0)))
+            regen = int(round(float(logs.get("differad/regenerations") or 0.0)))  # same prompt again
+            regen += int(round(float(logs.get("differad/refills") or 0.0)))  # new prompts (group filter refill)
             sampled = self.per_step + regen * self.group
             self.generations += sampled
             loc = [k for k in logs if k.startswith("rewards/") and k.endswith("/mean")

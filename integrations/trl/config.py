@@ -52,7 +52,9 @@ class DifferADGRPOConfig(GRPOConfig):
     The peers' strategies (DESIGN §9; :mod:`differad_rl.integrations.trl.peers`), all off by default:
     ``advantage_weighting`` (``None``/``"differad"``/``"emit"``/``"univg"``), ``correct_threshold``,
     ``univg_form``, ``univg_power``, ``degeneracy_rule`` (``"differad"``/``"emit"``), ``group_filter``
-    (``None``/``"dapo"``/``"easyr1"``), ``group_filter_low``, ``group_filter_high``.
+    (``None``/``"dapo"``/``"easyr1"``), ``group_filter_low``, ``group_filter_high``,
+    ``group_filter_refill_rounds`` (R: rounds in which filtered groups are replaced by groups of new prompts
+    drawn from ``train_dataset``, as DAPO / EasyR1 refill their batches; 0 = drop them from the loss only).
 
     Protocol metrics on ``eval_dataset`` (:mod:`differad_rl.integrations.trl.evaluation`): ``protocol_eval``
     (``None`` = on when the eval rows are pair rows, ``True`` = required, ``False`` = off),
@@ -110,6 +112,11 @@ class DifferADGRPOConfig(GRPOConfig):
     )
     group_filter_low: float = field(default=0.01, metadata={"help": "EasyR1 band: keep iff low < group mean."})
     group_filter_high: float = field(default=0.99, metadata={"help": "EasyR1 band: keep iff group mean < high."})
+    group_filter_refill_rounds: int = field(
+        default=0,
+        metadata={"help": "With group_filter: rounds in which the filtered groups are replaced by groups of new "
+                          "prompts drawn from train_dataset (DAPO / EasyR1 refill); 0 = only drop them from the loss."},
+    )
     # --- protocol metrics on the eval dataset while training (integrations/trl/evaluation.py) ---------------
     protocol_eval: bool | None = field(
         default=None,
@@ -149,11 +156,12 @@ class DifferADGRPOConfig(GRPOConfig):
             raise ValueError(f"degenerate_tol must be a finite number >= 0, got {tol!r}")
         self.degenerate_tol = float(tol)
         check_peer_fields(self)
-        if k > 0 and getattr(self, "use_vllm", False):
-            raise ValueError(
-                f"resample_rounds={k} is not supported with use_vllm=True (group resampling regenerates single rows "
-                "with TRL's transformers generation); set resample_rounds=0 or use_vllm=False"
-            )
+        for name, value in (("resample_rounds", k), ("group_filter_refill_rounds", self.group_filter_refill_rounds)):
+            if value > 0 and getattr(self, "use_vllm", False):
+                raise ValueError(
+                    f"{name}={value} is not supported with use_vllm=True (group regeneration generates single rows "
+                    f"with TRL's transformers generation); set {name}=0 or use_vllm=False"
+                )
         _check_protocol_eval_fields(self)
 
     @property

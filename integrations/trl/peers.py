@@ -12,18 +12,21 @@ this module maps the :class:`~differad_rl.integrations.trl.config.DifferADGRPOCo
   ``"exp"`` ``exp(1 − m)``, ``"log"`` ``−log(0.02 + m)``, floored at 0).
 * ``group_filter`` — ``"dapo"`` (all localization rewards of the group identical, perfect groups
   included) or ``"easyr1"`` (the group's mean localization reward not inside
-  ``(group_filter_low, group_filter_high)``): those groups are dropped from the loss (advantages 0,
-  completion mask 0, ``num_items_in_batch`` recounted). TRL draws no new prompts inside a step, so
-  unlike DAPO / EasyR1 the batch is not refilled: with TRL's token-normalised losses (``loss_type``
-  ``"dapo"``, the default, or ``"bnpo"``) this equals training on the smaller batch. When every
-  group is filtered nothing is masked (the advantages are still set to 0), since an empty batch
-  has no loss. veRL's own ``algorithm.filter_groups`` refills with new prompts.
+  ``(group_filter_low, group_filter_high)``). With ``group_filter_refill_rounds`` = R > 0 the trainer
+  first replaces those groups, for at most R rounds, by groups of new prompts drawn from
+  ``train_dataset`` (DAPO / EasyR1 refill; :meth:`DifferADGRPOTrainer._draw_rows`); the groups still
+  filtered afterwards (all of them with R = 0) are dropped from the loss here (advantages 0,
+  completion mask 0, ``num_items_in_batch`` recounted): with TRL's token-normalised losses
+  (``loss_type`` ``"dapo"``, the default, or ``"bnpo"``) this equals training on the smaller batch.
+  When every group is filtered nothing is masked (the advantages are still set to 0), since an
+  empty batch has no loss. veRL's own ``algorithm.filter_groups`` refills with new prompts.
 
 Every decision is taken from the rewards gathered over all processes, so all ranks agree. With
 ``degeneracy_rule="emit"`` the logged ``differad/degenerate_before`` / ``degenerate_after`` are the shares
 of groups with no correct completion.
 Logged per step: ``differad/weight_mean``, ``differad/weight_max`` (weights), ``differad/filtered``
-(share of groups dropped).
+(share of groups dropped, after any refill), ``differad/refills`` (groups replaced by new prompts, over
+all rounds), ``differad/refill_rounds_used``.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ __all__ = [
     "GROUP_FILTERS",
     "apply_peer_strategies",
     "check_peer_fields",
+    "filter_rule",
     "peers_active",
     "resample_rule",
 ]
@@ -92,6 +96,14 @@ def check_peer_fields(cfg: Any) -> None:
     if not low < high:
         raise ValueError(f"group_filter_low={low!r} must be < group_filter_high={high!r}")
     cfg.group_filter_low, cfg.group_filter_high = low, high
+    refill = cfg.group_filter_refill_rounds
+    if isinstance(refill, bool) or not isinstance(refill, int) or refill < 0:
+        raise ValueError(f"group_filter_refill_rounds must be an int >= 0, got {refill!r}")
+    if refill > 0 and cfg.group_filter is None:
+        raise ValueError(
+            f"group_filter_refill_rounds={refill} refills the groups a filter drops, but group_filter=None; "
+            "set group_filter='dapo' or 'easyr1', or group_filter_refill_rounds=0"
+        )
 
 
 def peers_active(cfg: Any) -> bool:
@@ -104,6 +116,15 @@ def resample_rule(cfg: Any) -> Rule:
     if getattr(cfg, "degeneracy_rule", "differad") == "emit":
         return group_rule("no_correct", threshold=float(getattr(cfg, "correct_threshold", 0.0)))
     return group_rule("degenerate", tol=float(getattr(cfg, "degenerate_tol", 1e-6)))
+
+
+def filter_rule(cfg: Any) -> Rule | None:
+    """The rule of ``group_filter`` (the groups it drops, and the groups ``group_filter_refill_rounds`` replaces)."""
+    if getattr(cfg, "group_filter", None) == "dapo":
+        return group_rule("zero_variance")
+    if getattr(cfg, "group_filter", None) == "easyr1":
+        return group_rule("out_of_band", low=cfg.group_filter_low, high=cfg.group_filter_high)
+    return None
 
 
 def _filtered(cfg: Any, loc: torch.Tensor, g: int) -> torch.Tensor | None:

@@ -19,8 +19,15 @@ module only wires them into TRL 1.16's generation step:
 3. Weights (``difficulty_weighting``): Â_i = ω_g · A_i, with ω from the gathered localization reward.
 
 4. The peers' strategies (DESIGN §9), opt-in: ``degeneracy_rule="emit"`` changes the groups step 2
-   regenerates; ``advantage_weighting="emit"|"univg"`` and ``group_filter="dapo"|"easyr1"`` are applied
-   last by :func:`~differad_rl.integrations.trl.peers.apply_peer_strategies`.
+   regenerates; with ``group_filter="dapo"|"easyr1"`` and ``group_filter_refill_rounds`` = R the filtered
+   groups are replaced by groups of new prompts from ``train_dataset`` (the step-2 machinery with new
+   inputs, at most R rounds); ``advantage_weighting="emit"|"univg"`` and the filter's drop of the groups
+   still filtered are applied last by :func:`~differad_rl.integrations.trl.peers.apply_peer_strategies`.
+
+After any regeneration every metric TRL logged for the step is redone on the final batch: reward
+metrics, the completions table, completion lengths, ``clipped_ratio``, ``num_tokens`` (the final
+batch's tokens; replaced rows and filler rows are not counted) and the reward functions' own
+``log_metric`` / ``log_extra`` values (the final rows scored again, only when a reward logged any).
 
 With every feature off the trainer returns ``super()``'s output untouched: it is plain GRPOTrainer.
 Only the training batch is changed; evaluation batches are TRL's.
@@ -30,7 +37,8 @@ Only the training batch is changed; evaluation batches are TRL's.
 
 Logged per step (``train/differad/...``): ``weight_mean``, ``weight_max``, ``degenerate_before``,
 ``degenerate_after`` (shares of groups), ``groups_resampled`` (distinct groups), ``regenerations``
-(group regenerations over all rounds), ``rounds_used``.
+(group regenerations over all rounds), ``rounds_used``; with refill ``refills`` (groups replaced by new
+prompts) and ``refill_rounds_used``.
 """
 
 from __future__ import annotations
@@ -49,7 +57,7 @@ from differad_rl.group_filters import regenerate_groups
 from .compat import KNOWN_OUTPUT_KEYS, UnsupportedOutputError, check_output_keys, check_trl_version
 from .config import DifferADGRPOConfig
 from .evaluation import ProtocolEvaluation
-from .peers import apply_peer_strategies, peers_active, resample_rule
+from .peers import apply_peer_strategies, filter_rule, peers_active, resample_rule
 
 __all__ = ["DifferADGRPOTrainer", "check_dataset_columns", "splice_rows", "trl_advantages"]
 
@@ -228,11 +236,22 @@ class DifferADGRPOTrainer(GRPOTrainer):
         self._loc_index: int | None = None
         self._peers_on = peers_active(cfg)  # the peers' weightings / group filters (peers.py)
         self._resample_rule = resample_rule(cfg)
+        self._refill_rounds = int(getattr(cfg, "group_filter_refill_rounds", 0) or 0)
+        self._filter_rule = filter_rule(cfg)
+        self._refill_generator = torch.Generator().manual_seed(int(cfg.seed) + 0x5EED)
+        self._last_scored: _ScoredRows | None = None
+        self._reward_logged = False
+        if self._refill_rounds > 0 and not _map_style(self.train_dataset):
+            raise ValueError(
+                f"group_filter_refill_rounds={self._refill_rounds} draws new prompts by index from train_dataset, "
+                f"which is a {type(self.train_dataset).__name__} without len() / indexing; pass a map-style "
+                "datasets.Dataset or set group_filter_refill_rounds=0"
+            )
         loc_name = getattr(cfg, "localization_reward", None)
         if self._dw_on or self._resample_k > 0 or self._peers_on or loc_name is not None:  # a wrong name fails
             index = self._resolve_localization_reward(loc_name)
             self._loc_index = index if self._dw_on or self._resample_k > 0 or self._peers_on else None
-        if self._resample_k > 0:
+        if self._resample_k > 0 or self._refill_rounds > 0:
             blockers = {
                 "use_vllm=True": bool(getattr(self, "use_vllm", False)),
                 "rollout_func": getattr(self, "rollout_func", None) is not None,
@@ -241,7 +260,7 @@ class DifferADGRPOTrainer(GRPOTrainer):
             }
             used = [name for name, on in blockers.items() if on]
             if used:
-                raise ValueError(_resample_blocked_message(self._resample_k, used))
+                raise ValueError(_resample_blocked_message(cfg, used))
         # protocol metrics on eval_dataset (evaluation.py): checked here, run by evaluate/evaluation_loop below
         self._protocol_eval = ProtocolEvaluation.from_trainer(self)
 
@@ -277,12 +296,23 @@ class DifferADGRPOTrainer(GRPOTrainer):
 
     # ------------------------------------------------------------------------------------------ hooks
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):  # noqa: D401 - TRL hook
-        """TRL's reward computation; keeps the gathered (N, F) matrix for the DifferAD step."""
+        """TRL's reward computation; keeps the gathered (N, F) matrix and this rank's scored rows."""
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
         self._last_rewards_per_func = rewards_per_func
+        self._last_scored = _ScoredRows(list(inputs), list(prompts), list(completions), list(completion_ids_list))
         return rewards_per_func
 
+    def _log_metric(self, name: str, value: float):  # noqa: D401 - TRL hook (reward functions' log_metric)
+        self._reward_logged = True
+        return super()._log_metric(name, value)
+
+    def _log_completion_extra(self, column: str, values: list):  # noqa: D401 - TRL hook (reward functions' log_extra)
+        self._reward_logged = True
+        return super()._log_completion_extra(column, values)
+
     def _generate_and_score_completions(self, inputs):
+        tokens_before = self.state.num_input_tokens_seen
+        self._reward_logged = False
         output = super()._generate_and_score_completions(inputs)
         mode = "train" if self.model.training else "eval"
         if mode != "train" or self._loc_index is None:
@@ -294,12 +324,26 @@ class DifferADGRPOTrainer(GRPOTrainer):
         loc = torch.nan_to_num(rewards_per_func[:, self._loc_index], nan=0.0)
         metrics = self._metrics[mode]
 
+        batch = _Batch(output, rewards_per_func.clone(), self._last_scored.copy())
         if self._resample_k > 0:
-            output, rewards_per_func, loc = self._resample(inputs, output, rewards_per_func, loc, mode)
+            stats = self._regenerate(batch, self._resample_k, self._resample_rule, mode, new_prompts=False)
+            metrics[_METRIC_PREFIX + "degenerate_before"].append(float(stats.degenerate_before))
+            metrics[_METRIC_PREFIX + "degenerate_after"].append(float(stats.degenerate_after))
+            metrics[_METRIC_PREFIX + "groups_resampled"].append(float(stats.groups_resampled))
+            metrics[_METRIC_PREFIX + "regenerations"].append(float(stats.regenerations))
+            metrics[_METRIC_PREFIX + "rounds_used"].append(float(stats.rounds_used))
         else:
             share = degenerate_groups(loc, g, tol=self._degenerate_tol).float().mean().item()
             metrics[_METRIC_PREFIX + "degenerate_before"].append(share)
             metrics[_METRIC_PREFIX + "degenerate_after"].append(share)
+        if self._refill_rounds > 0:
+            stats = self._regenerate(batch, self._refill_rounds, self._filter_rule, mode, new_prompts=True)
+            metrics[_METRIC_PREFIX + "refills"].append(float(stats.regenerations))
+            metrics[_METRIC_PREFIX + "refill_rounds_used"].append(float(stats.rounds_used))
+        if batch.changed:
+            self._finish_regeneration(batch, mode, tokens_before)
+            output, rewards_per_func = batch.output, batch.rpf
+            loc = torch.nan_to_num(rewards_per_func[:, self._loc_index], nan=0.0).to(loc.dtype)
 
         if self._dw_on:
             weights = difficulty_weights(loc, g, tau=self._dw_tau, scope=self._dw_scope)
@@ -313,20 +357,22 @@ class DifferADGRPOTrainer(GRPOTrainer):
             output = apply_peer_strategies(self, inputs, output, loc, mode)
         return output
 
-    # ------------------------------------------------------------------------------------ resampling
-    def _resample(
-        self,
-        inputs: list[dict[str, Any]],
-        output: dict[str, Any],
-        rewards_per_func: torch.Tensor,
-        loc: torch.Tensor,
-        mode: str,
-    ) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
+    # ------------------------------------------------------------------------------------ regeneration
+    def _regenerate(self, batch: _Batch, rounds: int, rule: Any, mode: str, *, new_prompts: bool) -> Any:
+        """Regenerate, for at most ``rounds`` rounds, the groups ``rule`` selects on the localization reward.
+
+        ``new_prompts=False``: the same prompts again (the method's resampling, EMIT's re-roll);
+        ``True``: each selected group is replaced by a group of a new prompt drawn from ``train_dataset``
+        (DAPO / EasyR1 refill; :meth:`_draw_rows`). ``batch`` is updated in place (its output, gathered
+        rewards, this rank's scored rows and the completions-table rows). Returns the core's
+        :class:`~differad_rl.resampling.ResampleStats`.
+        """
         g = self.num_generations
-        rank, world, local_n = self.accelerator.process_index, self.accelerator.num_processes, len(inputs)
-        check_output_keys(output)
-        state = {"output": output, "rpf": rewards_per_func.clone(), "completions": {}}
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        local_n = len(batch.rows.inputs)
+        check_output_keys(batch.output)
         pad_id = self._tokenizer.pad_token_id
+        loc = torch.nan_to_num(batch.rpf[:, self._loc_index], nan=0.0)
 
         def regenerate(groups: torch.Tensor, round_index: int) -> torch.Tensor:
             groups = groups.to(torch.long).cpu()
@@ -338,65 +384,74 @@ class DifferADGRPOTrainer(GRPOTrainer):
             per_rank = int(counts.max().item())
             while (per_rank * world) % g:  # TRL views the gathered sub-batch as (-1, G)
                 per_rank += 1
-            mine = rows[owner == rank] - rank * local_n
-            fill = [j % local_n for j in range(per_rank - mine.numel())]
-            sub_inputs = [inputs[i] for i in mine.tolist()] + [inputs[i] for i in fill]
-            sub_output, sub_rpf, sub_completions = self._generate_captured(sub_inputs, mode)
+            mine = (rows[owner == rank] - rank * local_n).tolist()
+            if new_prompts:  # the same draw on every rank: one new dataset row per selected group
+                drawn = dict(zip(groups.tolist(), self._draw_rows(int(groups.numel()))))
+                mine_inputs = [drawn[(rank * local_n + i) // g] for i in mine]
+            else:
+                mine_inputs = [batch.rows.inputs[i] for i in mine]
+            fill = [batch.rows.inputs[j % local_n] for j in range(per_rank - len(mine))]
+            sub_output, sub_rpf, sub_table = self._generate_captured(mine_inputs + fill, mode)
+            scored = self._last_scored
             # real rows of the gathered sub-batch, in ascending global order
             starts = torch.arange(world) * per_rank
             real = torch.cat([torch.arange(int(c)) + s for c, s in zip(counts.tolist(), starts.tolist())])
-            state["rpf"][rows.to(state["rpf"].device)] = sub_rpf[real.to(sub_rpf.device)].to(state["rpf"].dtype)
-            for r, j in zip(rows.tolist(), real.tolist()):
-                state["completions"][r] = sub_completions[j] if sub_completions is not None else None
-            if mine.numel():
-                state["output"] = splice_rows(state["output"], sub_output, mine, pad_id)
-            new_loc = state["rpf"][rows_given.to(state["rpf"].device), self._loc_index]
+            batch.rpf[rows.to(batch.rpf.device)] = sub_rpf[real.to(sub_rpf.device)].to(batch.rpf.dtype)
+            for key, values in sub_table.items():
+                for r, j in zip(rows.tolist(), real.tolist()):
+                    batch.table.setdefault(key, {})[r] = values[j]
+            for k, i in enumerate(mine):
+                batch.rows.replace(i, scored, k)
+                batch.rows.inputs[i] = mine_inputs[k]
+            if mine:
+                batch.output = splice_rows(batch.output, sub_output, torch.tensor(mine), pad_id)
+            batch.changed = True
+            new_loc = batch.rpf[rows_given.to(batch.rpf.device), self._loc_index]
             return torch.nan_to_num(new_loc, nan=0.0)
 
-        final_loc, stats = regenerate_groups(loc, g, regenerate, self._resample_k, self._resample_rule)
-        metrics = self._metrics[mode]
-        metrics[_METRIC_PREFIX + "degenerate_before"].append(float(stats.degenerate_before))
-        metrics[_METRIC_PREFIX + "degenerate_after"].append(float(stats.degenerate_after))
-        metrics[_METRIC_PREFIX + "groups_resampled"].append(float(stats.groups_resampled))
-        metrics[_METRIC_PREFIX + "regenerations"].append(float(stats.regenerations))
-        metrics[_METRIC_PREFIX + "rounds_used"].append(float(stats.rounds_used))
-        if stats.regenerations == 0:
-            return output, rewards_per_func, loc
+        _, stats = regenerate_groups(loc, g, regenerate, rounds, rule)
+        return stats
 
-        out = state["output"]
-        rpf = state["rpf"]
-        advantages, is_std_zero = trl_advantages(
-            rpf, self.reward_weights, g, self.scale_rewards, self.multi_objective_aggregation
-        )
-        local = slice(rank * local_n, (rank + 1) * local_n)
-        out["advantages"] = advantages[local].to(out["advantages"].device, out["advantages"].dtype)
-        loss_mask = out["completion_mask"] if "tool_mask" not in out else out["completion_mask"] * out["tool_mask"]
-        out["num_items_in_batch"] = self.accelerator.gather(loss_mask.sum()).sum()
-        self._relog_after_resampling(mode, rpf, advantages, is_std_zero, state["completions"])
-        self._last_rewards_per_func = rpf
-        return out, rpf, torch.nan_to_num(rpf[:, self._loc_index], nan=0.0).to(final_loc.dtype)
+    def _draw_rows(self, n: int) -> list[dict[str, Any]]:
+        """``n`` rows of ``train_dataset`` for refilled groups: drawn uniformly without replacement (with
+        replacement when ``n`` exceeds the dataset) by a generator seeded with ``args.seed``, advanced the
+        same way on every process, so every rank draws the same rows. The draws do not advance TRL's sampler."""
+        size = len(self.train_dataset)
+        if n <= size:
+            idx = torch.randperm(size, generator=self._refill_generator)[:n]
+        else:
+            idx = torch.randint(size, (n,), generator=self._refill_generator)
+        return [self.train_dataset[int(i)] for i in idx.tolist()]
 
     def _generate_captured(
         self, sub_inputs: list[dict[str, Any]], mode: str
-    ) -> tuple[dict[str, Any], torch.Tensor, list | None]:
+    ) -> tuple[dict[str, Any], torch.Tensor, dict[str, list]]:
         """Run ``super()._generate_and_score_completions`` on a sub-batch without touching the step's logs.
 
-        Returns the sub-output, its gathered (world·n, F) rewards and its gathered completions (as TRL
-        logged them). Metrics and the completions table are restored to their state before the call.
+        Returns the sub-output, its gathered (world·n, F) rewards and its gathered completions-table
+        columns (``prompt``, ``completion``, ``images`` when logged, as TRL logged them). Metrics, the
+        completions table and ``num_input_tokens_seen`` are restored to their state before the call (the
+        step's counts are redone from the final batch by :meth:`_finish_regeneration`).
         """
         saved_metrics = {k: list(v) for k, v in self._metrics[mode].items()}
         saved_logs = {
             k: list(v) if isinstance(v, deque) else {kk: list(vv) for kk, vv in v.items()}
             for k, v in self._logs.items()
         }
+        saved_tokens = self.state.num_input_tokens_seen
+        saved_flag = self._reward_logged
         sub_output = super()._generate_and_score_completions(sub_inputs)
         sub_rpf = self._last_rewards_per_func
-        logged = list(self._logs["completion"])
         n_global = sub_rpf.size(0)
-        completions = logged[-n_global:] if len(logged) >= n_global else None
+        keys = ["prompt", "completion"]
+        if self.log_multimodal and any(k in sub_inputs[0] for k in ("images", "image")):
+            keys.append("images")  # TRL logs them then
+        table = {k: list(self._logs[k])[-n_global:] for k in keys if len(self._logs[k]) >= n_global}
         self._metrics[mode].clear()
         self._metrics[mode].update({k: v for k, v in saved_metrics.items()})
-        self._metrics[mode]["num_tokens"] = [self.state.num_input_tokens_seen]
+        self.state.num_input_tokens_seen = saved_tokens
+        self._metrics[mode]["num_tokens"] = [saved_tokens]
+        self._reward_logged = saved_flag
         for k, v in self._logs.items():
             saved = saved_logs[k]
             if isinstance(v, deque):
@@ -409,7 +464,78 @@ class DifferADGRPOTrainer(GRPOTrainer):
                         v[kk].extend(saved[kk])
                     else:
                         del v[kk]
-        return sub_output, sub_rpf, completions
+        return sub_output, sub_rpf, table
+
+    def _finish_regeneration(self, batch: _Batch, mode: str, tokens_before: int) -> None:
+        """After regeneration: TRL's advantages and loss-token count from the final batch, and every metric
+        of the step that TRL computed on the first generation redone on the final batch (item 9 of issue 10):
+        reward means / stds, ``frac_reward_zero_std``, the completions table, completion lengths and
+        ``clipped_ratio``, ``num_tokens`` (the final batch's tokens: filler rows and replaced rows are not
+        counted) and the reward functions' own ``log_metric`` / ``log_extra`` values (by scoring the final
+        rows again, only when a reward function logged any)."""
+        g = self.num_generations
+        rank, local_n = self.accelerator.process_index, len(batch.rows.inputs)
+        out, rpf = batch.output, batch.rpf
+        advantages, is_std_zero = trl_advantages(
+            rpf, self.reward_weights, g, self.scale_rewards, self.multi_objective_aggregation
+        )
+        local = slice(rank * local_n, (rank + 1) * local_n)
+        out["advantages"] = advantages[local].to(out["advantages"].device, out["advantages"].dtype)
+        loss_mask = out["completion_mask"] if "tool_mask" not in out else out["completion_mask"] * out["tool_mask"]
+        out["num_items_in_batch"] = self.accelerator.gather(loss_mask.sum()).sum()
+        self._relog_after_resampling(mode, rpf, advantages, is_std_zero, batch.table)
+        self._relog_completion_stats(mode, batch, tokens_before)
+        self._relog_reward_logs(mode, batch)
+        self._last_rewards_per_func = rpf
+
+    def _relog_completion_stats(self, mode: str, batch: _Batch, tokens_before: int) -> None:
+        """TRL's completion-length metrics and token count (``_generate``), from the final batch's rows."""
+        device = self.accelerator.device
+        ids = batch.rows.completion_ids
+        lengths = self.accelerator.gather(torch.tensor([len(x) for x in ids], device=device))
+        eos_and_pad = [*self.eos_token_ids, self._tokenizer.pad_token_id]
+        truncated = self.accelerator.gather(
+            torch.tensor([bool(len(x)) and x[-1] not in eos_and_pad for x in ids], device=device)
+        )
+        prompt_tokens = self.accelerator.gather(batch.output["prompt_mask"].sum(dim=1).to(device))
+        self.state.num_input_tokens_seen = tokens_before + int((prompt_tokens.sum() + lengths.sum()).item())
+        metrics = self._metrics[mode]
+        metrics["num_tokens"] = [self.state.num_input_tokens_seen]
+        lengths = lengths.float()
+        term = lengths[~truncated]
+        term = term if term.numel() else torch.zeros(1, device=device)
+        for name, value in (
+            ("mean_length", lengths.mean()), ("min_length", lengths.min()), ("max_length", lengths.max()),
+            ("clipped_ratio", truncated.float().mean()), ("mean_terminated_length", term.mean()),
+            ("min_terminated_length", term.min()), ("max_terminated_length", term.max()),
+        ):
+            _replace_last(metrics[f"completions/{name}"], value.item())
+
+    def _relog_reward_logs(self, mode: str, batch: _Batch) -> None:
+        """The reward functions' ``log_metric`` / ``log_extra`` values of the final batch (TRL logged the first
+        generation's): its rows are scored again and the values flushed as TRL flushes them."""
+        from accelerate.utils import gather_object
+
+        device = self.accelerator.device
+        flag = torch.tensor([1.0 if self._reward_logged else 0.0], device=device)
+        if float(self.accelerator.gather(flag).sum().item()) == 0.0:  # the same answer on every rank
+            return
+        saved_rpf, saved_scored = self._last_rewards_per_func, self._last_scored
+        self._pending_metrics.clear()
+        self._pending_extra_logs.clear()
+        rows = batch.rows
+        self._calculate_rewards(rows.inputs, rows.prompts, rows.completions, rows.completion_ids)
+        self._last_rewards_per_func, self._last_scored = saved_rpf, saved_scored
+        for column in sorted(set(gather_object(list(self._pending_extra_logs)))):
+            values = self._pending_extra_logs.get(column, [None] * len(rows.prompts))
+            _replace_tail(self._logs["extra"][column], gather_object(values))
+        self._pending_extra_logs.clear()
+        for name in sorted(set(gather_object(list(self._pending_metrics)))):
+            values = self._pending_metrics.get(name, [])
+            stats = torch.tensor([sum(values), len(values)], dtype=torch.float32, device=device)
+            total, count = self.accelerator.gather(stats).view(-1, 2).sum(dim=0).tolist()
+            _replace_last(self._metrics[mode][name], total / count)
+        self._pending_metrics.clear()
 
     # ------------------------------------------------------------- protocol metrics (evaluation.py)
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
@@ -443,9 +569,10 @@ class DifferADGRPOTrainer(GRPOTrainer):
         rewards_per_func: torch.Tensor,
         advantages: torch.Tensor,
         is_std_zero: torch.Tensor,
-        completions: dict[int, Any],
+        table: dict[str, dict[int, Any]],
     ) -> None:
-        """Replace this step's reward metrics and completions-table rows with the post-resampling values."""
+        """Replace this step's reward metrics and completions-table rows (``table[column][global row]``) with
+        the post-regeneration values."""
         metrics = self._metrics[mode]
         for i, name in enumerate(self.reward_func_names):
             _replace_last(metrics[f"rewards/{name}/mean"], torch.nanmean(rewards_per_func[:, i]).item())
@@ -458,21 +585,56 @@ class DifferADGRPOTrainer(GRPOTrainer):
         _replace_last(metrics["frac_reward_zero_std"], is_std_zero.float().mean().item())
         _replace_tail(self._logs["advantages"], advantages.tolist())
         n = rewards_per_func.size(0)
-        table = list(self._logs["completion"])
-        if len(table) >= n:
-            base = len(table) - n
-            for row, completion in completions.items():
-                if completion is not None:
-                    table[base + row] = completion
-            self._logs["completion"].clear()
-            self._logs["completion"].extend(table)
+        for key, rows in table.items():
+            column = list(self._logs[key])
+            if len(column) < n:
+                continue
+            base = len(column) - n
+            for row, value in rows.items():
+                column[base + row] = value
+            self._logs[key].clear()
+            self._logs[key].extend(column)
 
 
-def _resample_blocked_message(k: int, used: Sequence[str]) -> str:
+class _ScoredRows:
+    """This rank's rows as the reward functions saw them: inputs, prompts, completions, completion ids."""
+
+    __slots__ = ("inputs", "prompts", "completions", "completion_ids")
+
+    def __init__(self, inputs: list, prompts: list, completions: list, completion_ids: list) -> None:
+        self.inputs, self.prompts, self.completions, self.completion_ids = inputs, prompts, completions, completion_ids
+
+    def copy(self) -> _ScoredRows:
+        return _ScoredRows(list(self.inputs), list(self.prompts), list(self.completions), list(self.completion_ids))
+
+    def replace(self, i: int, src: _ScoredRows, j: int) -> None:
+        """Row ``i`` becomes row ``j`` of ``src`` (its input is set by the caller)."""
+        self.prompts[i], self.completions[i], self.completion_ids[i] = (
+            src.prompts[j], src.completions[j], src.completion_ids[j])
+
+
+class _Batch:
+    """One training generation batch while groups are regenerated: TRL's output (this rank), the gathered
+    (N, F) rewards, this rank's scored rows and the replaced completions-table rows."""
+
+    def __init__(self, output: dict[str, Any], rpf: torch.Tensor, rows: _ScoredRows) -> None:
+        self.output, self.rpf, self.rows = output, rpf, rows
+        self.table: dict[str, dict[int, Any]] = {}
+        self.changed = False
+
+
+def _resample_blocked_message(cfg: Any, used: Sequence[str]) -> str:
+    k = int(getattr(cfg, "resample_rounds", 0) or 0)
+    name, value = ("resample_rounds", k) if k > 0 else (
+        "group_filter_refill_rounds", int(getattr(cfg, "group_filter_refill_rounds", 0) or 0))
     return (
-        f"resample_rounds={k} is not supported together with {', '.join(used)}; group resampling regenerates "
-        "single rows with TRL's transformers generation. Set resample_rounds=0."
+        f"{name}={value} is not supported together with {', '.join(used)}; group regeneration generates "
+        f"single rows with TRL's transformers generation. Set {name}=0."
     )
+
+
+def _map_style(dataset: Any) -> bool:
+    return dataset is not None and hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")
 
 
 def _is_text_only_reward(func: Any) -> bool:
@@ -491,7 +653,7 @@ def _check_before_build(*args: Any, **kwargs: Any) -> None:
     given = dict(zip(names, args))
     given.update({k: kwargs[k] for k in names if k in kwargs})
     cfg = given.get("args")
-    k = int(getattr(cfg, "resample_rounds", 0) or 0)
+    k = int(getattr(cfg, "resample_rounds", 0) or 0) + int(getattr(cfg, "group_filter_refill_rounds", 0) or 0)
     if k > 0:
         used = [name for name, on in (
             ("use_vllm=True", bool(getattr(cfg, "use_vllm", False))),
@@ -500,7 +662,7 @@ def _check_before_build(*args: Any, **kwargs: Any) -> None:
             ("environment_factory", kwargs.get("environment_factory") is not None),
         ) if on]
         if used:
-            raise ValueError(_resample_blocked_message(k, used))
+            raise ValueError(_resample_blocked_message(cfg, used))
     funcs = given.get("reward_funcs")
     funcs = funcs if isinstance(funcs, (list, tuple)) else [funcs] if funcs is not None else []
     check_dataset_columns(given.get("train_dataset"), funcs)
