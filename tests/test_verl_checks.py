@@ -20,6 +20,9 @@ pytest.importorskip("verl")
 from tests.test_verl_examples import compose, launch_argv  # noqa: E402
 
 
+SK = "trainer.v1.sampler.sampler_kwargs"
+
+
 @pytest.fixture(scope="module")
 def argv(tmp_path_factory):
     return launch_argv(tmp_path_factory.mktemp("checks"), NNODES="1", NGPUS_PER_NODE="8")
@@ -73,6 +76,17 @@ def test_the_launch_script_passes(argv):
         (["reward.reward_model.enable=True"], r"rewards computed at rollout time.*enable_resource_pool=True"),
         (["++differad.resample.metric=loc"], r"differad.resample.metric='loc' is not returned.*metric=localization"),
         (["++differad.resample.rounds=-1"], r"differad.resample.rounds must be an integer >= 0"),
+        # issue 12: the peers' group rules
+        (["++differad.resample.rule=out_of_band"], r"differad.resample.rule='out_of_band' is not a same-prompt re-roll rule; set \+differad.resample.rule=degenerate or no_correct"),
+        (["++differad.resample.correct_threshold=0.5"], r"correct_threshold=0.5 is read only by rule=no_correct, but differad.resample.rule='degenerate'"),
+        ([f"++{SK}.online_filter_high=0.9"], rf"{SK}.online_filter_high set without {SK}.online_filter_metric.*online_filter_metric=localization"),
+        ([f"++{SK}.online_filter_metric=localization", f"++{SK}.online_filter_low=0.5", f"++{SK}.online_filter_high=0.1"], r"online_filter_low=0.5 must be < online_filter_high=0.1"),
+        ([f"++{SK}.online_filter_metric=loc", "data.gen_batch_size=1"], rf"{SK}.online_filter_metric='loc' is not returned by differad's compute_score.*online_filter_metric=localization"),
+        ([f"++{SK}.online_filter_metric=localization"], r"data.gen_batch_size=None.*set data.gen_batch_size=1"),
+        ([f"++{SK}.online_filter_metric=localization"], rf"bounds its refills.*set \+{SK}.train_batch_size=\d+ \(got None\)"),
+        ([f"++{SK}.online_filter_metric=localization", "trainer.v1.sampler.custom_sampler.name=null"], r"read only by differad's sampler.*custom_sampler.name=DifferadReplayBuffer$"),
+        ([f"++{SK}.online_filter_metric=localization", "trainer.v1.trainer_mode=colocate_async", "trainer.v1.sampler.custom_sampler.name=DifferadReplayBufferAsync", "reward.reward_model.enable=True"], r"online_filter_metric=localization judges groups when they are sampled.*enable_resource_pool=True"),
+        ([f"++{SK}.online_filter_band=0.5"], rf"unknown option\(s\) {SK}.online_filter_band for .*DifferadReplayBuffer; known: .*online_filter_low"),
     ],
 )
 def test_misconfiguration_refused_at_start_up(argv, overrides, match):
@@ -98,6 +112,12 @@ def test_fixes_the_messages_offer_pass(argv):
     # item 14: an ablation with another reward and no weights needs no localization key
     validate(argv, "++algorithm.differad.difficulty_weights=false", "reward.custom_reward_function.path=pkg://my.rewards",
              "++differad.resample.metric=reward")
+    # issue 12: EMIT's re-roll rule, EasyR1's online filter (sync: single-prompt refills, batch size passed)
+    validate(argv, "++differad.resample.rule=no_correct", "++differad.resample.correct_threshold=0.5")
+    batch = compose(argv).data.train_batch_size
+    validate(argv, f"++{SK}.online_filter_metric=localization", "data.gen_batch_size=1", f"++{SK}.train_batch_size={batch}")
+    validate(argv, f"++{SK}.online_filter_metric=reward", f"++{SK}.online_filter_low=0.1", f"++{SK}.online_filter_high=1.5",
+             "trainer.v1.trainer_mode=colocate_async", "trainer.v1.sampler.custom_sampler.name=DifferadReplayBufferAsync")
 
 
 def test_main_ppo_refuses_before_ray_starts(argv):

@@ -54,7 +54,9 @@ def score_for_test(data_source: Any, solution_str: str, ground_truth: Any, extra
 
     ``real``: differad's compute_score (a random tiny model never finds the box → all 0 →
     degenerate); ``spread``: a value in [0, 0.9] from the completion's hash (distinct completions →
-    a spread group); ``perfect``: 1.0 (a perfect group is never degenerate).
+    a spread group); ``perfect``: 1.0 (a perfect group is never degenerate); ``half``: 0.5 (zero
+    variance, mean inside EasyR1's band); ``low``: a value in [0, 0.009] from the hash (spread, mean
+    below the band).
     """
     from differad_rl.integrations.verl import compute_score
 
@@ -64,6 +66,10 @@ def score_for_test(data_source: Any, solution_str: str, ground_truth: Any, extra
         out["localization"] = int(hashlib.sha256(solution_str.encode()).hexdigest()[:6], 16) % 901 / 1000
     elif mode == "perfect":
         out["localization"] = 1.0
+    elif mode == "half":
+        out["localization"] = 0.5
+    elif mode == "low":
+        out["localization"] = int(hashlib.sha256(solution_str.encode()).hexdigest()[:6], 16) % 10 / 1000
     return out
 
 
@@ -212,7 +218,7 @@ def make_worker(env, monkeypatch, **resample):
     return worker, client, store
 
 
-def prompt_batch(modes: list[str], *, validate: bool = False):
+def prompt_batch(modes: list[str], *, validate: bool = False, prefix: str = ""):
     """A batch as the V1 trainer submits it: veRL's collate_fn over RLHFDataset-style rows + uid."""
     import verl.utils.tensordict_utils as tu
     from PIL import Image
@@ -237,7 +243,7 @@ def prompt_batch(modes: list[str], *, validate: bool = False):
             }
         )
     batch = collate_fn(rows)
-    batch["uid"] = np.array([f"{mode}{i}" for i, mode in enumerate(modes)], dtype=object)
+    batch["uid"] = np.array([f"{prefix}{mode}{i}" for i, mode in enumerate(modes)], dtype=object)
     td = tu.get_tensordict(batch)
     tu.assign_non_tensor_data(td, "global_steps", 1)
     if validate:
@@ -415,6 +421,119 @@ def test_dapo_filter_groups_side_by_side(env, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------
+# the peers' group rules: EMIT's re-roll rule in the worker, EasyR1's online filter in the sampler
+
+
+def localizations(store: MemoryTQ, uid: str) -> list[float]:
+    return [store.extra(k)["reward_extra_info"]["localization"] for k in group_keys(store, uid)]
+
+
+@pytest.mark.parametrize("rule", ["degenerate", "no_correct"])
+def test_resample_rule_picks_the_groups(env, monkeypatch, rule):
+    """EMIT's rule re-rolls a group none of whose rewards exceeds the threshold even when they differ
+    (``spread``: all in [0, 0.9] < 0.95); the method's rule re-rolls only the all-equal one."""
+    from differad_rl.integrations.verl.resampling import RECORD_KEY
+
+    options = {"rounds": 2, "rule": rule}
+    if rule == "no_correct":
+        options["correct_threshold"] = 0.95
+    worker, client, store = make_worker(env, monkeypatch, **options)
+    rollout(worker, prompt_batch(["real", "spread", "perfect"]))
+    spread = localizations(store, "spread1")
+    assert len(set(spread)) > 1 and max(spread) <= 0.95  # differs, yet no completion is "correct"
+    rerolled = {"real0", "spread1"} if rule == "no_correct" else {"real0"}
+    assert client.requests == 3 * N + 2 * N * len(rerolled)
+    for uid in ("real0", "spread1", "perfect2"):
+        assert group_keys(store, uid) == [f"{uid}_{s}_0" for s in range(N)]
+        record = store.extra(f"{uid}_0_0")[RECORD_KEY]
+        assert record["rounds_used"] == (2.0 if uid in rerolled else 0.0)
+        assert record["degenerate_before"] == float(uid in rerolled)
+
+
+def test_no_correct_threshold_counts_a_hit(env, monkeypatch):
+    """With EMIT's threshold 0 (the default) a spread group holding a reward > 0 is kept as it is."""
+    worker, client, store = make_worker(env, monkeypatch, rounds=2, rule="no_correct")
+    rollout(worker, prompt_batch(["spread", "real"]))
+    assert max(localizations(store, "spread0")) > 0.0
+    assert client.requests == 2 * N + 2 * N  # only the all-zero group is re-rolled
+
+
+def test_online_filter_evicts_exactly_out_of_band_groups_and_refills(env, monkeypatch):
+    """veRL's sync buffer, EasyR1's band (0.01, 0.99) on the localization extra: the out-of-band groups
+    (all 0, all 1, spread but mean < 0.01) are evicted whatever their variance, the in-band ones
+    (spread, and all-0.5 which DAPO would evict) kept; veRL's refill rule draws new prompts (2k credits,
+    at most train_batch_size in flight) through the real worker, and the surplus is discarded."""
+    from differad_rl.integrations.verl.resampling import DifferadReplayBuffer
+
+    worker, client, store = make_worker(env, monkeypatch, rounds=0)
+    rollout(worker, prompt_batch(["real", "spread", "perfect", "half", "low"]))
+    assert len(set(localizations(store, "low4"))) > 1 and np.mean(localizations(store, "low4")) < 0.01
+    refills: list[int] = []
+
+    def refill(k: int) -> None:  # the trainer's _add_prompts_to_generate: k new prompts
+        refills.append(k)
+        rollout(worker, prompt_batch((["low", "spread", "spread"] * k)[:k], prefix="new"))
+
+    buffer = DifferadReplayBuffer(
+        trainer_mode="sync",
+        trainer_config={},
+        max_off_policy_threshold=None,
+        max_off_policy_strategy="drop",
+        sampler_kwargs={"online_filter_metric": "localization", "train_batch_size": 3},
+        refill_fn=refill,
+        poll_interval=0.0,
+    )
+    assert buffer.dapo_metric is None and buffer.gen_batch_size == 1
+    batch, metrics = buffer.sample(global_steps=1, partition_id="train", batch_size=3)
+    assert refills == [3]  # 3 evicted -> 6 credits, 3 slots in flight
+    kept = {k.split("_")[0] for k in batch.keys}
+    assert len(kept) == 3 and kept <= {"spread1", "half3", "newspread1", "newspread2"}
+    assert metrics["training/differad_filter/evicted_samples"] == 4  # real0, perfect2, low4, newlow0
+    assert metrics["training/filter_groups/evicted_samples"] == 4
+    assert metrics["training/filter_groups/discarded_surplus_samples"] == 1
+    for uid in ("real0", "perfect2", "low4", "newlow0"):
+        assert group_keys(store, uid) == [] and uid not in store.tags["train"]
+
+
+def test_online_filter_and_dapo_side_by_side(env, monkeypatch):
+    """Async buffer with both: DAPO adds the zero-variance in-band group; veRL refills k for k evicted."""
+    from differad_rl.integrations.verl.resampling import DifferadReplayBufferAsync
+
+    worker, client, store = make_worker(env, monkeypatch, rounds=0)
+    rollout(worker, prompt_batch(["real", "spread", "perfect", "half", "low"]))
+    refills: list[int] = []
+    buffer = DifferadReplayBufferAsync(
+        trainer_mode="colocate_async",
+        trainer_config={},
+        max_off_policy_threshold=None,
+        max_off_policy_strategy="drop",
+        sampler_kwargs={"filter_groups_metric": "localization", "online_filter_metric": "localization",
+                        "online_filter_low": 0.01, "online_filter_high": 0.99},
+        refill_fn=refills.append,
+    )
+    assert buffer.dapo_metric == "localization"
+    batch, metrics = buffer.sample(global_steps=1, partition_id="train", batch_size=1)
+    assert refills == [4]
+    assert {k.split("_")[0] for k in batch.keys} == {"spread1"}
+    assert metrics["training/filter_groups/evicted_samples"] == 4
+    assert metrics["training/differad_filter/evicted_samples"] == 3  # half3 is DAPO's alone
+
+
+def test_online_filter_options_refused_by_the_sampler():
+    from differad_rl.integrations.verl.resampling import DifferadReplayBuffer
+
+    common = dict(trainer_mode="sync", trainer_config={}, max_off_policy_threshold=None,
+                  max_off_policy_strategy="drop", refill_fn=lambda k: None)
+    with pytest.raises(ValueError, match=r"unknown trainer.v1.sampler.sampler_kwargs \['online_filter_lo'\]"):
+        DifferadReplayBuffer(sampler_kwargs={"online_filter_metric": "localization", "online_filter_lo": 0.1}, **common)
+    with pytest.raises(ValueError, match=r"online_filter_low=0.5 must be < online_filter_high=0.5"):
+        DifferadReplayBuffer(sampler_kwargs={"online_filter_metric": "localization", "online_filter_low": 0.5,
+                                             "online_filter_high": 0.5, "train_batch_size": 3}, **common)
+    with pytest.raises(ValueError, match=r"needs \+trainer.v1.sampler.sampler_kwargs.train_batch_size"):
+        DifferadReplayBuffer(sampler_kwargs={"online_filter_metric": "localization"}, **common)
+
+
+# ------------------------------------------------------------------------------------------------
 # the CPU generation backend
 
 
@@ -484,6 +603,9 @@ def test_manager_is_loadable_by_verl_and_validates(env):
         ({"tol": 0.0}, "tol must be > 0"),
         ({"perfect": float("nan")}, "perfect must be a finite number"),
         ({"metric": ""}, "metric must be a non-empty string"),
+        ({"rule": "zero_variance"}, r"rule='zero_variance' is not a same-prompt re-roll rule; set \+differad.resample.rule=degenerate or no_correct"),
+        ({"correct_threshold": 0.5}, r"correct_threshold=0.5 is read only by rule=no_correct"),
+        ({"rule": "no_correct", "correct_threshold": "0.5"}, "correct_threshold must be a finite number"),
     ],
 )
 def test_invalid_options_raise(options, match):

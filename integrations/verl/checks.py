@@ -20,11 +20,17 @@ as one :class:`ConfigError` (a ``ValueError``). What is checked, when the piece 
   ``reward_kwargs`` (:class:`~differad_rl.integrations.verl.reward.RewardOptions`), built as the
   reward builds them.
 - group resampling (the ``DifferadAgentLoopManagerTQ`` manager, :class:`ResampleConfig`): the
-  ``differad.resample.*`` options; the V1 trainer; ``n`` ≥ 2, sampling on (``temperature`` > 0,
+  ``differad.resample.*`` options (``rule`` one of :data:`RESAMPLE_RULES`, ``correct_threshold``
+  only with ``rule=no_correct``); the V1 trainer; ``n`` ≥ 2, sampling on (``temperature`` > 0,
   ``do_sample``) and rewards computed at rollout time when K > 0; the sampler class matching
   ``trainer.v1.trainer_mode`` (``sync`` → ``DifferadReplayBuffer``, async modes →
   ``DifferadReplayBufferAsync``); DAPO ``filter_groups`` settings passed to a differad sampler.
-- a differad sampler in any trainer mode: the class matching ``trainer.v1.trainer_mode``.
+- a differad sampler in any trainer mode: the class matching ``trainer.v1.trainer_mode``; no unknown
+  ``trainer.v1.sampler.sampler_kwargs`` key.
+- EasyR1's online filter (``sampler_kwargs.online_filter_*``, :class:`OnlineFilterConfig`): its
+  options (``low < high``, no band without a metric); a differad sampler to read them; rewards at
+  rollout time; a metric differad's ``compute_score`` returns; in sync mode ``data.gen_batch_size=1``
+  and ``sampler_kwargs.train_batch_size`` (unless DAPO is on, which veRL already handles).
 
 This module imports neither veRL's trainer nor Ray (only the core, the estimator's config and the
 reward's options), so it is cheap in every process.
@@ -39,13 +45,21 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from differad_rl.group_filters import Rule, group_rule
+
 __all__ = [
     "CONFIG_NODE",
     "ConfigError",
     "MANAGER_FQN",
+    "ONLINE_FILTER_KWARGS",
+    "OnlineFilterConfig",
+    "PASSED_SAMPLER_KWARGS",
+    "RESAMPLE_RULES",
     "REWARD_MODULE",
     "ResampleConfig",
     "SAMPLER_FOR_MODE",
+    "SAMPLER_KWARGS",
+    "SAMPLER_KWARGS_NODE",
     "check_config",
     "config_problems",
     "install_startup_check",
@@ -59,6 +73,10 @@ CONFIG_NODE = "differad.resample"
 
 MANAGER_FQN = "differad_rl.integrations.verl.resampling.DifferadAgentLoopManagerTQ"
 """Value for ``+actor_rollout_ref.rollout.agent.agent_loop_manager_class``."""
+
+RESAMPLE_RULES: tuple[str, ...] = ("degenerate", "no_correct")
+"""Values of ``differad.resample.rule``: the core rules (:data:`differad_rl.group_filters.GROUP_RULES`)
+that ask the same prompt again."""
 
 REWARD_MODULE = "differad_rl.integrations.verl.reward"
 """The module of differad's ``compute_score``."""
@@ -130,12 +148,20 @@ class ResampleConfig:
             ``"reward"`` judges the summed score instead (not recommended, DESIGN §6).
         tol: std under which a group's rewards count as all equal.
         perfect: the reward of a perfect answer; a group holding one is never degenerate.
+        rule: which groups are asked again (:mod:`differad_rl.group_filters`): ``"degenerate"``
+            (the method's: all ``metric`` values equal within ``tol`` and none ``>= perfect``) or
+            ``"no_correct"`` (EMIT's re-roll: every ``metric`` value ``<= correct_threshold``, even
+            when they differ). ``tol`` and ``perfect`` are read by ``"degenerate"`` only.
+        correct_threshold: of ``"no_correct"`` only (None = 0.0, EMIT's ``<= 0`` on its accuracy
+            reward; on the graded localization reward choose the reward of a hit, e.g. 0.5).
     """
 
     rounds: int = 0
     metric: str = "localization"
     tol: float = 1e-6
     perfect: float = 1.0
+    rule: str = "degenerate"
+    correct_threshold: float | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.rounds, bool) or not isinstance(self.rounds, int) or self.rounds < 0:
@@ -148,6 +174,26 @@ class ResampleConfig:
                 raise ValueError(f"{CONFIG_NODE}.{name} must be a finite number, got {value!r}")
         if self.tol <= 0:
             raise ValueError(f"{CONFIG_NODE}.tol must be > 0, got {self.tol!r}")
+        if self.rule not in RESAMPLE_RULES:
+            raise ValueError(
+                f"{CONFIG_NODE}.rule={self.rule!r} is not a same-prompt re-roll rule; set +{CONFIG_NODE}.rule="
+                f"{' or '.join(RESAMPLE_RULES)} (DAPO's zero-variance eviction is algorithm.filter_groups, "
+                "EasyR1's band filter trainer.v1.sampler.sampler_kwargs.online_filter_metric)"
+            )
+        if self.correct_threshold is not None:
+            value = self.correct_threshold
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                raise ValueError(f"{CONFIG_NODE}.correct_threshold must be a finite number, got {value!r}")
+            if self.rule != "no_correct":
+                raise ValueError(
+                    f"{CONFIG_NODE}.correct_threshold={value!r} is read only by rule=no_correct, but "
+                    f"{CONFIG_NODE}.rule={self.rule!r}; set +{CONFIG_NODE}.rule=no_correct or drop the threshold"
+                )
+
+    def group_rule(self) -> Rule:
+        """The core rule these options select (:func:`differad_rl.group_filters.group_rule`)."""
+        threshold = 0.0 if self.correct_threshold is None else float(self.correct_threshold)
+        return group_rule(self.rule, tol=self.tol, perfect=self.perfect, threshold=threshold)
 
     @classmethod
     def from_config(cls, config: Any) -> ResampleConfig:
@@ -169,6 +215,85 @@ class ResampleConfig:
         return cls(**values)
 
 
+# ------------------------------------------------------------------------------------------------
+# EasyR1 online filtering options (read by the differad sampler from its sampler_kwargs)
+
+
+SAMPLER_KWARGS_NODE = "trainer.v1.sampler.sampler_kwargs"
+"""Where the online-filter options live: the only config node veRL hands a custom sampler."""
+
+ONLINE_FILTER_KWARGS: tuple[str, ...] = ("online_filter_metric", "online_filter_low", "online_filter_high")
+"""The ``sampler_kwargs`` keys of :class:`OnlineFilterConfig`."""
+
+PASSED_SAMPLER_KWARGS: tuple[str, ...] = (
+    "filter_groups_metric",
+    "train_batch_size",
+    "max_inflight_gen_batches",
+    "sync_refill_failed_groups",
+)
+"""veRL ``ReplayBuffer`` arguments a differad sampler takes from its ``sampler_kwargs`` (veRL hands a
+custom sampler no ``algorithm.filter_groups`` settings)."""
+
+SAMPLER_KWARGS: tuple[str, ...] = PASSED_SAMPLER_KWARGS + ONLINE_FILTER_KWARGS
+"""Every ``sampler_kwargs`` key a differad sampler knows."""
+
+
+@dataclasses.dataclass(frozen=True)
+class OnlineFilterConfig:
+    """EasyR1's online filtering in the differad sampler
+    (``+trainer.v1.sampler.sampler_kwargs.online_filter_<name>``).
+
+    A finished group is kept iff ``low < mean(metric over its trajectories) < high``
+    (:func:`differad_rl.group_filters.out_of_band_groups_by_id`); the others are evicted and new
+    prompts drawn, exactly as veRL evicts and refills DAPO's zero-variance groups.
+
+    Attributes:
+        metric: what is averaged: a key of the reward's extra info (``"localization"``), or
+            ``"reward"`` for the canonical pre-KL score (veRL's ``rm_scores``, as DAPO's
+            ``filter_groups.metric=reward`` reads it). None: off.
+        low, high: the open band (EasyR1's ``filter_low`` / ``filter_high``: 0.01, 0.99).
+    """
+
+    metric: str | None = None
+    low: float = 0.01
+    high: float = 0.99
+
+    def __post_init__(self) -> None:
+        if self.metric is not None and (not isinstance(self.metric, str) or not self.metric):
+            raise ValueError(
+                f"{SAMPLER_KWARGS_NODE}.online_filter_metric must be a non-empty string (e.g. localization), "
+                f"got {self.metric!r}"
+            )
+        for name in ("low", "high"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                raise ValueError(f"{SAMPLER_KWARGS_NODE}.online_filter_{name} must be a finite number, got {value!r}")
+        if not self.low < self.high:
+            raise ValueError(
+                f"{SAMPLER_KWARGS_NODE}.online_filter_low={self.low!r} must be < online_filter_high={self.high!r} "
+                "(the band is open: keep iff low < group mean < high; EasyR1: 0.01, 0.99)"
+            )
+
+    @property
+    def enabled(self) -> bool:
+        return self.metric is not None
+
+    @classmethod
+    def from_sampler_kwargs(cls, kwargs: Any) -> OnlineFilterConfig:
+        """Read the ``online_filter_*`` keys of a sampler_kwargs mapping (other keys ignored).
+
+        A band given without ``online_filter_metric`` raises: the filter would be silently off.
+        """
+        values = {str(k): _plain(v) for k, v in (kwargs or {}).items() if str(k) in ONLINE_FILTER_KWARGS}
+        if values and values.get("online_filter_metric") is None:
+            given = ", ".join(f"{SAMPLER_KWARGS_NODE}.{k}" for k in sorted(values))
+            raise ValueError(
+                f"{given} set without {SAMPLER_KWARGS_NODE}.online_filter_metric, so the online filter is off; "
+                f"set +{SAMPLER_KWARGS_NODE}.online_filter_metric=localization"
+            )
+        return cls(**{k.removeprefix("online_filter_"): v for k, v in values.items()})
+
+
 def _sampler_problems(config: Any) -> list[str]:
     """The differad sampler class against ``trainer.v1.trainer_mode``."""
     name = _path(config, "trainer.v1.sampler.custom_sampler.name")
@@ -187,6 +312,70 @@ def _sampler_problems(config: Any) -> list[str]:
         f"trainer.v1.sampler.custom_sampler.name={name} does not fit trainer.v1.trainer_mode={mode} ({why}); "
         f"set trainer.v1.sampler.custom_sampler.name={want}"
     ]
+
+
+def _online_filter_problems(config: Any) -> list[str]:
+    """``sampler_kwargs``: unknown keys for a differad sampler; the online filter's options, its sampler,
+    rewards at rollout time, its metric, and single-prompt refills in sync mode."""
+    kwargs = _plain(_path(config, SAMPLER_KWARGS_NODE)) or {}
+    name = _path(config, "trainer.v1.sampler.custom_sampler.name")
+    problems: list[str] = []
+    if name in _SAMPLER_NAMES:
+        unknown = sorted(set(map(str, kwargs)) - set(SAMPLER_KWARGS))
+        if unknown:
+            problems.append(
+                f"unknown option(s) {', '.join(f'{SAMPLER_KWARGS_NODE}.{k}' for k in unknown)} for "
+                f"trainer.v1.sampler.custom_sampler.name={name}; known: {', '.join(SAMPLER_KWARGS)}"
+            )
+    if not any(str(k) in ONLINE_FILTER_KWARGS for k in kwargs):
+        return problems
+    try:
+        cfg = OnlineFilterConfig.from_sampler_kwargs(kwargs)
+    except ValueError as err:
+        return problems + [str(err)]
+    if name not in _SAMPLER_NAMES:
+        mode = str(_path(config, "trainer.v1.trainer_mode") or "sync")
+        return problems + [
+            f"{SAMPLER_KWARGS_NODE}.online_filter_metric={cfg.metric} is read only by differad's sampler, but "
+            f"trainer.v1.sampler.custom_sampler.name={name}: the groups would not be filtered; set "
+            f"trainer.v1.sampler.custom_sampler.path=pkg://differad_rl.integrations.verl.resampling and "
+            f"trainer.v1.sampler.custom_sampler.name={SAMPLER_FOR_MODE.get(mode, 'DifferadReplayBuffer')}"
+        ]
+    reward_model = _path(config, "reward.reward_model")
+    if _get(reward_model, "enable") and not _get(reward_model, "enable_resource_pool"):
+        problems.append(
+            f"{SAMPLER_KWARGS_NODE}.online_filter_metric={cfg.metric} judges groups when they are sampled, but "
+            "reward.reward_model.enable=True without reward.reward_model.enable_resource_pool=True scores after "
+            "sampling; set reward.reward_model.enable_resource_pool=True (or use a rule-based reward)"
+        )
+    if cfg.metric != "reward" and _uses_differad_reward(config):
+        from differad_rl.integrations.verl.reward import REWARD_KEYS
+
+        if cfg.metric not in REWARD_KEYS:
+            problems.append(
+                f"{SAMPLER_KWARGS_NODE}.online_filter_metric={cfg.metric!r} is not returned by differad's "
+                f"compute_score (it returns {', '.join(REWARD_KEYS)}); set "
+                f"+{SAMPLER_KWARGS_NODE}.online_filter_metric=localization"
+            )
+    filter_groups = _path(config, "algorithm.filter_groups")
+    dapo = bool(filter_groups is not None and _get(filter_groups, "enable"))
+    if str(_path(config, "trainer.v1.trainer_mode") or "sync") == "sync" and not dapo:
+        # veRL forces single-prompt fetches only for DAPO, failed-group refills and the async modes
+        gen_batch_size = _path(config, "data.gen_batch_size")
+        if gen_batch_size != 1:
+            problems.append(
+                f"{SAMPLER_KWARGS_NODE}.online_filter_metric={cfg.metric} refills evicted groups one prompt at a "
+                f"time, but data.gen_batch_size={gen_batch_size} (the dataloader would hand out whole batches "
+                "and the sync sampler would wait forever); set data.gen_batch_size=1"
+            )
+        train_batch_size = _path(config, "data.train_batch_size")
+        if _get(kwargs, "train_batch_size") != train_batch_size:
+            problems.append(
+                f"{SAMPLER_KWARGS_NODE}.online_filter_metric={cfg.metric} in trainer_mode=sync bounds its refills "
+                f"by the batch size, which veRL does not pass to a custom sampler; set "
+                f"+{SAMPLER_KWARGS_NODE}.train_batch_size={train_batch_size} (got {_get(kwargs, 'train_batch_size')!r})"
+            )
+    return problems
 
 
 def _resample_problems(config: Any, cfg: ResampleConfig) -> list[str]:
@@ -257,7 +446,7 @@ def validate_trainer_config(config: Any) -> ResampleConfig:
             :class:`ConfigError` listing the trainer-level problems (module docstring).
     """
     cfg = ResampleConfig.from_config(config)
-    problems = _resample_problems(config, cfg) + _sampler_problems(config)
+    problems = _resample_problems(config, cfg) + _sampler_problems(config) + _online_filter_problems(config)
     if problems:
         raise ConfigError("; ".join(problems))
     if cfg.rounds > 0 and _path(config, "actor_rollout_ref.rollout.full_determinism"):
@@ -357,7 +546,7 @@ def config_problems(config: Any) -> list[str]:
             problems.append(str(err))
         else:
             problems += _resample_problems(config, cfg)
-    problems += _sampler_problems(config)
+    problems += _sampler_problems(config) + _online_filter_problems(config)
     return problems
 
 

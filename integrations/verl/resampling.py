@@ -1,4 +1,4 @@
-"""Same-prompt group resampling (DESIGN §6) inside veRL 0.9's V1 rollout.
+"""Same-prompt group resampling (DESIGN §6) and EasyR1's online filter inside veRL 0.9's V1 trainer.
 
 No plugin import is needed: veRL loads these classes from the configuration by name
 (``actor_rollout_ref.rollout.agent.agent_loop_manager_class`` and
@@ -12,8 +12,12 @@ are equal and none is perfect. :class:`DifferadAgentLoopWorkerTQ` overrides veRL
 rollout (``AgentLoopWorkerTQ._run_prompt``, where all ``n`` samples of a prompt and their rewards
 are known together): it runs the ``n`` agent loops as veRL does, scores them through veRL's reward
 loop, and hands the localization rewards to the core driver
-:func:`differad_rl.resampling.resample_groups`, which asks for the whole group again — same prompt,
-``n`` fresh samples, re-scored — for at most K rounds. Only the final group is written to the
+:func:`differad_rl.group_filters.regenerate_groups`, which asks for the whole group again — same
+prompt, ``n`` fresh samples, re-scored — for at most K rounds while the rule selects it.
+``differad.resample.rule`` picks the core rule: ``degenerate`` (the default, the method's,
+:func:`differad_rl.groups.degenerate_groups`) or ``no_correct`` (EMIT's re-roll: no completion
+with reward ``> correct_threshold``, even when the rewards differ,
+:func:`differad_rl.group_filters.no_correct_groups`). Only the final group is written to the
 TransferQueue (``{uid}_{session}_{index}`` keys, exactly veRL's layout), then the prompt is marked
 ``finished``. The decision is taken where all ``n`` samples of the prompt are, so every worker, on
 any number of nodes, takes the same decision for its prompts without a collective.
@@ -27,6 +31,20 @@ veRL's DAPO dynamic sampling (``algorithm.filter_groups``: evict zero-variance g
 prompts) is a different algorithm; it stays usable on top (see :class:`DifferadReplayBuffer`), so
 both can run side by side or one at a time for comparison.
 
+EasyR1's online filtering (keep a group iff ``low < mean metric < high``, default (0.01, 0.99);
+evict the others and draw new prompts) runs in the same sampler, on veRL's DAPO eviction-and-refill
+loop, with or without DAPO and with or without resampling (:class:`_ResampleMetricsMixin`)::
+
+    +trainer.v1.sampler.sampler_kwargs.online_filter_metric=localization   # or reward (the score)
+    +trainer.v1.sampler.sampler_kwargs.online_filter_low=0.01
+    +trainer.v1.sampler.sampler_kwargs.online_filter_high=0.99
+    +trainer.v1.sampler.sampler_kwargs.train_batch_size=<data.train_batch_size>   # sync mode
+    data.gen_batch_size=1                                                # sync mode (refills per prompt)
+
+They live in ``sampler_kwargs`` because that is the only config node veRL hands a custom sampler.
+Evicted groups are counted in ``training/filter_groups/evicted_samples`` (veRL's, DAPO's included)
+and ``training/differad_filter/evicted_samples`` (the out-of-band ones).
+
 Configuration (a top-level ``differad.resample`` node, with ``+`` on the command line because
 veRL's schema does not know it; an extra key under ``actor_rollout_ref.rollout.agent`` would break
 veRL's conversion of the rollout node to its ``RolloutConfig`` dataclass in every worker)::
@@ -39,11 +57,14 @@ veRL's conversion of the rollout node to its ``RolloutConfig`` dataclass in ever
     +differad.resample.metric=localization
     +differad.resample.tol=1e-6
     +differad.resample.perfect=1.0
+    +differad.resample.rule=degenerate   # or no_correct (EMIT's re-roll)
+    +differad.resample.correct_threshold=0.5   # no_correct only: "correct" = reward > this (default 0)
 
 Statistics, per training step, in the logged metrics (``training/differad_resample/...``):
 ``groups/total`` (groups in the batch that carry a record), ``groups_resampled/total``,
 ``regenerations/total``, ``rounds_used/max`` and ``rounds_used/mean`` over groups,
-``degenerate_before`` and ``degenerate_after`` (shares of groups). Each trajectory also carries its group's record in
+``degenerate_before`` and ``degenerate_after`` (shares of groups the rule selects: degenerate ones
+under the default rule). Each trajectory also carries its group's record in
 ``extra_fields["differad_resample"]``.
 
 Only veRL's V1 trainer (``trainer.use_v1=True``, the 0.9 default) is supported; validation
@@ -53,6 +74,7 @@ rollouts are never resampled.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextvars
 import dataclasses
 import functools
@@ -71,16 +93,20 @@ from verl.trainer.ppo.v1.agent_loop_tq import AgentLoopManagerTQ, apply_greedy_s
 from verl.trainer.ppo.v1 import replay_buffer as _replay_buffer
 from verl.trainer.ppo.v1.replay_buffer import ReplayBuffer, ReplayBufferAsync
 
-from differad_rl.groups import degenerate_groups
+from differad_rl.group_filters import out_of_band_groups_by_id, regenerate_groups
 from differad_rl.integrations.verl.checks import (
     CONFIG_NODE,
     MANAGER_FQN,
+    PASSED_SAMPLER_KWARGS,
+    SAMPLER_KWARGS,
+    SAMPLER_KWARGS_NODE,
+    OnlineFilterConfig,
     ResampleConfig,
     _get,
     _plain,
     validate_trainer_config,
 )
-from differad_rl.resampling import ResampleStats, resample_groups
+from differad_rl.resampling import ResampleStats
 
 __all__ = [
     "CONFIG_NODE",
@@ -91,6 +117,8 @@ __all__ = [
     "DifferadAgentLoopWorkerTQ",
     "DifferadReplayBuffer",
     "DifferadReplayBufferAsync",
+    "FILTER_METRIC_PREFIX",
+    "OnlineFilterConfig",
     "ResampleConfig",
     "group_record",
     "resample_metrics",
@@ -105,6 +133,9 @@ RECORD_KEY = "differad_resample"
 
 METRIC_PREFIX = "training/differad_resample/"
 """Prefix of the logged statistics."""
+
+FILTER_METRIC_PREFIX = "differad_filter/"
+"""Prefix (after veRL's ``training/``) of the online filter's eviction count."""
 
 _SAMPLER_NAMES = ("DifferadReplayBuffer", "DifferadReplayBufferAsync")
 _DRIVER_THREADS = 64
@@ -199,6 +230,7 @@ class DifferadAgentLoopWorkerTQ(_WorkerTQBase):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.resample_config = validate_trainer_config(self.config)
+        self._rule = self.resample_config.group_rule()
         self._driver_pool: ThreadPoolExecutor | None = None
 
     # -- hooks into veRL ---------------------------------------------------------------------
@@ -214,7 +246,7 @@ class DifferadAgentLoopWorkerTQ(_WorkerTQBase):
         return _Sample(outputs, validate, kwargs, self._localization(outputs[-1]))
 
     async def _run_prompt(self, prompt: dict, sampling_params: dict, trajectory: dict, trace: bool = False) -> None:
-        """Run the ``n`` sessions of one prompt, resample the group while degenerate, store it."""
+        """Run the ``n`` sessions of one prompt, resample the group while the rule selects it, store it."""
         if trajectory["validate"]:
             return await super()._run_prompt(prompt, sampling_params, trajectory, trace)
         tq = _agent_loop_tq.tq
@@ -262,11 +294,10 @@ class DifferadAgentLoopWorkerTQ(_WorkerTQBase):
     async def _resample_group(
         self, prompt: dict, params: dict, trajectory: dict, trace: bool, n: int, rounds: int
     ) -> list[_Sample]:
-        cfg = self.resample_config
         state = {"group": await self._generate_group(prompt, params, trajectory, trace, n)}
         rewards = torch.tensor([s.localization for s in state["group"]], dtype=torch.float64)
-        driver = functools.partial(resample_groups, tol=cfg.tol, perfect=cfg.perfect)
-        if rounds == 0 or not bool(degenerate_groups(rewards, n, cfg.tol, cfg.perfect).any()):
+        driver = functools.partial(regenerate_groups, rule=self._rule)
+        if rounds == 0 or not bool(self._rule(rewards, n).any()):
             # the driver will not regenerate: run it inline for its statistics
             _, stats = driver(rewards, n, _never_called, rounds)
         else:
@@ -311,7 +342,7 @@ class DifferadAgentLoopWorkerTQ(_WorkerTQBase):
 
 
 def _never_called(groups: torch.Tensor, round_index: int) -> torch.Tensor:
-    raise AssertionError("the driver regenerated a group that was not degenerate")  # pragma: no cover
+    raise AssertionError("the driver regenerated a group the rule did not select")  # pragma: no cover
 
 
 class DifferadAgentLoopManagerTQ(AgentLoopManagerTQ):
@@ -339,32 +370,120 @@ class DifferadAgentLoopManagerTQ(AgentLoopManagerTQ):
 
 
 # ------------------------------------------------------------------------------------------------
-# replay buffers: veRL's sampling (DAPO filter_groups included) + the resampling statistics
+# replay buffers: veRL's sampling (DAPO filter_groups included) + EasyR1's online filter + statistics
 
 
 class _ResampleMetricsMixin:
-    """Adds :func:`resample_metrics` of the sampled batch to veRL's sampler metrics.
+    """veRL's replay buffer + EasyR1's online filter + :func:`resample_metrics` in the sampler metrics.
 
     veRL hands a custom sampler no ``algorithm.filter_groups`` settings; to keep DAPO's dynamic
     sampling usable side by side, pass them through ``trainer.v1.sampler.sampler_kwargs``:
     ``filter_groups_metric`` (= ``algorithm.filter_groups.metric``), ``train_batch_size``
     (= ``data.train_batch_size``) and optionally ``max_inflight_gen_batches``,
     ``sync_refill_failed_groups``. :class:`DifferadAgentLoopManagerTQ` checks they agree.
+
+    The online filter (``sampler_kwargs.online_filter_metric`` / ``_low`` / ``_high``,
+    :class:`~differad_rl.integrations.verl.checks.OnlineFilterConfig`) rides on veRL's DAPO
+    machinery: :meth:`_dapo_filtered_keys` returns DAPO's zero-variance groups (when DAPO is on)
+    united with the finished groups whose mean ``metric`` is not strictly inside ``(low, high)``
+    (:func:`differad_rl.group_filters.out_of_band_groups_by_id`), so veRL's own loop evicts them
+    and draws new prompts with DAPO's refill rule (sync: ``2k`` refill credits per ``k`` evicted
+    groups, at most ``max_inflight_gen_batches × train_batch_size`` prompts in flight, surplus
+    discarded; async: ``k`` new prompts). veRL switches that loop on with ``filter_groups_metric``;
+    with the online filter alone it is set to the filter's metric, :attr:`dapo_metric` keeps
+    the real DAPO setting (None: no zero-variance eviction).
     """
 
-    _PASSED = ("filter_groups_metric", "train_batch_size", "max_inflight_gen_batches", "sync_refill_failed_groups")
+    _PASSED = PASSED_SAMPLER_KWARGS
 
     def __init__(self, *args: Any, sampler_kwargs: Any = None, **kwargs: Any) -> None:
         extra = {str(k): _plain(v) for k, v in (sampler_kwargs or {}).items()}
-        unknown = sorted(set(extra) - set(self._PASSED))
+        unknown = sorted(set(extra) - set(SAMPLER_KWARGS))
         if unknown:
-            raise ValueError(f"unknown trainer.v1.sampler.sampler_kwargs {unknown}; known: {list(self._PASSED)}")
+            raise ValueError(f"unknown {SAMPLER_KWARGS_NODE} {unknown}; known: {list(SAMPLER_KWARGS)}")
+        self.online_filter = OnlineFilterConfig.from_sampler_kwargs(extra)
         for key in self._PASSED:
             if key in extra and kwargs.get(key) is None:
                 kwargs[key] = extra[key]
+        self.dapo_metric: str | None = kwargs.get("filter_groups_metric")
+        if self.dapo_metric is None and self.online_filter.enabled:
+            kwargs["filter_groups_metric"] = self.online_filter.metric  # veRL's switch for evict-and-refill
         if kwargs.get("filter_groups_metric") is not None or kwargs.get("sync_refill_failed_groups"):
             kwargs["gen_batch_size"] = 1  # what veRL's trainer passes its own sampler in these modes
         super().__init__(*args, sampler_kwargs=sampler_kwargs, **kwargs)
+        if self.online_filter.enabled and self.train_batch_size is None and not isinstance(self, ReplayBufferAsync):
+            raise ValueError(
+                f"{SAMPLER_KWARGS_NODE}.online_filter_metric in trainer_mode=sync needs "
+                f"+{SAMPLER_KWARGS_NODE}.train_batch_size=<data.train_batch_size> (it bounds the refills in flight)"
+            )
+        # partition -> {uid: out of band?}; finished groups are immutable, like veRL's DAPO cache
+        self._band_cache: dict[str, dict[str, bool]] = collections.defaultdict(dict)
+
+    def _dapo_filtered_keys(self, partition_id: str) -> tuple[set[str], collections.Counter]:
+        """DAPO's zero-variance groups (when on) ∪ the online filter's out-of-band groups."""
+        if self.dapo_metric is not None:
+            uids, counts = super()._dapo_filtered_keys(partition_id)
+        else:
+            uids, counts = set(), collections.Counter()
+        if partition_id == "val" or not self.online_filter.enabled:
+            return uids, counts
+        return uids | self._out_of_band_keys(partition_id), counts
+
+    def _out_of_band_keys(self, partition_id: str) -> set[str]:
+        """Finished groups whose mean ``online_filter.metric`` is not strictly inside the band."""
+        cfg = self.online_filter
+        finished = self.finished_keys[partition_id]
+        cache = self._band_cache[partition_id]
+        for uid in cache.keys() - finished:
+            del cache[uid]
+        new = sorted(finished - cache.keys())
+        if new:
+            values, missing = self._group_values(partition_id, set(new), cfg.metric)
+            if missing:
+                raise RuntimeError(
+                    f"finished groups are missing the online filter metric {cfg.metric!r}: {sorted(missing)[:5]}"
+                )
+            rewards = [v for uid in new for v in values[uid]]
+            ids = [i for i, uid in enumerate(new) for _ in values[uid]]
+            out = out_of_band_groups_by_id(rewards, ids, cfg.low, cfg.high)
+            cache.update({uid: bool(out[i]) for i, uid in enumerate(new)})
+        return {uid for uid, out in cache.items() if out}
+
+    def _group_values(
+        self, partition_id: str, uids: set[str], metric: str
+    ) -> tuple[dict[str, list[float]], set[str]]:
+        """``metric`` of every trajectory of ``uids``, read as veRL's DAPO reads it (``"reward"`` = the
+        sum of ``rm_scores``, any other name = ``extra_fields["reward_extra_info"][metric]``), and the
+        uids with no trajectory or a trajectory lacking the metric."""
+        keys = [key for key in self.partitions[partition_id] if key.split("_")[0] in uids]
+        values: dict[str, list[float]] = collections.defaultdict(list)
+        missing = uids - {key.split("_")[0] for key in keys}
+        if not keys:
+            return values, missing
+        field = "rm_scores" if metric == "reward" else "extra_fields"
+        data = list(_replay_buffer.tq.kv_batch_get(keys=keys, partition_id=partition_id, select_fields=[field])[field])
+        for key, value in zip(keys, data, strict=True):
+            if metric == "reward":
+                values[key.split("_")[0]].append(float(value.sum().item()))
+                continue
+            extra = getattr(value, "data", value)
+            info = extra.get("reward_extra_info", {}) if isinstance(extra, Mapping) else {}
+            if metric in info:
+                values[key.split("_")[0]].append(float(info[metric]))
+            else:
+                missing.add(key.split("_")[0])
+        return values, missing
+
+    def _evict_terminal_groups(self, global_steps: int, partition_id: str, eviction_reasons: tuple) -> tuple:
+        """veRL's eviction, plus ``training/differad_filter/evicted_samples``: the evicted groups that
+        were out of band (veRL's ``filter_groups/evicted_samples`` counts DAPO's and these together)."""
+        band = {uid for uid in eviction_reasons[1] if self._band_cache[partition_id].get(uid)}
+        evicted, stale_count, dapo_count, metrics = super()._evict_terminal_groups(
+            global_steps, partition_id, eviction_reasons
+        )
+        if band:
+            metrics[f"{self._metrics_prefix(partition_id)}/{FILTER_METRIC_PREFIX}evicted_samples"] = len(band)
+        return evicted, stale_count, dapo_count, metrics
 
     def sample(self, global_steps: int, partition_id: str, batch_size: int) -> tuple[Any, dict]:
         batch, metrics = super().sample(global_steps, partition_id, batch_size)
@@ -378,9 +497,9 @@ class _ResampleMetricsMixin:
 
 
 class DifferadReplayBuffer(_ResampleMetricsMixin, ReplayBuffer):
-    """veRL's sync ``ReplayBuffer`` + resampling statistics
+    """veRL's sync ``ReplayBuffer`` + online filter + resampling statistics
     (``trainer.v1.sampler.custom_sampler.name=DifferadReplayBuffer``)."""
 
 
 class DifferadReplayBufferAsync(_ResampleMetricsMixin, ReplayBufferAsync):
-    """veRL's ``ReplayBufferAsync`` + resampling statistics (async trainer modes)."""
+    """veRL's ``ReplayBufferAsync`` + online filter + resampling statistics (async trainer modes)."""
