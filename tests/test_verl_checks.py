@@ -85,7 +85,7 @@ def test_the_launch_script_passes(argv):
         ([f"++{SK}.online_filter_metric=localization"], r"data.gen_batch_size=None.*set data.gen_batch_size=1"),
         ([f"++{SK}.online_filter_metric=localization"], rf"bounds its refills.*set \+{SK}.train_batch_size=\d+ \(got None\)"),
         ([f"++{SK}.online_filter_metric=localization", "trainer.v1.sampler.custom_sampler.name=null"], r"read only by differad's sampler.*custom_sampler.name=DifferadReplayBuffer$"),
-        ([f"++{SK}.online_filter_metric=localization", "trainer.v1.trainer_mode=colocate_async", "trainer.v1.sampler.custom_sampler.name=DifferadReplayBufferAsync", "reward.reward_model.enable=True"], r"online_filter_metric=localization judges groups when they are sampled.*enable_resource_pool=True"),
+        ([f"++{SK}.online_filter_metric=localization", "trainer.v1.trainer_mode=colocate_async", "trainer.v1.sampler.custom_sampler.name=DifferadReplayBufferAsync", "reward.reward_model.enable=True"], r"online_filter_metric=localization judges groups on rewards computed at rollout time.*enable_resource_pool=True"),
         ([f"++{SK}.online_filter_band=0.5"], rf"unknown option\(s\) {SK}.online_filter_band for .*DifferadReplayBuffer; known: .*online_filter_low"),
     ],
 )

@@ -398,19 +398,10 @@ def test_missing_metric_marks_the_prompt_failed(env, monkeypatch):
 
 def test_dapo_filter_groups_side_by_side(env, monkeypatch):
     """veRL's own DAPO eviction still runs (through our sampler) on what resampling left."""
-    from differad_rl.integrations.verl.resampling import DifferadReplayBufferAsync
-
     worker, client, store = make_worker(env, monkeypatch, rounds=1)
     rollout(worker, prompt_batch(["real", "spread", "perfect"]))
     refills: list[int] = []
-    buffer = DifferadReplayBufferAsync(
-        trainer_mode="colocate_async",
-        trainer_config={},
-        max_off_policy_threshold=None,
-        max_off_policy_strategy="drop",
-        sampler_kwargs={"filter_groups_metric": "localization"},
-        refill_fn=refills.append,
-    )
+    buffer = _async_buffer({"filter_groups_metric": "localization"}, refills)
     assert buffer.filter_groups_metric == "localization"
     batch, metrics = buffer.sample(global_steps=1, partition_id="train", batch_size=1)
     # DAPO evicts both zero-variance groups (the still-degenerate one and the all-perfect one)
@@ -418,6 +409,15 @@ def test_dapo_filter_groups_side_by_side(env, monkeypatch):
     assert {k.split("_")[0] for k in batch.keys} == {"spread1"}
     assert metrics["training/filter_groups/evicted_samples"] == 2
     assert metrics["training/differad_resample/groups/total"] == 1
+
+
+def _async_buffer(sampler_kwargs: dict, refills: list[int]):
+    """veRL's async replay buffer through differad's sampler, refills recorded."""
+    from differad_rl.integrations.verl.resampling import DifferadReplayBufferAsync
+
+    return DifferadReplayBufferAsync(trainer_mode="colocate_async", trainer_config={}, max_off_policy_threshold=None,
+                                     max_off_policy_strategy="drop", sampler_kwargs=sampler_kwargs,
+                                     refill_fn=refills.append)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -497,20 +497,11 @@ def test_online_filter_evicts_exactly_out_of_band_groups_and_refills(env, monkey
 
 def test_online_filter_and_dapo_side_by_side(env, monkeypatch):
     """Async buffer with both: DAPO adds the zero-variance in-band group; veRL refills k for k evicted."""
-    from differad_rl.integrations.verl.resampling import DifferadReplayBufferAsync
-
     worker, client, store = make_worker(env, monkeypatch, rounds=0)
     rollout(worker, prompt_batch(["real", "spread", "perfect", "half", "low"]))
     refills: list[int] = []
-    buffer = DifferadReplayBufferAsync(
-        trainer_mode="colocate_async",
-        trainer_config={},
-        max_off_policy_threshold=None,
-        max_off_policy_strategy="drop",
-        sampler_kwargs={"filter_groups_metric": "localization", "online_filter_metric": "localization",
-                        "online_filter_low": 0.01, "online_filter_high": 0.99},
-        refill_fn=refills.append,
-    )
+    buffer = _async_buffer({"filter_groups_metric": "localization", "online_filter_metric": "localization",
+                        "online_filter_low": 0.01, "online_filter_high": 0.99}, refills)
     assert buffer.dapo_metric == "localization"
     batch, metrics = buffer.sample(global_steps=1, partition_id="train", batch_size=1)
     assert refills == [4]

@@ -341,22 +341,9 @@ def _online_filter_problems(config: Any) -> list[str]:
             f"trainer.v1.sampler.custom_sampler.path=pkg://differad_rl.integrations.verl.resampling and "
             f"trainer.v1.sampler.custom_sampler.name={SAMPLER_FOR_MODE.get(mode, 'DifferadReplayBuffer')}"
         ]
-    reward_model = _path(config, "reward.reward_model")
-    if _get(reward_model, "enable") and not _get(reward_model, "enable_resource_pool"):
-        problems.append(
-            f"{SAMPLER_KWARGS_NODE}.online_filter_metric={cfg.metric} judges groups when they are sampled, but "
-            "reward.reward_model.enable=True without reward.reward_model.enable_resource_pool=True scores after "
-            "sampling; set reward.reward_model.enable_resource_pool=True (or use a rule-based reward)"
-        )
-    if cfg.metric != "reward" and _uses_differad_reward(config):
-        from differad_rl.integrations.verl.reward import REWARD_KEYS
-
-        if cfg.metric not in REWARD_KEYS:
-            problems.append(
-                f"{SAMPLER_KWARGS_NODE}.online_filter_metric={cfg.metric!r} is not returned by differad's "
-                f"compute_score (it returns {', '.join(REWARD_KEYS)}); set "
-                f"+{SAMPLER_KWARGS_NODE}.online_filter_metric=localization"
-            )
+    option = f"{SAMPLER_KWARGS_NODE}.online_filter_metric"
+    problems += _rollout_reward_problems(config, f"{option}={cfg.metric}")
+    problems += _metric_problems(config, option, cfg.metric)
     filter_groups = _path(config, "algorithm.filter_groups")
     dapo = bool(filter_groups is not None and _get(filter_groups, "enable"))
     if str(_path(config, "trainer.v1.trainer_mode") or "sync") == "sync" and not dapo:
@@ -376,6 +363,32 @@ def _online_filter_problems(config: Any) -> list[str]:
                 f"+{SAMPLER_KWARGS_NODE}.train_batch_size={train_batch_size} (got {_get(kwargs, 'train_batch_size')!r})"
             )
     return problems
+
+
+def _rollout_reward_problems(config: Any, setting: str) -> list[str]:
+    """``setting`` judges groups on rewards computed at rollout time: refuse a reward model scored after it."""
+    reward_model = _path(config, "reward.reward_model")
+    if _get(reward_model, "enable") and not _get(reward_model, "enable_resource_pool"):
+        return [
+            f"{setting} judges groups on rewards computed at rollout time, but reward.reward_model.enable=True "
+            "without reward.reward_model.enable_resource_pool=True scores after the rollout; set "
+            "reward.reward_model.enable_resource_pool=True (or use a rule-based reward)"
+        ]
+    return []
+
+
+def _metric_problems(config: Any, option: str, metric: str | None) -> list[str]:
+    """``option`` = ``metric`` must be ``"reward"`` or a key differad's ``compute_score`` returns."""
+    if metric == "reward" or not _uses_differad_reward(config):
+        return []
+    from differad_rl.integrations.verl.reward import REWARD_KEYS
+
+    if metric in REWARD_KEYS:
+        return []
+    return [
+        f"{option}={metric!r} is not returned by differad's compute_score (it returns {', '.join(REWARD_KEYS)}); "
+        f"set +{option}=localization"
+    ]
 
 
 def _resample_problems(config: Any, cfg: ResampleConfig) -> list[str]:
@@ -405,21 +418,8 @@ def _resample_problems(config: Any, cfg: ResampleConfig) -> list[str]:
                 f"{CONFIG_NODE}.rounds={cfg.rounds} with actor_rollout_ref.rollout.do_sample=False: greedy "
                 f"groups are never regenerated; set actor_rollout_ref.rollout.do_sample=True or +{CONFIG_NODE}.rounds=0"
             )
-        reward_model = _path(config, "reward.reward_model")
-        if _get(reward_model, "enable") and not _get(reward_model, "enable_resource_pool"):
-            problems.append(
-                f"{CONFIG_NODE}.rounds={cfg.rounds} judges groups on rewards computed at rollout time, but "
-                "reward.reward_model.enable=True without reward.reward_model.enable_resource_pool=True scores "
-                "after the rollout; set reward.reward_model.enable_resource_pool=True (or use a rule-based reward)"
-            )
-    if cfg.metric != "reward" and _uses_differad_reward(config):
-        from differad_rl.integrations.verl.reward import REWARD_KEYS
-
-        if cfg.metric not in REWARD_KEYS:
-            problems.append(
-                f"{CONFIG_NODE}.metric={cfg.metric!r} is not returned by differad's compute_score "
-                f"(it returns {', '.join(REWARD_KEYS)}); set +{CONFIG_NODE}.metric=localization"
-            )
+        problems += _rollout_reward_problems(config, f"{CONFIG_NODE}.rounds={cfg.rounds}")
+    problems += _metric_problems(config, f"{CONFIG_NODE}.metric", cfg.metric)
     filter_groups = _path(config, "algorithm.filter_groups")
     name = _path(config, "trainer.v1.sampler.custom_sampler.name")
     if filter_groups is not None and _get(filter_groups, "enable") and name in _SAMPLER_NAMES:
