@@ -86,6 +86,14 @@ def test_peer_compute_score_keys_rules_and_values(box_reward):
     assert out["localization"] == pytest.approx(want, abs=1e-12)
     normal = compute_score("d", "<answer>(0,0),(0,0)</answer>", {"boxes": []}, {}, box_reward=box_reward)
     assert normal["localization"] == 1.0
+    # the box is read in the prompt family's format only, as the method's reward reads it
+    bare = "<think>.</think><answer>[10, 10, 50, 50]</answer>"
+    assert method_score("d", bare, gt, {})["localization"] == 0.0
+    assert compute_score("d", bare, gt, {}, box_reward=box_reward)["localization"] == 0.0
+    assert compute_score("d", bare, gt, {}, box_reward=box_reward, family=None)["localization"] == 1.0
+    prose = compute_score("d", "<think>.</think><answer>nothing here</answer>", {"boxes": []}, {},
+                          box_reward=box_reward)
+    assert prose["localization"] == 0.0  # prose is no answer of a box, not "nothing there"
 
 
 def test_peer_compute_score_converts_coordinates_like_the_method():

@@ -14,6 +14,8 @@ Same contract, ground truth and options as :func:`differad_rl.integrations.verl.
 Formulas and sources: :mod:`differad_rl.box_rewards`. Every sample returns ``{score, localization,
 format, iou}`` with ``localization`` = the peer reward, so the ``differad`` estimator's weights,
 veRL's ``filter_groups`` (``metric=localization``) and the resampling read it like the method's DCLR.
+Boxes are read only in the box format of the prompt ``family`` (``reward_kwargs.family``), as the
+method's reward reads them; the protocol keys (``iou``, ``acc_0.3``, ...) stay lenient.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Any
 import torch
 
 from differad_rl.box_rewards import PEER_BOX_KINDS, matched_hits_score, peer_box_scores
-from differad_rl.parsing import answer_span, parse_box, parse_boxes
+from differad_rl.parsing import answer_boxes, first_box
 
 from .reward import _options_from_kwargs, compute_score as _method_score, ground_truth_boxes
 
@@ -73,13 +75,13 @@ def compute_score(
     options = _options_from_kwargs(kwargs)
     gt = ground_truth_boxes(ground_truth, extra_info, options)
     text = solution_str if isinstance(solution_str, str) else ""
+    # the box is read in the format of the prompt family only (options.fmt), as the method's reward reads it
     if box_reward == "matched_hits":
-        has_answer = answer_span(text) is not None or not options.require_answer
-        preds = parse_boxes(text, require_answer=options.require_answer) if has_answer else None
+        preds = answer_boxes(text, require_answer=options.require_answer, fmt=options.fmt)
         loc = matched_hits_score(preds, gt.tolist(), iou_threshold=float(iou_threshold),
                                  l1_threshold=float(l1_threshold))
     else:
-        box = parse_box(text, require_answer=options.require_answer)
+        box = first_box(text, options.require_answer, options.fmt)
         pred = torch.tensor([box if box is not None else (0.0, 0.0, 0.0, 0.0)], dtype=torch.float64)
         first_gt = torch.tensor(gt[:1] if gt.shape[0] else [[0.0] * 4], dtype=torch.float64)
         loc = float(peer_box_scores(pred, torch.tensor([box is not None]), first_gt, box_reward,
