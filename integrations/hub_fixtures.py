@@ -45,9 +45,10 @@ Without torchvision: the hub's ``preprocessor_config.json`` names ``Qwen2VLImage
 the processors have a video processor that needs torchvision, so ``AutoProcessor.from_pretrained``
 on a real hub folder raises transformers' ``ImportError`` ("Qwen2VLVideoProcessor requires the
 Torchvision library") on a machine without torchvision — and so does it on these fixtures (tested).
-:func:`image_only_processor` loads the same files into an image-only processor
-(``Qwen2VLImageProcessorPil`` and the tiny model's processor classes without a video processor),
-the CPU stand-in used where the code under test needs a working processor.
+:func:`~differad_rl.integrations.loading.image_only_processor` (re-exported here) loads the same
+files into an image-only processor (``Qwen2VLImageProcessorPil`` and the tiny model's processor
+classes without a video processor); it is the product loader's own fallback
+(:func:`~differad_rl.integrations.loading.load_processor` uses it when torchvision is missing).
 
 Builds are cached: a folder holding a complete build for the same arguments (``hub_fixture.json``
 written last) is reused.
@@ -63,6 +64,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from differad_rl.integrations.loading import image_only_processor  # re-exported: the product loader's fallback
 from differad_rl.integrations.tiny_qwen_vl import QWEN_VL_CHAT_TEMPLATE
 
 __all__ = [
@@ -462,28 +464,3 @@ def hub_fixture_for(repo: str, cache_dir: str | os.PathLike[str] | None = None) 
     """The cached fixture of ``repo`` under ``cache_dir`` (default: ``$DIFFERAD_FIXTURES`` or the temp dir)."""
     root = Path(cache_dir or os.environ.get("DIFFERAD_FIXTURES") or Path(tempfile.gettempdir()) / "differad_hub_fixtures")
     return build_hub_fixture(repo, root / repo.replace("/", "--"))
-
-
-def image_only_processor(path: str | os.PathLike[str]) -> Any:
-    """The folder's processor without its torchvision-backed video processor (CPU stand-in).
-
-    Reads the same files ``AutoProcessor`` reads — ``preprocessor_config.json`` (pixel budget,
-    patch and merge size, mean/std) into transformers' PIL image processor, the tokenizer files,
-    ``chat_template.json`` — into the processor class of the family minus its video processor
-    (:mod:`differad_rl.integrations.tiny_qwen_vl`'s ``Tiny*Processor``).
-    """
-    from transformers import AutoConfig, AutoTokenizer
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-    from differad_rl.integrations import tiny_qwen_vl as tiny
-
-    path = Path(path)
-    model_type = AutoConfig.from_pretrained(path).model_type
-    classes = {"qwen2_vl": tiny.TinyQwen2VLProcessor, "qwen2_5_vl": tiny.TinyQwen2_5_VLProcessor,
-               "qwen3_vl": tiny.TinyQwen3VLProcessor}
-    if model_type not in classes:
-        raise ValueError(f"{path}: model_type={model_type!r} is not a Qwen-VL family ({', '.join(classes)})")
-    image_processor = Qwen2VLImageProcessorPil.from_pretrained(path)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    template = json.loads((path / "chat_template.json").read_text())["chat_template"]
-    return classes[model_type](image_processor=image_processor, tokenizer=tokenizer, chat_template=template)

@@ -24,16 +24,22 @@ The SFT and GRPO examples and ``differad-rl predict`` all load through
   :mod:`~differad_rl.integrations.tiny_qwen_vl` writes — a hub id or folder whose name merely
   starts with "tiny" is a real model. Tiny folders load with
   :func:`~differad_rl.integrations.tiny_qwen_vl.load_tiny_qwen_vl`.
-* **Hub processors need torchvision.** transformers' stock Qwen-VL processors carry a video
-  processor (and a fast image processor) that import torchvision; without it the loader raises one
-  :class:`ImportError` line naming the package to install.
+* **Hub processors without torchvision.** transformers' stock Qwen-VL processors carry a video
+  processor (and a fast image processor) that import torchvision. Where it is missing,
+  :func:`load_processor` loads the same folder's files into an *image-only* processor
+  (:func:`image_only_processor`: transformers' PIL image processor + the family's processor class
+  without a video processor) and warns once; the padding and pixel-budget rules above apply to it
+  unchanged. Videos are then unsupported; installing the torchvision build that matches torch
+  brings back the stock processor.
 
 Everything heavy (torch, transformers) is imported inside the functions.
 """
 
 from __future__ import annotations
 
+import functools
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +51,7 @@ __all__ = [
     "check_left_padding",
     "force_left_padding",
     "freeze_vision_tower",
+    "image_only_processor",
     "is_tiny",
     "keep_tiny_manifest",
     "load_model_and_processor",
@@ -263,10 +270,15 @@ def load_processor(
 ) -> Any:
     """The multimodal processor of a (resolved) model folder or hub id, left padding, pixel budget set.
 
-    Tiny folders load with their own processor class; others with ``AutoProcessor``.
+    Tiny folders load with their own processor class; others with ``AutoProcessor``. When
+    ``AutoProcessor`` fails only because torchvision is missing (transformers' ``ImportError``
+    naming it: the stock video processor and the fast image processor import it), the same files
+    are loaded by :func:`image_only_processor` and one warning line says so (once per process).
+    Either way the result gets the same pixel budget and left padding.
 
     Raises:
-        ImportError: the processor needs torchvision and it is not installed (one line, names the package).
+        ImportError: the processor needs torchvision, it is not installed, and the folder is not a
+            Qwen-VL family the image-only processor covers (one line, names the package).
         ValueError: no processor can be loaded, or ``AutoProcessor`` fell back to a bare tokenizer
             (a trainer would then train text-only without any error).
     """
@@ -281,14 +293,9 @@ def load_processor(
         try:
             processor = AutoProcessor.from_pretrained(path, padding_side=PADDING_SIDE)
         except ImportError as exc:
-            if "torchvision" in str(exc).lower():
-                raise ImportError(
-                    f"--model {path}: its processor needs torchvision (transformers' Qwen-VL video and fast "
-                    "image processors import it), which is not installed: install the torchvision build that "
-                    "matches your torch, from the same index (e.g. `pip install torchvision` beside a CUDA "
-                    "torch; see README 'Install')"
-                ) from None
-            raise
+            if "torchvision" not in str(exc).lower():
+                raise
+            processor = _image_only_fallback(path)
         except (OSError, ValueError) as exc:
             raise ValueError(f"--model {path}: no processor could be loaded ({_first_line(exc)})") from None
         from transformers.processing_utils import ProcessorMixin
@@ -299,6 +306,129 @@ def load_processor(
                 "(the folder lacks preprocessor/processor files?)"
             )
     return _finish_processor(processor, min_pixels, max_pixels)
+
+
+#: Set once the torchvision fallback has warned (the warning is printed once per process).
+_image_only_warned = False
+#: transformers' stock processor class of each family (what an image-only processor saves itself as).
+_STOCK_PROCESSOR: dict[str, str] = {
+    "qwen2_vl": "Qwen2VLProcessor",
+    "qwen2_5_vl": "Qwen2_5_VLProcessor",
+    "qwen3_vl": "Qwen3VLProcessor",
+}
+
+
+def _image_only_fallback(path: str) -> Any:
+    """:func:`image_only_processor` of ``path`` after ``AutoProcessor`` failed for want of torchvision,
+    with the one warning line; the install hint as one ``ImportError`` line where it cannot apply."""
+    global _image_only_warned
+    try:
+        family = model_family(path)
+    except ValueError as exc:
+        raise ImportError(
+            f"--model {path}: its processor needs torchvision, which is not installed, and the image-only "
+            f"fallback covers only the Qwen-VL families {FAMILIES} ({_first_line(exc)}): install the torchvision "
+            "build that matches your torch, from the same index (e.g. `pip install torchvision` beside a CUDA "
+            "torch; see README 'Install')"
+        ) from None
+    try:
+        processor = image_only_processor(path)
+    except (OSError, ValueError) as exc:
+        raise ValueError(
+            f"--model {path}: torchvision is not installed and the image-only processor could not be loaded "
+            f"either ({_first_line(exc)})"
+        ) from None
+    if not _image_only_warned:
+        _image_only_warned = True
+        warnings.warn(
+            f"--model {path}: torchvision is not installed, so transformers' {_STOCK_PROCESSOR[family]} cannot load; "
+            f"loaded the same files into an image-only processor ({type(processor).__name__}: PIL image processor, "
+            "no video processor; videos are unsupported). For the stock processor install the torchvision build "
+            "that matches your torch (e.g. `pip install torchvision` from torch's index; see README 'Install').",
+            UserWarning,
+            stacklevel=3,
+        )
+    return processor
+
+
+@functools.cache
+def _image_only_class(family: str) -> type:
+    """The family's processor class without a video processor
+    (:mod:`~differad_rl.integrations.tiny_qwen_vl`'s ``Tiny*Processor``), saving itself like the stock one.
+
+    What it saves: ``processor_config.json`` names the stock class (``Qwen2_5_VLProcessor`` …; with the
+    tiny class's name ``AutoProcessor`` would load a checkpoint as a bare tokenizer) and
+    ``preprocessor_config.json`` holds the image processor (as on the hub, where the stock video
+    processor reads its settings from it when no video configuration exists; a separate
+    ``video_preprocessor_config.json`` of the source folder, as Qwen3-VL's, is not carried over).
+    """
+    from differad_rl.integrations import tiny_qwen_vl as tiny
+
+    base = {"qwen2_vl": tiny.TinyQwen2VLProcessor, "qwen2_5_vl": tiny.TinyQwen2_5_VLProcessor,
+            "qwen3_vl": tiny.TinyQwen3VLProcessor}[family]
+    stock = _STOCK_PROCESSOR[family]
+
+    def to_dict(self: Any) -> dict[str, Any]:
+        out = base.to_dict(self)
+        out["processor_class"] = stock
+        return out
+
+    def save_pretrained(self: Any, save_directory: str | os.PathLike[str], *args: Any, **kwargs: Any) -> Any:
+        files = base.save_pretrained(self, save_directory, *args, **kwargs)
+        self.image_processor.save_pretrained(save_directory)
+        return files
+
+    return type(f"ImageOnly{stock}", (base,), {
+        "__module__": __name__, "__qualname__": f"ImageOnly{stock}", "to_dict": to_dict,
+        "save_pretrained": save_pretrained,
+        "__doc__": f"``{stock}`` without a video processor (PIL image processor; no torchvision needed).",
+    })
+
+
+def _chat_template(path: str, tokenizer: Any) -> str | None:
+    """The folder's chat template: ``chat_template.jinja``, else the legacy ``chat_template.json``,
+    else the tokenizer's own (what ``ProcessorMixin.from_pretrained`` prefers, in that order)."""
+    import json
+
+    from transformers.utils import cached_file
+
+    for name in ("chat_template.jinja", "chat_template.json"):
+        found = cached_file(path, name, _raise_exceptions_for_missing_entries=False)
+        if found:
+            text = Path(found).read_text(encoding="utf-8")
+            return text if name.endswith(".jinja") else json.loads(text)["chat_template"]
+    return getattr(tokenizer, "chat_template", None)
+
+
+def image_only_processor(path: str | os.PathLike[str]) -> Any:
+    """The folder's processor without its torchvision-backed video processor (no torchvision needed).
+
+    Reads the files ``AutoProcessor`` reads — the image processor's settings (pixel budget, patch and
+    merge size, mean/std; from ``processor_config.json`` or ``preprocessor_config.json``, as
+    transformers resolves them) into transformers' ``Qwen2VLImageProcessorPil``, the tokenizer
+    files, the chat template — into the family's processor class minus its video processor
+    (:func:`_image_only_class`). Padding side and pixel budget are left as the files say
+    (:func:`load_processor` applies its rules on top).
+
+    The image grid is the stock one: the PIL image processor
+    (``image_processing_pil_qwen2_vl``) and the torchvision one (``image_processing_qwen2_vl``) each
+    call their own ``smart_resize``, and the two are the same source text (tests/test_loading.py
+    compares them), so ``image_grid_thw``, the number of visual tokens and the coordinate space are
+    identical. The pixel values themselves (PIL vs torchvision bicubic resize, then the same
+    rescale/normalise) may differ slightly; comparing them needs torchvision and is not tested here.
+
+    Raises:
+        ValueError: ``model_type`` is not a Qwen-VL family, or no image-processor settings are found.
+    """
+    from transformers import AutoTokenizer
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    path = str(path)
+    family = model_family(path)
+    image_processor = Qwen2VLImageProcessorPil.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return _image_only_class(family)(image_processor=image_processor, tokenizer=tokenizer,
+                                     chat_template=_chat_template(path, tokenizer))
 
 
 def _finish_processor(processor: Any, min_pixels: int | None, max_pixels: int | None) -> Any:
@@ -334,7 +464,8 @@ def load_model_and_processor(
     Raises:
         ValueError: unknown tiny family or model family, no configuration or processor, a bare
             tokenizer instead of a processor, a bad pixel budget.
-        ImportError: the processor needs torchvision (see :func:`load_processor`).
+        ImportError: the processor needs torchvision and no image-only fallback applies
+            (see :func:`load_processor`).
     """
     path = resolve_model(model, cache_dir=cache_dir, min_pixels=min_pixels, max_pixels=max_pixels)
     dtype = weights_dtype(bf16=bf16, training=training)

@@ -414,7 +414,8 @@ def predict(
 
     Raises:
         ValueError / FileNotFoundError: bad input (see the module docstring), before anything is written.
-        ImportError: the model's processor needs torchvision.
+        ImportError: the model's processor needs torchvision and is not a Qwen-VL family the image-only
+            fallback covers (see :func:`~differad_rl.integrations.loading.load_processor`).
     """
     import torch
 

@@ -8,6 +8,7 @@ import importlib.util
 import json
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -201,25 +202,96 @@ def test_folder_without_processor_is_one_clear_error(tmp_path):
     assert "\n" not in str(info.value)
 
 
-def test_hub_qwen2_5_vl_processor_needs_torchvision(tmp_path):
-    """The stock Qwen2.5-VL processor imports torchvision. Without it: one line naming the package;
-    with it (GPU machines): the hub layout loads, left padding and the hub's budget read off."""
+def _torchvision_importable() -> bool:
+    if importlib.util.find_spec("torchvision") is None:
+        return False
+    try:
+        importlib.import_module("torchvision")
+    except Exception:  # noqa: BLE001 - a CUDA torchvision beside a CPU torch fails to import
+        return False
+    return True
+
+
+def _smart_resize_source(module: str) -> str:
+    """The text of ``smart_resize`` in a transformers module, read from its file (not imported:
+    the torchvision image processor's module imports torchvision)."""
+    text = Path(importlib.util.find_spec(module).origin).read_text()
+    start = text.index("def smart_resize(")
+    return text[start:text.index("\n\n\n", start)]
+
+
+def test_hub_qwen2_5_vl_processor_without_torchvision_is_image_only(tmp_path, monkeypatch):
+    """The stock Qwen2.5-VL processor imports torchvision. Without it: the same folder's files load
+    into the image-only processor (PIL image processor, no video processor) with the published
+    budget, patch size and left padding, and one warning line says so, once; its checkpoint names
+    the stock class and reloads. With torchvision (GPU machines): the stock processor."""
     folder = _hub_shaped(tmp_path / "Qwen2.5-VL-3B-Instruct")
-    torchvision_ok = importlib.util.find_spec("torchvision") is not None
-    if torchvision_ok:
-        try:
-            importlib.import_module("torchvision")
-        except Exception:  # a CUDA torchvision beside a CPU torch fails to import
-            torchvision_ok = False
-    if not torchvision_ok:
-        with pytest.raises(ImportError, match="needs torchvision") as info:
-            loading.load_processor(str(folder))
-        assert "\n" not in str(info.value) and "pip install torchvision" in str(info.value)
-    else:
+    if _torchvision_importable():
         processor = loading.load_processor(str(folder))
         assert type(processor).__name__ == "Qwen2_5_VLProcessor"
         assert processor.tokenizer.padding_side == "left"
         assert loading.pixel_budget(processor) == (3136, 12845056)
+        return
+    from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from differad_rl.integrations.tiny_qwen_vl import TinyQwen2_5_VLProcessor
+
+    monkeypatch.setattr(loading, "_image_only_warned", False)
+    with pytest.warns(UserWarning) as caught:
+        processor = loading.load_processor(str(folder))
+    ours = [w for w in caught if "image-only processor" in str(w.message)]
+    assert len(ours) == 1
+    message = str(ours[0].message)
+    assert "\n" not in message and "torchvision is not installed" in message
+    assert "videos are unsupported" in message and "install the torchvision build that matches your torch" in message
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per process: the second load is silent
+        again = loading.load_processor(str(folder), max_pixels=1003520)
+
+    assert isinstance(processor, Qwen2_5_VLProcessor) and isinstance(processor, TinyQwen2_5_VLProcessor)
+    assert getattr(processor, "video_processor", None) is None
+    ip = processor.image_processor
+    assert type(ip) is Qwen2VLImageProcessorPil
+    # the published preprocessor_config.json, read from the folder (not the tiny build's 12,544 budget)
+    assert loading.pixel_budget(processor) == (3136, 12845056)
+    assert (ip.patch_size, ip.merge_size, ip.temporal_patch_size) == (14, 2, 2)
+    assert list(ip.image_mean) == HUB_PREPROCESSOR_25["image_mean"]
+    assert processor.tokenizer.padding_side == "left"
+    assert processor.chat_template == (folder / "chat_template.jinja").read_text()
+    # the loader's budget rule applies as to the stock processor, and the grid is smart_resize's
+    assert loading.pixel_budget(again) == (3136, 1003520) and again.tokenizer.padding_side == "left"
+    image = Image.new("RGB", (1500, 1100))
+    gh, gw = again(images=[image], text=["<|vision_start|><|image_pad|><|vision_end|>"],
+                   return_tensors="pt")["image_grid_thw"][0, 1:].tolist()
+    assert (gh * 14, gw * 14) == smart_resize(1100, 1500, 28, 3136, 1003520)
+    # the stock (torchvision) image processor resizes with the same smart_resize text
+    assert _smart_resize_source("transformers.models.qwen2_vl.image_processing_pil_qwen2_vl") == \
+        _smart_resize_source("transformers.models.qwen2_vl.image_processing_qwen2_vl")
+
+    # a checkpoint of it names the stock class (else AutoProcessor would hand back a bare tokenizer)
+    # and keeps the hub's preprocessor_config.json, which the stock video processor reads
+    ckpt = tmp_path / "checkpoint"
+    again.save_pretrained(str(ckpt))
+    shutil.copy(folder / "config.json", ckpt / "config.json")
+    assert json.loads((ckpt / "processor_config.json").read_text())["processor_class"] == "Qwen2_5_VLProcessor"
+    saved = json.loads((ckpt / "preprocessor_config.json").read_text())
+    assert saved["size"] == {"shortest_edge": 3136, "longest_edge": 1003520} and saved["patch_size"] == 14
+    reloaded = loading.load_processor(str(ckpt))
+    assert type(reloaded) is type(again) and loading.pixel_budget(reloaded) == (3136, 1003520)
+
+
+def test_image_only_fallback_is_not_used_for_other_import_errors(tmp_path, monkeypatch):
+    """Only transformers' torchvision ImportError switches to the image-only processor."""
+    folder = _hub_shaped(tmp_path / "Qwen2.5-VL-3B-Instruct")
+    from transformers import AutoProcessor
+
+    def broken(*args, **kwargs):
+        raise ImportError("No module named 'sentencepiece'")
+
+    monkeypatch.setattr(AutoProcessor, "from_pretrained", broken)
+    with pytest.raises(ImportError, match="sentencepiece"):
+        loading.load_processor(str(folder))
 
 
 # ------------------------------------------------------------------------------- the examples use it
