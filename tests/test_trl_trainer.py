@@ -274,6 +274,8 @@ def test_resampling_relogs_every_metric_from_the_final_batch(model_path, tmp_pat
     batch = expand_groups(rows)
     trainer = make_trainer(SpyTrainer, model_path, [LoggingLocReward(), text_format_reward], rows, 16, tmp_path,
                            resample_rounds=2, localization_reward="logging_loc_reward", max_completion_length=6)
+    missing = [a for a in compat.RELIED_TRL_ATTRIBUTES if not hasattr(trainer, a)]
+    assert missing == []  # what the relogging reads off TRL's trainer is still there
     # a third of the vocabulary ends a completion, so lengths and clipping vary (a random model never says EOS)
     stop = sorted({*trainer.eos_token_ids, *range(100, 300)})
     trainer.eos_token_ids = stop

@@ -41,13 +41,19 @@ SUPPORTED_TRL = f">={TRL_MIN},<{TRL_MAX_EXCLUSIVE}"
 OVERRIDDEN_TRL_METHODS: dict[str, tuple[str, ...]] = {
     "_generate_and_score_completions": ("self", "inputs"),
     "_calculate_rewards": ("self", "inputs", "prompts", "completions", "completion_ids_list"),
+    "_log_metric": ("self", "name", "value"),
+    "_log_completion_extra": ("self", "column", "values"),
 }
 
 #: Instance attributes of ``trl.GRPOTrainer`` read by the trainer (set in ``GRPOTrainer.__init__``).
 RELIED_TRL_ATTRIBUTES: tuple[str, ...] = (
     "_metrics",
     "_logs",
+    "_pending_metrics",
+    "_pending_extra_logs",
     "accelerator",
+    "eos_token_ids",
+    "log_multimodal",
     "multi_objective_aggregation",
     "num_generations",
     "reward_func_names",
