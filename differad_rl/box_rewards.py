@@ -56,14 +56,13 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from differad_rl.boxes import _pair, box_area, box_iou, is_degenerate, is_zero_box
 from differad_rl.coords import DEFAULT_FACTOR, DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
-from differad_rl.parsing import answer_boxes, parse_boxes_batch
-from differad_rl.rewards import DCLRConfig, _image_sizes, _Reward, check_gt_boxes, matched_mean, matching_inputs
+from differad_rl.parsing import parse_boxes_batch
+from differad_rl.rewards import DCLRConfig, _Reward, check_gt_boxes, matched_mean, matching_inputs
 
 PEER_BOX_KINDS: tuple[str, ...] = ("iou_threshold", "iou_squared", "giou", "diou", "ciou")
 
@@ -295,20 +294,10 @@ class MatchedHitsReward(_Reward):
         self.l1_threshold = _check_threshold("l1_threshold", l1_threshold, unit=False)
 
     def __call__(self, completions: Sequence[Any], solution: Any, **kwargs: Any) -> list[float]:
-        n = len(completions)
-        if len(solution) != n:
-            raise ValueError(f"solution has {len(solution)} entries but there are {n} completions")
-        sizes = _image_sizes(kwargs, n) if self._converts else None
-        out: list[float] = []
-        valid = np.zeros(n, dtype=bool)
-        for i, (completion, gts) in enumerate(zip(completions, solution)):
-            g = self._row_boxes(gts, i, sizes)  # validated, snapped to the model's grid (as multi_box_reward)
-            preds = answer_boxes(completion, require_answer=self.require_answer, fmt=self.fmt)
-            valid[i] = bool(preds)
-            out.append(matched_hits_score(preds, g, iou_threshold=self.iou_threshold,
-                                          l1_threshold=self.l1_threshold))
-        self._log_unparsable(kwargs, valid)
-        return out
+        return self._score_box_sets(  # the several-box loop of multi_box_reward, another score
+            completions, solution, kwargs,
+            lambda preds, g: matched_hits_score(preds, g, iou_threshold=self.iou_threshold,
+                                                l1_threshold=self.l1_threshold))
 
 
 def get_iou_threshold_reward(*, threshold: float = 0.5, name: str = "iou_threshold_reward",

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -373,6 +373,28 @@ class _Reward:
     def _converts(self) -> bool:
         return self.gt_space == "pixel" and self.space != "pixel"
 
+    def _score_box_sets(
+        self, completions: Sequence[Any], solution: Any, kwargs: dict[str, Any],
+        score: Callable[[list[Any] | None, np.ndarray], float],
+    ) -> list[float]:
+        """The several-box rewards' loop: ``score(answer boxes, ground-truth boxes)`` per completion.
+
+        The answer's boxes are :func:`~differad_rl.parsing.answer_boxes` in the family's format
+        (``None``: no box answer); the ground truth is :meth:`_row_boxes` (validated, snapped to the
+        model's grid). The unparsable share is logged (:meth:`_log_unparsable`)."""
+        n = len(completions)
+        if len(solution) != n:
+            raise ValueError(f"solution has {len(solution)} entries but there are {n} completions")
+        sizes = _image_sizes(kwargs, n) if self._converts else None
+        out: list[float] = []
+        valid = np.zeros(n, dtype=bool)
+        for i, (completion, gts) in enumerate(zip(completions, solution)):
+            preds = answer_boxes(completion, require_answer=self.require_answer, fmt=self.fmt)
+            valid[i] = bool(preds)
+            out.append(score(preds, self._row_boxes(gts, i, sizes)))
+        self._log_unparsable(kwargs, valid)
+        return out
+
     def _row_boxes(self, gts: Any, i: int, sizes: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray:
         """Row ``i``'s ground-truth boxes ``(N, 4)`` of a several-box reward, validated and — when
         ``sizes`` (the targets' widths, heights) are given — snapped to the model's integer grid."""
@@ -499,19 +521,8 @@ class MultiBoxReward(_Reward):
                          family=family)
 
     def __call__(self, completions: Sequence[Any], solution: Any, **kwargs: Any) -> list[float]:
-        n = len(completions)
-        if len(solution) != n:
-            raise ValueError(f"solution has {len(solution)} entries but there are {n} completions")
-        sizes = _image_sizes(kwargs, n) if self._converts else None
-        out: list[float] = []
-        valid = np.zeros(n, dtype=bool)
-        for i, (completion, gts) in enumerate(zip(completions, solution)):
-            g = self._row_boxes(gts, i, sizes)
-            preds = answer_boxes(completion, require_answer=self.require_answer, fmt=self.fmt)
-            valid[i] = bool(preds)
-            out.append(multi_box_score(preds, g, self.config))
-        self._log_unparsable(kwargs, valid)
-        return out
+        return self._score_box_sets(completions, solution, kwargs,
+                                    lambda preds, g: multi_box_score(preds, g, self.config))
 
 
 class FormatReward:
