@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from differad_rl.group_filters import Rule, group_rule, out_of_band_groups, zero_variance_groups
+from differad_rl.group_filters import Rule, group_rule
 from differad_rl.group_weights import MEAN_REWARD_FORMS, mean_reward_weight, wrong_share_weights
 
 __all__ = [
@@ -128,11 +128,8 @@ def filter_rule(cfg: Any) -> Rule | None:
 
 
 def _filtered(cfg: Any, loc: torch.Tensor, g: int) -> torch.Tensor | None:
-    if cfg.group_filter == "dapo":
-        return zero_variance_groups(loc, g)
-    if cfg.group_filter == "easyr1":
-        return out_of_band_groups(loc, g, cfg.group_filter_low, cfg.group_filter_high)
-    return None
+    rule = filter_rule(cfg)
+    return rule(loc, g) if rule is not None else None
 
 
 def apply_peer_strategies(trainer: Any, inputs: list, output: dict[str, Any], loc: torch.Tensor, mode: str) -> dict:
