@@ -38,12 +38,7 @@ HUB_PREPROCESSOR_25 = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _copy(src: Path, dest: Path, *, manifest: bool = True) -> Path:

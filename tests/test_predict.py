@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 pytest.importorskip("transformers")
@@ -31,12 +30,7 @@ SIZES = [(64, 64), (120, 80), (90, 150), (200, 100), (56, 112), (150, 150), (80,
 FAST = P.PredictConfig(batch_size=3, max_new_tokens=6)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

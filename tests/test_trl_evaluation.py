@@ -36,16 +36,13 @@ from differad_rl.integrations.trl.evaluation import (  # noqa: E402
 from differad_rl.integrations.trl.trainer import DifferADGRPOTrainer  # noqa: E402
 from differad_rl.data.records import load_pairs  # noqa: E402
 
+from tests.trl_mp_worker import write_rank_result  # noqa: E402
+
 MAX_NEW = 6
 SIZES = [(64, 64), (90, 60), (56, 112), (80, 80)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def write_pairs(d: Path, n: int = 4) -> Path:
@@ -248,9 +245,7 @@ def _worker(argv: list[str]) -> int:
     after = trainer._protocol_eval.last_result.metrics["overall"]
     result = {"before": {k[len("eval_"):]: v for k, v in before.items() if k.startswith("eval_differad/")},
               "lines": lines, "after": after, "logged": logged}
-    tmp = out / f".rank{state.process_index}.json.tmp"
-    tmp.write_text(json.dumps(result))
-    os.replace(tmp, out / f"rank{state.process_index}.json")
+    write_rank_result(out, state.process_index, result)
     state.wait_for_everyone()
     return 0
 

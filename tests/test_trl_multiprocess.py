@@ -33,16 +33,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # the single-process reference; the workers get OMP_NUM_THREADS=1
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.slow
-@pytest.mark.usefixtures("_one_thread")
 def test_two_processes_equal_one_process(tmp_path):
     model_path = tiny_model_for("qwen2_5_vl")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(WORKER.parent.parent)}

@@ -41,12 +41,7 @@ def model_path():
     return tiny_model_for("qwen2_5_vl")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _step(trainer, batch, seed=0):

@@ -43,14 +43,7 @@ def model_path():
     return tiny_model_for("qwen2_5_vl")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The tiny model's ops are far too small for intra-op threads: with 2 threads on a busy 2-core
-    machine a generation step is ~30× slower than with 1 (measured). Restored after the module."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class SpyTrainer(DifferADGRPOTrainer):

@@ -187,11 +187,16 @@ def main(argv: list[str]) -> int:
     )
     result = run_scripted_step(trainer, rows, rank, world)
     result["world"] = world
+    write_rank_result(out_dir, rank, result)
+    state.wait_for_everyone()
+    return 0
+
+
+def write_rank_result(out_dir: Path, rank: int, result: dict[str, Any]) -> None:
+    """A worker's JSON result as ``<out_dir>/rank<r>.json``, written atomically (the test reads it after)."""
     tmp = out_dir / f".rank{rank}.json.tmp"
     tmp.write_text(json.dumps(result))
     os.replace(tmp, out_dir / f"rank{rank}.json")
-    state.wait_for_everyone()
-    return 0
 
 
 if __name__ == "__main__":
