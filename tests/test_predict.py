@@ -20,7 +20,6 @@ pytest.importorskip("transformers")
 from differad_rl import cli  # noqa: E402
 from differad_rl.coords import smart_resize  # noqa: E402
 from differad_rl.data.records import load_pairs  # noqa: E402
-from differad_rl.eval.protocol import evaluate  # noqa: E402
 from differad_rl.integrations import predict as P  # noqa: E402
 from differad_rl.integrations.loading import load_model_and_processor, pixel_budget  # noqa: E402
 from differad_rl.integrations.tiny_qwen_vl import FAMILIES, tiny_model_for  # noqa: E402

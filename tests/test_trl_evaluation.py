@@ -23,7 +23,7 @@ from PIL import Image
 
 pytest.importorskip("trl")
 
-from differad_rl.eval.protocol import EvalConfig, evaluate  # noqa: E402
+from differad_rl.eval.protocol import evaluate  # noqa: E402
 from differad_rl.integrations.predict import PredictConfig, predict_records  # noqa: E402
 from differad_rl.integrations.tiny_qwen_vl import load_tiny_qwen_vl, tiny_model_for  # noqa: E402
 from differad_rl.integrations.trl import differad_rewards, pairs_to_rows, to_trl_dataset  # noqa: E402

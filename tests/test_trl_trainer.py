@@ -31,7 +31,6 @@ from tests.trl_mp_worker import (  # noqa: E402
     expand_groups,
     make_prompt_rows,
     make_trainer,
-    mp_kinds,
     run_scripted_step,
     text_format_reward,
     text_loc_reward,
