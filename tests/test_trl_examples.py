@@ -58,6 +58,7 @@ def test_sft_then_grpo_end_to_end(tmp_path):
         assert 1.0 <= r["weight_mean"] <= r["weight_max"] <= 2.07
         assert 0.0 <= r["degenerate_after"] <= r["degenerate_before"] <= 1.0
         assert r["rounds_used"] in (0, 1)
+        assert r["seconds"] > 0  # each logged step's wall time
     assert (grpo_dir / "reward_curve.png").read_bytes()[:8] == PNG_MAGIC
     _checkpoint_ok(grpo_dir / "checkpoint")
 
@@ -93,6 +94,11 @@ def test_default_run_is_the_learner_recipe(grpo_script, tmp_path):
     cfg = grpo_script.build_config(args, tmp_path, tiny=True, reward_names=["dclr", "format"], learner=True)
     assert (cfg.num_generations, cfg.per_device_train_batch_size, cfg.max_steps) == (8, 32, 100)
     assert cfg.resample_rounds == 2 and cfg.difficulty_weighting is True and cfg.use_cpu is True
+    # TRL's bf16 / gradient-checkpointing defaults (on everywhere) do not leak into the CPU main job
+    assert cfg.bf16 is False and cfg.gradient_checkpointing is False
+    gc_on = grpo_script.build_config(grpo_script.parse_args(["--gradient-checkpointing"]), tmp_path, tiny=True,
+                                     reward_names=["dclr", "format"], learner=True)
+    assert gc_on.gradient_checkpointing is True and gc_on.bf16 is False
     own = grpo_script.resolve_start(grpo_script.parse_args(["--model", "m", "--recipe", "learner"]), tmp_path)
     assert own == ("m", 0, True)
     assert grpo_script.resolve_start(grpo_script.parse_args(["--model", "tiny"]), tmp_path) == ("tiny", 150, False)

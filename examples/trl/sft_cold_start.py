@@ -47,6 +47,7 @@ import numpy as np
 from differad_rl.coords import to_model_space
 from differad_rl.data.atomic import atomic_write_text
 from differad_rl.data.records import PairRecord, load_pairs
+from differad_rl.integrations.hardware import resolve_bf16, resolve_gradient_checkpointing
 from differad_rl.integrations.loading import (
     TINY,
     freeze_vision_tower,
@@ -180,7 +181,8 @@ def run_sft(
     grad_accum: int = 1,
     learning_rate: float = 1e-2,
     seed: int = 0,
-    bf16: bool = False,
+    bf16: bool | None = None,
+    gradient_checkpointing: bool | None = None,
     use_cpu: bool = True,
     max_length: int | None = None,
     logging_steps: int = 1,
@@ -191,6 +193,8 @@ def run_sft(
     """Run TRL's SFTTrainer on the pairs (completion-only loss); returns the trainer.
 
     ``save_steps > 0`` keeps a trainer checkpoint every that many steps under ``output_dir/trainer``.
+    ``bf16`` / ``gradient_checkpointing``: ``None`` = decided from the hardware
+    (:mod:`differad_rl.integrations.hardware`: fp32 and no checkpointing on a CPU), not TRL's "on everywhere".
     """
     import datasets
     from trl import SFTConfig, SFTTrainer
@@ -211,7 +215,8 @@ def run_sft(
         save_only_model=True,
         report_to="none",
         seed=seed,
-        bf16=bf16,
+        bf16=resolve_bf16(bf16, use_cpu=use_cpu),
+        gradient_checkpointing=resolve_gradient_checkpointing(gradient_checkpointing, use_cpu=use_cpu),
         use_cpu=use_cpu,
         max_length=max_length,
         completion_only_loss=True,
@@ -246,8 +251,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--min-pixels", type=int, default=None)
     p.add_argument("--max-pixels", type=int, default=None)
     p.add_argument("--freeze-vision", action="store_true")
-    p.add_argument("--bf16", action="store_true",
-                   help="bf16 autocast on GPU over fp32 master weights (default: fp32 on CPU)")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast over fp32 master weights (default: on a GPU that supports it, fp32 on a CPU)")
+    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="default: on with a GPU, off on a CPU")
     p.add_argument("--demo-pairs", type=int, default=None, help="default 32 (2000 with --recipe learner)")
     p.add_argument("--demo-size", type=int, default=None, help="default 64 (128 with --recipe learner)")
     p.add_argument("--seed", type=int, default=0)
@@ -271,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(1)  # ~1M-parameter model: thread start-up costs more than it saves
     model, processor = load_model_and_processor(
         args.model, cache_dir=out / "tiny_models", min_pixels=args.min_pixels, max_pixels=args.max_pixels,
-        bf16=args.bf16)
+        bf16=bool(args.bf16))
     if args.freeze_vision:
         print(f"froze {freeze_vision_tower(model):,} vision parameters")
     demo = dict(LEARNER_DEMO) if learner else {"n_pairs": 32, "size": 64, "seed": args.seed}
@@ -285,7 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"SFT: {len(records)} pairs, {sft}", flush=True)
     gpu = torch.cuda.is_available() and not tiny
     trainer = run_sft(model, processor, records, out, epochs=args.epochs, grad_accum=args.grad_accum,
-                      seed=args.seed, bf16=args.bf16, use_cpu=not gpu, quiet=args.quiet,
+                      seed=args.seed, bf16=args.bf16, gradient_checkpointing=args.gradient_checkpointing,
+                      use_cpu=not gpu, quiet=args.quiet,
                       save_steps=args.save_steps, logging_steps=10 if learner else 1, **sft)
     logs = [r for r in trainer.state.log_history if "loss" in r]
     steps = [float(r["step"]) for r in logs]

@@ -46,6 +46,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -122,9 +123,13 @@ class StepPrinter:
 
         self.rows: list[dict[str, Any]] = []
         self.path = out_dir / "metrics.jsonl"
+        self.last = time.perf_counter()  # wall clock of the previous logged step (reset at train begin)
         printer = self
 
         class _CB(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kw):  # noqa: D401
+                printer.last = time.perf_counter()
+
             def on_log(self, args, state, control, logs=None, **kw):  # noqa: D401
                 # every process logs the same (gathered) numbers: print and write once
                 if logs and "reward" in logs and state.is_world_process_zero:
@@ -148,17 +153,19 @@ class StepPrinter:
             "groups_resampled": g("differad/groups_resampled"),
             "rounds_used": g("differad/rounds_used"),
             "loss": g("loss"),
+            "seconds": round(time.perf_counter() - self.last, 3),  # wall time since the previous logged step
         }
+        self.last = time.perf_counter()
         self.rows.append(row)
         with self.path.open("w" if len(self.rows) == 1 else "a") as fh:
             fh.write(json.dumps(row) + "\n")
         if len(self.rows) == 1:
-            print("step  reward   dclr  format   mIoU  acc@.3 | w_mean w_max | degen→after resampled rounds")
+            print("step  reward   dclr  format   mIoU  acc@.3 | w_mean w_max | degen→after resampled rounds |  secs")
         print(
             f"{step:4d}  {_fmt(row['reward'])}  {_fmt(row['dclr'])}  {_fmt(row['format'])}  {_fmt(row['miou'])}"
             f"  {_fmt(row['acc@0.3'])} | {_fmt(row['weight_mean'])}  {_fmt(row['weight_max'])} | "
             f"{_fmt(row['degenerate_before'], '.2f')}→{_fmt(row['degenerate_after'], '.2f')}"
-            f"  {_fmt(row['groups_resampled'], '.0f'):>5}  {_fmt(row['rounds_used'], '.0f'):>5}",
+            f"  {_fmt(row['groups_resampled'], '.0f'):>5}  {_fmt(row['rounds_used'], '.0f'):>5} | {row['seconds']:5.1f}",
             flush=True,
         )
 
@@ -210,8 +217,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--min-pixels", type=int, default=None)
     p.add_argument("--max-pixels", type=int, default=None, help="default: the processor's (paper: 1003520)")
     p.add_argument("--freeze-vision", action="store_true")
-    p.add_argument("--bf16", action="store_true")
-    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast over fp32 weights; default: on a GPU that supports it, fp32 on a CPU "
+                        "(--bf16 on a CPU without native bf16 runs fp32 with a warning)")
+    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="default: on with a GPU (the --paper recipe: on), off on a CPU")
     p.add_argument("--deepspeed", default=None, help="DeepSpeed JSON config passed to the trainer")
     p.add_argument("--attn-implementation", default=None, help="e.g. flash_attention_2 on GPU")
     p.add_argument("--demo-pairs", type=int, default=None, help="default 2000 (default run) / 32 (tiny)")
@@ -263,8 +273,9 @@ def build_config(args: argparse.Namespace, out: Path, tiny: bool, reward_names: 
     }
     if args.deepspeed:
         common["deepspeed"] = args.deepspeed
-    if args.gradient_checkpointing:
-        common["gradient_checkpointing"] = True
+    common["bf16"] = args.bf16  # None: DifferADGRPOConfig decides from the hardware (fp32 on a CPU)
+    if args.gradient_checkpointing is not None:
+        common["gradient_checkpointing"] = args.gradient_checkpointing
     k_default = LEARNER_GRPO["resample_rounds"] if learner else 1  # the paper does not state K: 1
     method = {
         "difficulty_weighting": not (args.no_difficulty_weights or args.plain_grpo),
@@ -283,7 +294,7 @@ def build_config(args: argparse.Namespace, out: Path, tiny: bool, reward_names: 
     explicit.update(config_overrides(args.set))
     if args.paper:
         values = {**common, **method, "learning_rate": 1e-6, "max_completion_length": 512,
-                  "use_cpu": not gpu, "bf16": gpu, **explicit}
+                  "use_cpu": not gpu, "bf16": gpu if args.bf16 is None else args.bf16, **explicit}
         return DifferADGRPOConfig.paper(**values)
     if learner:
         values = {**common, **method, **{k: v for k, v in LEARNER_GRPO.items() if k != "resample_rounds"},
@@ -299,7 +310,6 @@ def build_config(args: argparse.Namespace, out: Path, tiny: bool, reward_names: 
         "learning_rate": 1e-3 if tiny else 1e-6,
         "max_steps": 6,
         "use_cpu": not gpu,
-        "bf16": bool(args.bf16 and gpu),
         **explicit,
     }
     return DifferADGRPOConfig(**values)
@@ -401,7 +411,7 @@ def main(argv: list[str] | None = None, callbacks: tuple[Any, ...] = ()) -> int:
     with state.main_process_first():
         model, processor = load_model_and_processor(
             model_id, cache_dir=out / "tiny_models", min_pixels=args.min_pixels, max_pixels=max_pixels,
-            bf16=args.bf16 or (args.paper and torch.cuda.is_available()),
+            bf16=bool(args.bf16) or (args.paper and torch.cuda.is_available()),
             attn_implementation=args.attn_implementation)
         every = demo_or_data(args.data, out, split=None, **demo)
     from differad_rl.eval.protocol import select_split

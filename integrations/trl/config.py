@@ -12,6 +12,7 @@ from typing import Any
 
 from trl import GRPOConfig
 
+from ..hardware import resolve_bf16, resolve_gradient_checkpointing
 from .peers import check_peer_fields
 
 __all__ = ["DifferADGRPOConfig"]
@@ -61,8 +62,24 @@ class DifferADGRPOConfig(GRPOConfig):
     ``protocol_eval_batch_size``, ``protocol_eval_max_new_tokens`` (``None`` = ``max_completion_length``),
     ``protocol_eval_prompt`` (``"reasoning"``/``"qwen"``).
 
+    Two of TRL's defaults are decided here instead (:mod:`differad_rl.integrations.hardware`):
+    ``bf16`` (``None`` = bf16 on an accelerator that supports it, fp32 on a CPU; ``True`` on a CPU
+    without native bf16 runs fp32 with a warning) and ``gradient_checkpointing`` (``None`` = on with an
+    accelerator, off on a CPU). TRL turns both on everywhere, which made CPU runs about 10x slower.
+
     Use :meth:`paper` for the reference hyperparameters of DESIGN §1.
     """
+
+    # --- TRL defaults decided by the hardware (integrations/hardware.py) -----------------------------------
+    bf16: bool | None = field(
+        default=None,
+        metadata={"help": "bf16 autocast. None = on with an accelerator that supports it, off on a CPU; True on a "
+                          "CPU without native bf16 runs fp32 with a warning (emulated bf16 is ~10x slower)."},
+    )
+    gradient_checkpointing: bool | None = field(
+        default=None,
+        metadata={"help": "Gradient checkpointing. None = on with an accelerator (memory), off on a CPU."},
+    )
 
     difficulty_weighting: bool = field(
         default=False,
@@ -135,6 +152,8 @@ class DifferADGRPOConfig(GRPOConfig):
     )
 
     def __post_init__(self) -> None:
+        self.bf16 = resolve_bf16(self.bf16, use_cpu=self.use_cpu, fp16=bool(self.fp16))
+        self.gradient_checkpointing = resolve_gradient_checkpointing(self.gradient_checkpointing, use_cpu=self.use_cpu)
         super().__post_init__()
         if not isinstance(self.difficulty_weighting, bool):
             raise ValueError(f"difficulty_weighting must be a bool, got {self.difficulty_weighting!r}")
@@ -173,7 +192,8 @@ class DifferADGRPOConfig(GRPOConfig):
     def paper(cls, output_dir: str, **overrides: Any) -> DifferADGRPOConfig:
         """The reference RL setup of DifferAD-R1 (DESIGN §1), for a GPU run; ``overrides`` win.
 
-        G = 8 completions per prompt, 8 completions per device, gradient accumulation 2, bf16, one epoch,
+        G = 8 completions per prompt, 8 completions per device, gradient accumulation 2, bf16, gradient
+        checkpointing (memory at 3B, 1024 px; the frozen vision tower is never back-propagated), one epoch,
         KL β = 0.04, truncated completions masked out of the loss, TRL's DAPO loss with the decoupled clip
         ε_low = 0.2 / ε_high = 0.28 the paper names, difficulty weights on (τ = 0.3, per group) and group
         resampling with K = 1 round judged on ``localization_reward`` (default ``"dclr_reward"``).
@@ -187,6 +207,7 @@ class DifferADGRPOConfig(GRPOConfig):
             "per_device_train_batch_size": 8,
             "gradient_accumulation_steps": 2,
             "bf16": True,
+            "gradient_checkpointing": True,
             "num_train_epochs": 1.0,
             "beta": 0.04,
             "mask_truncated_completions": True,
