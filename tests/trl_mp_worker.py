@@ -166,13 +166,23 @@ def run_scripted_step(trainer: Any, rows: list[dict[str, Any]], rank: int, world
 
 
 def main(argv: list[str]) -> int:
+    """``worker.py OUT_DIR MODEL_PATH [vllm-tp2]``: the last argument runs the step through TRL's vLLM colocate
+    path with tensor parallel 2 on ``tests/fake_vllm.py``'s engine (TRL all-gathers each rank's prompts in the
+    TP group and slices the outputs by equal sizes)."""
     out_dir, model_path = Path(argv[1]), argv[2]
+    use_vllm = len(argv) > 3 and argv[3] == "vllm-tp2"
     from accelerate import PartialState
 
     from differad_rl.integrations.trl.trainer import DifferADGRPOTrainer
 
     state = PartialState(cpu=True)
     rank, world = state.process_index, state.num_processes
+    vllm_config: dict[str, Any] = {}
+    if use_vllm:
+        from tests import fake_vllm  # the launcher puts the repository on PYTHONPATH
+
+        fake_vllm.install()
+        vllm_config = {"use_vllm": True, "vllm_mode": "colocate", "vllm_tensor_parallel_size": world}
     rows = make_prompt_rows(mp_kinds())
     trainer = make_trainer(
         DifferADGRPOTrainer,
@@ -184,9 +194,13 @@ def main(argv: list[str]) -> int:
         difficulty_weighting=True,
         resample_rounds=2,
         localization_reward="scripted_loc_reward",
+        **vllm_config,
     )
     result = run_scripted_step(trainer, rows, rank, world)
     result["world"] = world
+    if use_vllm:  # what this rank's engine was asked for, call by call (TP: the prompts of both ranks)
+        result["vllm_calls"] = [[p["prompt_token_ids"] for p in call] for call in trainer.vllm_generation.llm.calls]
+        result["vllm_tokens"] = [[p["token_ids"] for p in call] for call in trainer.vllm_generation.llm.calls]
     write_rank_result(out_dir, rank, result)
     state.wait_for_everyone()
     return 0
