@@ -21,6 +21,7 @@ ratios of each generate call distinct. Every call is recorded (:attr:`FakeLLM.ca
 
 from __future__ import annotations
 
+import importlib.machinery
 import sys
 import types
 from dataclasses import dataclass, field
@@ -172,6 +173,7 @@ def install(monkeypatch: Any | None = None, logprob_shift: float = 0.0) -> type[
                                 delenv=lambda *a, **k: None)
     vllm = types.ModuleType("vllm")
     vllm.__version__ = "0.24.0"
+    vllm.__spec__ = importlib.machinery.ModuleSpec("vllm", None)  # importlib.util.find_spec("vllm") finds it
     sampling = types.ModuleType("vllm.sampling_params")
     for name, obj in (("LLM", FakeLLM), ("SamplingParams", SamplingParams), ("RequestOutput", RequestOutput)):
         setattr(vllm, name, obj)

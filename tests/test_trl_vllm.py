@@ -229,3 +229,32 @@ def test_vllm_server_layout_checked_at_start_up(model_path, tmp_path):
     with pytest.raises(ValueError, match=r"vllm_mode='server'"):  # before TRL would wait for a server
         DifferADGRPOTrainer(model=model, processing_class=processor, reward_funcs=[text_loc_reward], args=config,
                             train_dataset=Dataset.from_list(make_prompt_rows(["easy"] * 2)))
+
+
+def test_train_grpo_use_vllm_option(model_path, tmp_path, monkeypatch, fake_llm):
+    """examples/trl/train_grpo.py --use-vllm / --vllm-mode: set in the config, refused at start-up where vLLM
+    cannot run (CPU / tiny model) or where its own image processor would use another pixel budget."""
+    from pathlib import Path
+
+    from differad_rl.integrations.loading import load_processor, set_pixel_budget
+    from differad_rl.integrations.tiny_qwen_vl import load_tiny_qwen_vl
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parent.parent / "examples" / "trl"))
+    import train_grpo
+
+    args = train_grpo.parse_args(["--paper", "--model", "Qwen/Qwen2.5-VL-3B-Instruct", "--use-vllm",
+                                  "--vllm-mode", "server"])
+    cfg = train_grpo.build_config(args, tmp_path, tiny=False, reward_names=["dclr", "format"])
+    assert (cfg.use_vllm, cfg.vllm_mode, cfg.resample_rounds) == (True, "server", 1)
+    plain = train_grpo.build_config(train_grpo.parse_args(["--paper"]), tmp_path, tiny=False,
+                                    reward_names=["dclr", "format"])
+    assert plain.use_vllm is False
+    model, processor = load_tiny_qwen_vl(model_path)
+    with pytest.raises(SystemExit, match="needs a GPU"):
+        train_grpo.check_vllm_option(args, True, model, processor)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    processor = load_processor(model_path)
+    train_grpo.check_vllm_option(args, False, model, processor)  # the folder's own budget: accepted
+    set_pixel_budget(processor, None, 2 * 56 * 56)
+    with pytest.raises(SystemExit, match=r"vLLM reads the image processor of .*--max-pixels"):
+        train_grpo.check_vllm_option(args, False, model, processor)
