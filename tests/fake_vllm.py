@@ -12,7 +12,8 @@ then through ``_generate_and_score_completions``'s vLLM branch (sampling log-pro
 ``generate(prompts, sampling_params, use_tqdm)`` on ``{"prompt_token_ids", "multi_modal_data"}`` rows returning
 ``RequestOutput``-like objects (``.prompt_token_ids``, ``.outputs[i].token_ids``, ``.outputs[i].logprobs`` as
 ``{token_id: Logprob(logprob, rank)}`` per position), ``llm_engine...model_runner.model.load_weights`` (TRL's
-weight sync), ``reset_prefix_cache``, ``sleep`` / ``wake_up``. It really samples: the tiny Qwen-VL loaded from
+weight sync), ``reset_prefix_cache``, ``sleep`` / ``wake_up``. :class:`FakeVLLMClient` stands in for TRL's client of a
+vLLM server (``vllm_mode="server"``) with the same engine behind it. It really samples: the tiny Qwen-VL loaded from
 ``model`` (kept in sync with the trainer by TRL), HF ``generate`` with the sampling parameters, EOS kept as
 vLLM keeps it, and the processed (temperature-scaled) log-prob of every sampled token. ``logprob_shift``
 adds ``shift × call index`` to the reported log-probs, a sampler/trainer mismatch that makes the importance
@@ -157,7 +158,58 @@ class FakeLLM:
         return outputs
 
 
-def install(monkeypatch: Any | None = None, logprob_shift: float = 0.0) -> type[FakeLLM]:
+class FakeVLLMClient:
+    """``trl.generation.vllm_client.VLLMClient`` for TRL's server mode (built on the main process only): a
+    :class:`FakeLLM` on :attr:`model_path` plays the server. ``image_features`` returns the images themselves
+    as the features (TRL re-places them on the prompt's image tokens), ``generate`` samples ``n`` completions
+    per prompt, prompt-major, as the server returns them; the weight push loads into the engine."""
+
+    model_path: str | None = None
+    instances: list[FakeVLLMClient] = []
+
+    def __init__(self, base_url: str = "", group_port: int = 0, connection_timeout: float = 0.0) -> None:
+        self.llm = FakeLLM(str(self.model_path))
+        FakeVLLMClient.instances.append(self)
+
+    def init_communicator(self, device: Any = None) -> None:
+        pass
+
+    def get_server_info(self) -> dict[str, Any]:
+        return {"model_config": {"logprobs_mode": "processed_logprobs"}}
+
+    def update_named_params(self, metadata: list, params: Any) -> None:
+        for name, tensor in params:
+            self.llm.loader.load_weights([(name, tensor)])
+
+    def reset_prefix_cache(self) -> None:
+        pass
+
+    def image_features(self, images: list[list | None]) -> list[dict | None]:
+        return [None if not imgs else {"images": list(imgs), "mm_placeholders": {"image": [{}] * len(imgs)}}
+                for imgs in images]
+
+    def generate(self, prompts: list[list[int]], features: list[dict | None] | None = None, n: int = 1,
+                 max_tokens: int = 16, logprobs: int | None = 0, structured_outputs_regex: str | None = None,
+                 generation_kwargs: dict | None = None, **sampling: Any) -> dict[str, list]:
+        rows = []
+        for i, ids in enumerate(prompts):
+            feats = features[i] if features is not None else None
+            row = {"prompt_token_ids": ids}
+            if feats is not None:
+                row["multi_modal_data"] = {"image": feats["images"]}
+            rows.extend([row] * n)
+        outs = self.llm.generate(rows, SamplingParams(max_tokens=max_tokens, logprobs=logprobs, **sampling))
+        completions = [o.outputs[0] for o in outs]
+        return {
+            "prompt_ids": [list(ids) for ids in prompts],
+            "completion_ids": [list(c.token_ids) for c in completions],
+            "logprobs": [[[lp.logprob for lp in pos.values()] for pos in c.logprobs] for c in completions],
+            "logprob_token_ids": [[list(pos) for pos in c.logprobs] for c in completions],
+        }
+
+
+def install(monkeypatch: Any | None = None, logprob_shift: float = 0.0,
+            server_model: str | None = None) -> type[FakeLLM]:
     """Make TRL's vLLM path use :class:`FakeLLM`; returns the class (its ``instances`` list the engines built).
 
     ``monkeypatch``: pytest's fixture (everything is undone after the test, also the ``RANK`` /
@@ -182,10 +234,11 @@ def install(monkeypatch: Any | None = None, logprob_shift: float = 0.0) -> type[
     patch.setitem(sys.modules, "vllm.sampling_params", sampling)
     patch.setattr(vg, "is_vllm_available", lambda *args, **kwargs: True)
     for name, obj in (("LLM", FakeLLM), ("SamplingParams", SamplingParams), ("RequestOutput", RequestOutput),
-                      ("StructuredOutputsParams", StructuredOutputsParams)):
+                      ("StructuredOutputsParams", StructuredOutputsParams), ("VLLMClient", FakeVLLMClient)):
         patch.setattr(vg, name, obj, raising=False)
     for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         patch.delenv(var, raising=False)  # recorded, so pytest restores them after the test
-    FakeLLM.instances = []
+    FakeLLM.instances, FakeVLLMClient.instances = [], []
     FakeLLM.logprob_shift = logprob_shift
+    FakeVLLMClient.model_path = server_model
     return FakeLLM

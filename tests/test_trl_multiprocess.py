@@ -22,7 +22,15 @@ pytest.importorskip("trl")
 from differad_rl.integrations.tiny_qwen_vl import tiny_model_for  # noqa: E402
 from differad_rl.integrations.trl.trainer import DifferADGRPOTrainer  # noqa: E402
 
-from tests.trl_mp_worker import G, ScriptedReward, make_prompt_rows, make_trainer, mp_kinds, run_scripted_step  # noqa: E402
+from tests.trl_mp_worker import (  # noqa: E402
+    G,
+    ScriptedReward,
+    make_prompt_rows,
+    make_trainer,
+    mp_kinds,
+    mp_server_kinds,
+    run_scripted_step,
+)
 
 WORKER = Path(__file__).with_name("trl_mp_worker.py")
 
@@ -49,8 +57,8 @@ def _launch(tmp_path, model_path, *extra):
     return ranks
 
 
-def _single_process(tmp_path, model_path):
-    rows = make_prompt_rows(mp_kinds())
+def _single_process(tmp_path, model_path, kinds=None):
+    rows = make_prompt_rows(kinds or mp_kinds())
     return run_scripted_step(
         make_trainer(DifferADGRPOTrainer, model_path, [ScriptedReward(True), ScriptedReward(False)], rows,
                      per_device_batch=len(rows) * G, output_dir=tmp_path / "single", difficulty_weighting=True,
@@ -107,3 +115,28 @@ def test_two_processes_vllm_tensor_parallel_lockstep(tmp_path):
                                torch.tensor(single["advantages"]))
     total = ranks[0]["local_loss_tokens"] + ranks[1]["local_loss_tokens"]
     assert ranks[0]["num_items_in_batch"] == ranks[1]["num_items_in_batch"] == total
+
+
+@pytest.mark.slow
+def test_two_processes_vllm_server_rows_keep_their_prompts(tmp_path):
+    """Issue 17: the step through TRL's vLLM server path (fake server, tests/fake_vllm.py). The main process
+    gathers both ranks' rows, samples G completions for every G-th prompt and hands them out in order; with
+    whole groups per rank (the layout ``check_vllm_regeneration`` requires) every final row's completion was
+    sampled from that row's own prompt, also for rank 1's filler rounds, and the decisions equal one process's."""
+    model_path = tiny_model_for("qwen2_5_vl")
+    ranks = _launch(tmp_path, model_path, "vllm-server")
+    # the server (rank 0): all 16 rows, then groups 0-1 + rank 1's filler (16 rows), then group 0 + filler (8)
+    assert [len(c) for c in ranks[0]["vllm_calls"]] == [16, 16, 8] and ranks[1]["vllm_calls"] == []
+    sampled_from = {}
+    for prompts, tokens in zip(ranks[0]["vllm_calls"], ranks[0]["vllm_tokens"]):
+        for p, t in zip(prompts, tokens):
+            sampled_from.setdefault(tuple(t), []).append(p)
+    for r in ranks:
+        for prompt, completion in zip(r["prompt_rows"], r["completion_rows"]):
+            assert prompt in sampled_from[tuple(completion)]  # the row's own prompt produced its completion
+    single = _single_process(tmp_path, model_path, mp_server_kinds())
+    assert ranks[0]["metrics"] == ranks[1]["metrics"]
+    for name, value in single["metrics"].items():
+        assert ranks[0]["metrics"][name] == pytest.approx(value, rel=1e-6), name
+    torch.testing.assert_close(torch.tensor(ranks[0]["advantages"] + ranks[1]["advantages"]),
+                               torch.tensor(single["advantages"]))

@@ -40,8 +40,8 @@ def model_path():
 
 
 @pytest.fixture
-def fake_llm(monkeypatch):
-    return fake_vllm.install(monkeypatch, logprob_shift=SHIFT)
+def fake_llm(monkeypatch, model_path):
+    return fake_vllm.install(monkeypatch, logprob_shift=SHIFT, server_model=str(model_path))
 
 
 class FirstOutputTrainer(DifferADGRPOTrainer):
@@ -58,9 +58,9 @@ class FirstOutputTrainer(DifferADGRPOTrainer):
         return super()._regenerate(batch, *args, **kwargs)
 
 
-def _vllm_trainer(model_path, tmp_path, rows, **config):
+def _vllm_trainer(model_path, tmp_path, rows, vllm_mode="colocate", **config):
     trainer = make_trainer(FirstOutputTrainer, model_path, [text_loc_reward, text_format_reward], rows,
-                           len(rows) * G, tmp_path, use_vllm=True, vllm_mode="colocate",
+                           len(rows) * G, tmp_path, use_vllm=True, vllm_mode=vllm_mode,
                            localization_reward="text_loc_reward", **config)
     trainer.sub_outputs = []
     return trainer
@@ -85,15 +85,19 @@ def _expected_ratio(out, mode, clip_max=3.0):
     return ratio.clamp(max=clip_max) if mode.endswith("truncate") else ratio.masked_fill(ratio > clip_max, 0.0)
 
 
-@pytest.mark.parametrize("is_mode", ["sequence_mask", "token_truncate"])
-def test_resampling_splices_trl_vllm_rows(model_path, tmp_path, fake_llm, is_mode):
+@pytest.mark.parametrize("vllm_mode,is_mode", [("colocate", "sequence_mask"), ("colocate", "token_truncate"),
+                                               ("server", "sequence_mask")])
+def test_resampling_splices_trl_vllm_rows(model_path, tmp_path, fake_llm, vllm_mode, is_mode):
     rows = make_prompt_rows(["easy", "hard", "easy", "hard"])
     batch = expand_groups(rows)
     hard = [r["kind"] == "hard" for r in batch]
-    trainer = _vllm_trainer(model_path, tmp_path, rows, resample_rounds=2, vllm_importance_sampling_mode=is_mode)
+    trainer = _vllm_trainer(model_path, tmp_path, rows, vllm_mode, resample_rounds=2,
+                            vllm_importance_sampling_mode=is_mode)
     out = _step(trainer, batch)
-    (llm,) = fake_llm.instances
+    (llm,) = fake_llm.instances  # colocate: the trainer's engine; server: the one behind the fake client
+    assert len(fake_vllm.FakeVLLMClient.instances) == (vllm_mode == "server")
     # TRL synced the weights once for the step; round 0 sampled the batch, rounds 1-2 only the hard groups' rows
+    # (server: G completions of each distinct prompt, prompt-major)
     assert llm.loader.loaded == len(list(trainer.model.parameters()))
     assert [len(c) for c in llm.calls] == [16, 8, 8]
     hard_prompts = [p["prompt_token_ids"] for p, h in zip(llm.calls[0], hard) if h]
