@@ -171,6 +171,24 @@ def test_refill_draws_new_prompts_through_trl_vllm(model_path, tmp_path, fake_ll
                                torch.full((int(mask[refilled].sum()),), math.exp(-SHIFT)), rtol=5e-3, atol=0)
 
 
+def test_resampling_without_is_correction(model_path, tmp_path, fake_llm):
+    """vllm_importance_sampling_correction=False: TRL's batch has sampling log-probs but no ratio (and no
+    old log-probs); the spliced rows still carry their own sampling log-probs, no sampling metric appears."""
+    rows = make_prompt_rows(["hard", "easy"])
+    batch = expand_groups(rows)
+    trainer = _vllm_trainer(model_path, tmp_path, rows, resample_rounds=1, vllm_importance_sampling_correction=False)
+    out = _step(trainer, batch)
+    (llm,) = fake_llm.instances
+    assert [len(c) for c in llm.calls] == [8, 4]
+    assert "importance_sampling_ratio" not in out and "old_per_token_logps" not in out
+    mask = out["completion_mask"]
+    for i, p in enumerate(llm.calls[1] + llm.calls[0][4:]):
+        assert _row(out["completion_ids"], i, mask) == p["token_ids"]
+        torch.testing.assert_close(torch.tensor(_row(out["sampling_per_token_logps"], i, mask)),
+                                   torch.tensor(p["logprobs"]), rtol=0, atol=1e-6)
+    assert not any(k.startswith("sampling/") for k in trainer._metrics["train"])
+
+
 def _splice_batch(c_width, n, ratio_width, seed):
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(1, c_width + 1, (n,), generator=g)

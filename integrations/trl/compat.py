@@ -59,7 +59,6 @@ RELIED_TRL_ATTRIBUTES: tuple[str, ...] = (
     "reward_func_names",
     "reward_weights",
     "scale_rewards",
-    "use_vllm",
     "vllm_importance_sampling_mode",
 )
 

@@ -16,9 +16,10 @@ module only wires them into TRL 1.16's generation step:
    gathered reward matrix. With ``use_vllm`` the sub-batch goes through TRL's vLLM path like any batch
    (colocate: every process samples its own rows; server: the gathered rows, G per prompt), and its
    ``sampling_per_token_logps`` and ``importance_sampling_ratio`` are spliced with the rows; the
-   ``sampling/...`` metrics TRL logs for them are redone on the final batch. Afterwards the advantages are recomputed from the spliced rewards with TRL's
-   own ``scale_rewards`` / ``multi_objective_aggregation`` semantics (:func:`trl_advantages`) and
-   ``num_items_in_batch`` is recounted.
+   ``sampling/...`` metrics TRL logs for them are redone on the final batch. Afterwards the advantages
+   are recomputed from the spliced rewards with TRL's own ``scale_rewards`` /
+   ``multi_objective_aggregation`` semantics (:func:`trl_advantages`) and ``num_items_in_batch`` is
+   recounted.
 3. Weights (``difficulty_weighting``): Â_i = ω_g · A_i, with ω from the gathered localization reward.
 
 4. The peers' strategies (DESIGN §9), opt-in: ``degeneracy_rule="emit"`` changes the groups step 2
@@ -155,8 +156,8 @@ def splice_rows(
     token-type tensors are split at P and re-padded the same way; pixel values are split per sample
     by ``image_grid_thw`` / ``num_images`` and reassembled. With vLLM, ``sampling_per_token_logps`` is a
     completion tensor and ``importance_sampling_ratio`` one too when it is per token ((B, C)), a per-row
-    value when it is per sequence ((B, 1)); padded ratio positions hold 1. ``num_items_in_batch`` is copied from
-    ``dst`` and must be recomputed by the caller (it is a global count). Unknown keys raise.
+    value when it is per sequence ((B, 1)); padded ratio positions hold 1. ``num_items_in_batch`` is
+    copied from ``dst`` and must be recomputed by the caller (it is a global count). Unknown keys raise.
     """
     check_output_keys(dst)
     check_output_keys(src)
