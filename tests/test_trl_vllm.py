@@ -189,6 +189,31 @@ def test_resampling_without_is_correction(model_path, tmp_path, fake_llm):
     assert not any(k.startswith("sampling/") for k in trainer._metrics["train"])
 
 
+@pytest.mark.parametrize("steps_per_generation", [1, 2])
+def test_train_with_vllm_resampling_and_weights(model_path, tmp_path, fake_llm, steps_per_generation):
+    """trainer.train() end to end through TRL's vLLM path: the spliced batch (with its per-sequence IS
+    ratios) is shuffled, split and trained on; TRL re-syncs the engine's weights when the step changes."""
+    rows = make_prompt_rows(["hard", "easy", "hard", "hard"])  # any 2 of these groups hold a hard one
+    trainer = make_trainer(DifferADGRPOTrainer, model_path, [text_loc_reward, text_format_reward], rows, 8, tmp_path,
+                           use_vllm=True, vllm_mode="colocate", resample_rounds=1, difficulty_weighting=True,
+                           localization_reward="text_loc_reward", steps_per_generation=steps_per_generation,
+                           beta=0.04)
+    trainer.train()
+    (llm,) = fake_llm.instances
+    generations = 2 // steps_per_generation
+    n_params = len(list(trainer.model.parameters()))
+    assert llm.loader.loaded == generations * n_params  # one sync per generation batch, at a new step
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    generated = [h for h in logs if "reward" in h]
+    assert len(logs) == 2 and len(generated) == generations
+    for h in generated:
+        assert h["differad/regenerations"] >= 1  # the hard groups went through the engine again
+        assert 0.0 < h["sampling/importance_sampling_ratio/min"] <= h["sampling/importance_sampling_ratio/max"]
+        assert torch.isfinite(torch.tensor(h["loss"]))
+    calls = [len(c) for c in llm.calls]
+    assert calls[0] == 8 * steps_per_generation and len(calls) == generations * 2  # a batch, then one round
+
+
 def _splice_batch(c_width, n, ratio_width, seed):
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(1, c_width + 1, (n,), generator=g)
