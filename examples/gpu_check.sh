@@ -20,6 +20,8 @@
 #        "step N: degenerate_after=..., groups/total=8, ..." per step, then "OK: 2 steps, ..."
 #   4. with REAL_MODEL set (a local folder): steps 2 and 3 again on the real model; step 2 must print
 #      "space=qwen2_5_vl min_pixels=3136 max_pixels=1003520 factor=28" for a Qwen2.5-VL checkpoint.
+#   5. TRL through vLLM colocate with group resampling, then with group refill (examples/trl/gpu_check_vllm.sh):
+#        "vllm resample: 2 steps in ..." and "vllm refill: 2 steps in ..." lines, then "GPU VLLM CHECK PASSED"
 #   Finally: "GPU CHECK PASSED".
 set -euo pipefail
 
@@ -60,4 +62,8 @@ if [[ -n "$REAL_MODEL" ]]; then
 else
     echo "== 4. skipped: set REAL_MODEL=<local Qwen-VL folder> to run the recipes on a real model"
 fi
+# ---- vLLM section (issue 17 item 3; examples/trl/gpu_check_vllm.sh, which documents what it must print) ----
+echo "== 5. TRL through vLLM colocate with K = 1 resampling, then with DAPO refill, on the fixture"
+MODEL_PATH="$FIXTURE" STEPS=2 WORK="$WORK/trl_vllm" bash examples/trl/gpu_check_vllm.sh
+# ---- end of the vLLM section ----
 echo "GPU CHECK PASSED"

@@ -141,6 +141,12 @@ def mp_kinds() -> list[str]:
     return ["always", "once", "easy"]
 
 
+def mp_server_kinds() -> list[str]:
+    """Prompts of the vLLM-server check: 4 groups of 4 over 2 ranks × 8 rows (whole groups per rank, as
+    ``check_vllm_regeneration`` requires of a server)."""
+    return ["always", "once", "easy", "easy"]
+
+
 def run_scripted_step(trainer: Any, rows: list[dict[str, Any]], rank: int, world: int) -> dict[str, Any]:
     """One training-mode generation step on this rank's slice of ``expand_groups(rows)``; JSON-able results."""
     import torch
@@ -162,18 +168,34 @@ def run_scripted_step(trainer: Any, rows: list[dict[str, Any]], rank: int, world
         "local_loss_tokens": float(out["completion_mask"].sum()),
         "local_tokens": int(out["prompt_mask"].sum() + out["completion_mask"].sum()),
         "num_tokens": int(trainer.state.num_input_tokens_seen - tokens_before),
+        "prompt_rows": [ids[m.bool()].tolist() for ids, m in zip(out["prompt_ids"], out["prompt_mask"])],
+        "completion_rows": [ids[m.bool()].tolist() for ids, m in zip(out["completion_ids"], out["completion_mask"])],
     }
 
 
 def main(argv: list[str]) -> int:
+    """``worker.py OUT_DIR MODEL_PATH [vllm-tp2|vllm-server]``: the last argument runs the step through TRL's
+    vLLM path on ``tests/fake_vllm.py``'s engine: colocate with tensor parallel 2 (TRL all-gathers each rank's
+    prompts in the TP group and slices the outputs by equal sizes), or server mode (the main process samples
+    G completions per G gathered rows and broadcasts them) on :func:`mp_server_kinds`."""
     out_dir, model_path = Path(argv[1]), argv[2]
+    vllm_mode = {"vllm-tp2": "colocate", "vllm-server": "server"}.get(argv[3]) if len(argv) > 3 else None
+    use_vllm = vllm_mode is not None
     from accelerate import PartialState
 
     from differad_rl.integrations.trl.trainer import DifferADGRPOTrainer
 
     state = PartialState(cpu=True)
     rank, world = state.process_index, state.num_processes
-    rows = make_prompt_rows(mp_kinds())
+    vllm_config: dict[str, Any] = {}
+    if use_vllm:
+        from tests import fake_vllm  # the launcher puts the repository on PYTHONPATH
+
+        fake_vllm.install(server_model=model_path)
+        vllm_config = {"use_vllm": True, "vllm_mode": vllm_mode}
+        if vllm_mode == "colocate":
+            vllm_config["vllm_tensor_parallel_size"] = world
+    rows = make_prompt_rows(mp_server_kinds() if vllm_mode == "server" else mp_kinds())
     trainer = make_trainer(
         DifferADGRPOTrainer,
         model_path,
@@ -184,9 +206,15 @@ def main(argv: list[str]) -> int:
         difficulty_weighting=True,
         resample_rounds=2,
         localization_reward="scripted_loc_reward",
+        **vllm_config,
     )
     result = run_scripted_step(trainer, rows, rank, world)
     result["world"] = world
+    if use_vllm:  # what this rank's engine was asked for, call by call (TP: the prompts of both ranks)
+        engines = fake_vllm.FakeLLM.instances  # server: only on the main process
+        calls = engines[0].calls if engines else []
+        result["vllm_calls"] = [[p["prompt_token_ids"] for p in call] for call in calls]
+        result["vllm_tokens"] = [[p["token_ids"] for p in call] for call in calls]
     write_rank_result(out_dir, rank, result)
     state.wait_for_everyone()
     return 0

@@ -152,6 +152,9 @@ class StepPrinter:
             "degenerate_after": g("differad/degenerate_after"),
             "groups_resampled": g("differad/groups_resampled"),
             "rounds_used": g("differad/rounds_used"),
+            "regenerations": g("differad/regenerations"),
+            "refills": g("differad/refills"),
+            "is_ratio_mean": g("sampling/importance_sampling_ratio/mean"),  # with --use-vllm
             "loss": g("loss"),
             "seconds": round(time.perf_counter() - self.last, 3),  # wall time since the previous logged step
         }
@@ -222,6 +225,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(--bf16 on a CPU without native bf16 runs fp32 with a warning)")
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                    help="default: on with a GPU (the --paper recipe: on), off on a CPU")
+    p.add_argument("--use-vllm", action="store_true",
+                   help="generate with TRL's vLLM path (GPU, vLLM installed); resampling and refill regenerate "
+                        "through it too")
+    p.add_argument("--vllm-mode", default="colocate", choices=("colocate", "server"),
+                   help="colocate: an engine in every training process; server: a running `trl vllm-serve`")
     p.add_argument("--deepspeed", default=None, help="DeepSpeed JSON config passed to the trainer")
     p.add_argument("--attn-implementation", default=None, help="e.g. flash_attention_2 on GPU")
     p.add_argument("--demo-pairs", type=int, default=None, help="default 2000 (default run) / 32 (tiny)")
@@ -276,6 +284,8 @@ def build_config(args: argparse.Namespace, out: Path, tiny: bool, reward_names: 
     common["bf16"] = args.bf16  # None: DifferADGRPOConfig decides from the hardware (fp32 on a CPU)
     if args.gradient_checkpointing is not None:
         common["gradient_checkpointing"] = args.gradient_checkpointing
+    if args.use_vllm:
+        common.update(use_vllm=True, vllm_mode=args.vllm_mode)
     k_default = LEARNER_GRPO["resample_rounds"] if learner else 1  # the paper does not state K: 1
     method = {
         "difficulty_weighting": not (args.no_difficulty_weights or args.plain_grpo),
@@ -313,6 +323,37 @@ def build_config(args: argparse.Namespace, out: Path, tiny: bool, reward_names: 
         **explicit,
     }
     return DifferADGRPOConfig(**values)
+
+
+def check_vllm_option(args: argparse.Namespace, tiny: bool, model: Any, processor: Any) -> None:
+    """``--use-vllm``: refuse at start-up what cannot work. vLLM needs a GPU, a real model and the ``vllm``
+    package; it builds its own image processor from the model folder, so the folder's pixel budget must be
+    the one this run uses (``--max-pixels`` / ``--min-pixels`` / ``--paper``), else the number of image tokens
+    in TRL's prompts and in vLLM's features may differ."""
+    if not args.use_vllm:
+        return
+    import importlib.util
+
+    import torch
+
+    from differad_rl.integrations.loading import load_processor, pixel_budget
+
+    if tiny or not torch.cuda.is_available():
+        raise SystemExit("--use-vllm needs a GPU and a real model folder (--model); this run is on "
+                         f"{'the tiny CPU model' if tiny else 'a machine without CUDA'}. Drop --use-vllm.")
+    if importlib.util.find_spec("vllm") is None:
+        raise SystemExit("--use-vllm: vLLM is not installed. pip install 'trl[vllm]==1.16.*' "
+                         "(TRL 1.16 supports vLLM 0.22 to 0.31), or drop --use-vllm.")
+    folder = Path(str(model.name_or_path))
+    if folder.is_dir():
+        saved, used = pixel_budget(load_processor(str(folder))), pixel_budget(processor)
+        if saved != used:
+            raise SystemExit(
+                f"--use-vllm: vLLM reads the image processor of {folder} (min_pixels, max_pixels = {saved}), "
+                f"but this run uses {used}; the image-token counts of TRL's prompts and vLLM's features may differ. "
+                f"Save this run's processor into the folder (load_processor(folder, min_pixels={used[0]}, "
+                f"max_pixels={used[1]}).save_pretrained(folder)) or pass --min-pixels {saved[0]} --max-pixels {saved[1]}"
+            )
 
 
 def resolve_start(args: argparse.Namespace, out: Path) -> tuple[str, int, bool]:
@@ -420,6 +461,7 @@ def main(argv: list[str] | None = None, callbacks: tuple[Any, ...] = ()) -> int:
     held_out = [r for r in every if args.eval_split and r.split == args.eval_split and r.split != args.split]
     if state.is_main_process:
         write_pairs(every, out / "pairs.jsonl")  # the pairs this run used, with their split
+    check_vllm_option(args, tiny, model, processor)
     if args.freeze_vision or args.paper:
         print(f"froze {freeze_vision_tower(model):,} vision-tower parameters")
     spec = coordinate_spec(processor, model=model)  # raises on a bare tokenizer

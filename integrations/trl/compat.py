@@ -59,19 +59,24 @@ RELIED_TRL_ATTRIBUTES: tuple[str, ...] = (
     "reward_func_names",
     "reward_weights",
     "scale_rewards",
+    "vllm_importance_sampling_mode",
 )
 
 #: Output keys of ``_generate_and_score_completions`` that the resampling splice handles, by layout:
 #: ``left``: (B, P) prompt tensors, left-padded; ``right``: (B, C) completion tensors, right-padded;
 #: ``prompt_completion``: (B, P + C) (prompt part left-padded, completion part zeros); ``row``: (B,) or
-#: (B, 1) per-row values; ``images``: pixel values split by ``image_grid_thw``; ``list``: python list per row;
-#: ``recompute``: scalars recomputed after the splice.
+#: (B, 1) per-row values; ``right_or_row``: (B, C) like ``right`` when its width is the completion width, else
+#: (B, 1) per row (TRL's vLLM importance-sampling ratio: per token or per sequence, by
+#: ``vllm_importance_sampling_mode``); ``images``: pixel values split by ``image_grid_thw``; ``list``: python list
+#: per row; ``recompute``: scalars recomputed after the splice.
 KNOWN_OUTPUT_KEYS: dict[str, str] = {
     "prompt_ids": "left",
     "prompt_mask": "left",
     "completion_ids": "right",
     "completion_mask": "right",
     "old_per_token_logps": "right",
+    "sampling_per_token_logps": "right",  # vLLM: the sampler's log-probs of the sampled tokens
+    "importance_sampling_ratio": "right_or_row",  # vLLM: TRL's importance-sampling correction
     "ref_per_token_logps": "right",
     "tool_mask": "right",
     "token_type_ids": "prompt_completion",

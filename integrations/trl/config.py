@@ -15,7 +15,7 @@ from trl import GRPOConfig
 from ..hardware import resolve_bf16, resolve_gradient_checkpointing
 from .peers import check_peer_fields
 
-__all__ = ["DifferADGRPOConfig"]
+__all__ = ["DifferADGRPOConfig", "check_vllm_regeneration"]
 
 _SCOPES = ("group", "batch")
 
@@ -175,12 +175,7 @@ class DifferADGRPOConfig(GRPOConfig):
             raise ValueError(f"degenerate_tol must be a finite number >= 0, got {tol!r}")
         self.degenerate_tol = float(tol)
         check_peer_fields(self)
-        for name, value in (("resample_rounds", k), ("group_filter_refill_rounds", self.group_filter_refill_rounds)):
-            if value > 0 and getattr(self, "use_vllm", False):
-                raise ValueError(
-                    f"{name}={value} is not supported with use_vllm=True (group regeneration generates single rows "
-                    f"with TRL's transformers generation); set {name}=0 or use_vllm=False"
-                )
+        check_vllm_regeneration(self)
         _check_protocol_eval_fields(self)
 
     @property
@@ -222,6 +217,35 @@ class DifferADGRPOConfig(GRPOConfig):
         }
         values.update(overrides)
         return cls(**values)
+
+
+def check_vllm_regeneration(cfg: Any) -> None:
+    """Refuse group regeneration (``resample_rounds`` / ``group_filter_refill_rounds`` > 0) with a vLLM server
+    when TRL's server path would pair regenerated rows with another prompt's completions.
+
+    Regeneration runs TRL's own generation on a sub-batch of the same size on every process: this
+    process's rows of the regenerated groups, then filler rows (its first rows). vLLM colocate samples
+    every row on its own (``n = 1``): any layout works. A vLLM server gathers the sub-batches, samples
+    ``n = G`` completions for every G-th prompt (``prompts[::G]``) and hands rows out in order, so every
+    aligned block of G gathered rows must hold one prompt. That holds when each process's generation batch
+    (``per_device_train_batch_size × steps_per_generation`` rows) is a multiple of G (groups never span
+    processes) or divides G (a group spans whole processes); other sizes are refused here.
+    """
+    rounds = [(name, int(getattr(cfg, name, 0) or 0)) for name in ("resample_rounds", "group_filter_refill_rounds")]
+    on = [(name, value) for name, value in rounds if value > 0]
+    if not on or not getattr(cfg, "use_vllm", False) or getattr(cfg, "vllm_mode", "colocate") != "server":
+        return
+    g = int(cfg.num_generations)
+    local_n = int(cfg.per_device_train_batch_size) * int(cfg.steps_per_generation or 1)
+    if local_n % g and g % local_n:
+        name, value = on[0]
+        raise ValueError(
+            f"{name}={value} with vllm_mode='server' needs each process's generation batch "
+            f"(per_device_train_batch_size × steps_per_generation = {local_n}) to be a multiple or a divisor of "
+            f"num_generations={g}: the server samples G completions per G gathered rows, so a regenerated group "
+            "must not share a block of G rows with another prompt. Set per_device_train_batch_size to a multiple "
+            f"of {g}, or use vllm_mode='colocate'"
+        )
 
 
 def _check_protocol_eval_fields(cfg: DifferADGRPOConfig) -> None:

@@ -13,9 +13,13 @@ module only wires them into TRL 1.16's generation step:
    rank's rows of those groups (padded with filler rows to one common size per rank, so TRL's gathers
    line up), splices the new rows into the batch (prompt tensors re-padded on the left, completion
    tensors on the right, pixel values split by ``image_grid_thw``) and the new rewards into the
-   gathered reward matrix. Afterwards the advantages are recomputed from the spliced rewards with TRL's
-   own ``scale_rewards`` / ``multi_objective_aggregation`` semantics (:func:`trl_advantages`) and
-   ``num_items_in_batch`` is recounted.
+   gathered reward matrix. With ``use_vllm`` the sub-batch goes through TRL's vLLM path like any batch
+   (colocate: every process samples its own rows; server: the gathered rows, G per prompt), and its
+   ``sampling_per_token_logps`` and ``importance_sampling_ratio`` are spliced with the rows; the
+   ``sampling/...`` metrics TRL logs for them are redone on the final batch. Afterwards the advantages
+   are recomputed from the spliced rewards with TRL's own ``scale_rewards`` /
+   ``multi_objective_aggregation`` semantics (:func:`trl_advantages`) and ``num_items_in_batch`` is
+   recounted.
 3. Weights (``difficulty_weighting``): Â_i = ω_g · A_i, with ω from the gathered localization reward.
 
 4. The peers' strategies (DESIGN §9), opt-in: ``degeneracy_rule="emit"`` changes the groups step 2
@@ -55,7 +59,7 @@ from differad_rl.groups import degenerate_groups, difficulty_weights
 from differad_rl.group_filters import regenerate_groups
 
 from .compat import KNOWN_OUTPUT_KEYS, UnsupportedOutputError, check_output_keys, check_trl_version
-from .config import DifferADGRPOConfig
+from .config import DifferADGRPOConfig, check_vllm_regeneration
 from .evaluation import ProtocolEvaluation
 from .peers import apply_peer_strategies, filter_rule, peers_active, resample_rule
 
@@ -150,8 +154,10 @@ def splice_rows(
     and completion tensors right-padded to the larger of the two widths (so a spliced row's tokens,
     masks and log-probs are the ones of its own sub-batch, just with more padding); ``(B, P + C)``
     token-type tensors are split at P and re-padded the same way; pixel values are split per sample
-    by ``image_grid_thw`` / ``num_images`` and reassembled. ``num_items_in_batch`` is copied from
-    ``dst`` and must be recomputed by the caller (it is a global count). Unknown keys raise.
+    by ``image_grid_thw`` / ``num_images`` and reassembled. With vLLM, ``sampling_per_token_logps`` is a
+    completion tensor and ``importance_sampling_ratio`` one too when it is per token ((B, C)), a per-row
+    value when it is per sequence ((B, 1)); padded ratio positions hold 1. ``num_items_in_batch`` is
+    copied from ``dst`` and must be recomputed by the caller (it is a global count). Unknown keys raise.
     """
     check_output_keys(dst)
     check_output_keys(src)
@@ -162,11 +168,16 @@ def splice_rows(
     p_dst, p_src = dst["prompt_ids"].size(1), src["prompt_ids"].size(1)
     c_dst, c_src = dst["completion_ids"].size(1), src["completion_ids"].size(1)
     p_width, c_width = max(p_dst, p_src), max(c_dst, c_src)
-    pad_values = {"prompt_ids": pad_token_id, "completion_ids": pad_token_id, "tool_mask": 1}
+    # TRL's own padding values (the IS ratio of a padded token is exp(0) = 1; it is masked out of the loss)
+    pad_values = {"prompt_ids": pad_token_id, "completion_ids": pad_token_id, "tool_mask": 1,
+                  "importance_sampling_ratio": 1.0}
     out: dict[str, Any] = {}
     for key, value in dst.items():
         layout = KNOWN_OUTPUT_KEYS[key]
         other = src[key]
+        if layout == "right_or_row":  # per token (B, C) or per sequence (B, 1)
+            per_token = value.size(-1) == c_dst and other.size(-1) == c_src
+            layout = "right" if per_token else "row"
         if layout in ("left", "right"):
             left = layout == "left"
             fill = pad_values.get(key, 0)
@@ -219,7 +230,9 @@ class DifferADGRPOTrainer(GRPOTrainer):
     Same constructor as ``GRPOTrainer``; pass a :class:`DifferADGRPOConfig` as ``args`` (a plain
     ``GRPOConfig`` means both features off). The localization reward is the reward function named by
     ``args.localization_reward`` (its ``__name__``); an unknown name raises ``ValueError`` listing the
-    known ones. Group resampling needs TRL's own transformers generation: it is refused with vLLM,
+    known ones. Group regeneration runs TRL's own single-turn generation, with transformers or with vLLM
+    (colocate, or server when each process's generation batch is a multiple or a divisor of G; see
+    :func:`~differad_rl.integrations.trl.config.check_vllm_regeneration`): it is refused with
     ``rollout_func``, tools or environments (they generate per prompt or per turn, not per row).
     """
 
@@ -253,7 +266,6 @@ class DifferADGRPOTrainer(GRPOTrainer):
             self._loc_index = index if self._dw_on or self._resample_k > 0 or self._peers_on else None
         if self._resample_k > 0 or self._refill_rounds > 0:
             blockers = {
-                "use_vllm=True": bool(getattr(self, "use_vllm", False)),
                 "rollout_func": getattr(self, "rollout_func", None) is not None,
                 "tools": bool(getattr(self, "tools", None)),
                 "environment_factory": getattr(self, "environment_factories", None) is not None,
@@ -485,8 +497,37 @@ class DifferADGRPOTrainer(GRPOTrainer):
         out["num_items_in_batch"] = self.accelerator.gather(loss_mask.sum()).sum()
         self._relog_after_resampling(mode, rpf, advantages, is_std_zero, batch.table)
         self._relog_completion_stats(mode, batch, tokens_before)
+        self._relog_sampling_stats(mode, out)
         self._relog_reward_logs(mode, batch)
         self._last_rewards_per_func = rpf
+
+    def _relog_sampling_stats(self, mode: str, out: dict[str, Any]) -> None:
+        """TRL's vLLM ``sampling/...`` metrics (``_generate_and_score_completions``), from the final batch:
+        |old − sampling| log-prob difference (mean of the per-process means, max) over the loss tokens whose
+        sampling log-prob is known, and the min / mean / max of the importance-sampling ratio (per sequence,
+        or over the loss tokens when per token)."""
+        ratio = out.get("importance_sampling_ratio")
+        if ratio is None or "sampling_per_token_logps" not in out or "old_per_token_logps" not in out:
+            return  # TRL logged none (no vLLM, or vllm_importance_sampling_correction=False)
+        from trl.trainer.utils import nanmax, nanmin
+
+        device = self.accelerator.device
+        mask = out["completion_mask"] if "tool_mask" not in out else out["completion_mask"] * out["tool_mask"]
+        mask = mask.bool()
+        delta = torch.abs(out["old_per_token_logps"] - out["sampling_per_token_logps"])
+        delta = delta[mask & ~torch.isnan(delta)]
+        zero = torch.tensor(0.0, device=device)
+        per_sequence = self.vllm_importance_sampling_mode in ("sequence_mask", "sequence_truncate")
+        flat = ratio.flatten() if per_sequence else ratio[mask]
+        metrics = self._metrics[mode]
+        for name, value, across in (  # the per-process value, then TRL's reduction over processes
+            ("sampling_logp_difference/mean", delta.mean() if delta.numel() else zero, torch.mean),
+            ("sampling_logp_difference/max", delta.max() if delta.numel() else zero, torch.max),
+            ("importance_sampling_ratio/min", flat.min() if flat.numel() else zero, nanmin),
+            ("importance_sampling_ratio/mean", flat.mean() if flat.numel() else zero, torch.nanmean),
+            ("importance_sampling_ratio/max", flat.max() if flat.numel() else zero, nanmax),
+        ):
+            _replace_last(metrics[f"sampling/{name}"], across(self.accelerator.gather(value.to(device))).item())
 
     def _relog_completion_stats(self, mode: str, batch: _Batch, tokens_before: int) -> None:
         """TRL's completion-length metrics and token count (``_generate``), from the final batch's rows."""
@@ -629,7 +670,7 @@ def _resample_blocked_message(cfg: Any, used: Sequence[str]) -> str:
         "group_filter_refill_rounds", int(getattr(cfg, "group_filter_refill_rounds", 0) or 0))
     return (
         f"{name}={value} is not supported together with {', '.join(used)}; group regeneration generates "
-        f"single rows with TRL's transformers generation. Set {name}=0."
+        f"single rows with TRL's own generation (transformers or vLLM). Set {name}=0."
     )
 
 
@@ -655,8 +696,8 @@ def _check_before_build(*args: Any, **kwargs: Any) -> None:
     cfg = given.get("args")
     k = int(getattr(cfg, "resample_rounds", 0) or 0) + int(getattr(cfg, "group_filter_refill_rounds", 0) or 0)
     if k > 0:
+        check_vllm_regeneration(cfg)  # a vLLM server needs whole groups per block of G gathered rows
         used = [name for name, on in (
-            ("use_vllm=True", bool(getattr(cfg, "use_vllm", False))),
             ("rollout_func", kwargs.get("rollout_func") is not None),
             ("tools", bool(kwargs.get("tools"))),
             ("environment_factory", kwargs.get("environment_factory") is not None),
