@@ -85,18 +85,24 @@ def find_vision_model(model: nn.Module) -> nn.Module | None:
     return None
 
 
+def _visual(inner: nn.Module) -> nn.Module:
+    tower = inner._modules["visual"]
+    assert tower is not None
+    return tower
+
+
 def _tower(model: nn.Module) -> nn.Module:
     inner = find_vision_model(model)
     if inner is None:
         raise ValueError(f"{type(model).__name__} has no Qwen-VL vision tower (no module with a 'visual' child "
                          "and get_image_features)")
-    return inner.visual
+    return _visual(inner)
 
 
 def tower_is_frozen(model: nn.Module) -> bool:
     """True when ``model`` has a vision tower and none of its parameters requires grad."""
     inner = find_vision_model(model)
-    return inner is not None and not any(p.requires_grad for p in inner.visual.parameters())
+    return inner is not None and not any(p.requires_grad for p in _visual(inner).parameters())
 
 
 def vision_cache_blocker(model: nn.Module) -> str | None:
@@ -111,8 +117,8 @@ def vision_cache_blocker(model: nn.Module) -> str | None:
     inner = find_vision_model(model)
     if inner is None:
         return f"{type(model).__name__} has no Qwen-VL vision tower"
-    tower = inner.visual
-    trainable = sum(p.numel() for p in tower.parameters() if p.requires_grad)
+    tower = _visual(inner)
+    trainable = sum(int(p.numel()) for p in tower.parameters() if p.requires_grad)
     if trainable:
         return f"the vision tower has {trainable:,} trainable parameters (freeze it to cache its features)"
     for name, module in tower.named_modules():
@@ -174,10 +180,10 @@ class VisionFeatureCache:
             raise ValueError(f"{type(model).__name__} has no Qwen-VL vision tower to cache")
         if id(inner) in self._patched:
             return self._patched[id(inner)][1]
-        namespace = next((i for i, t in enumerate(self._towers) if _same_weights(t, inner.visual)), None)
+        namespace = next((i for i, t in enumerate(self._towers) if _same_weights(t, _visual(inner))), None)
         if namespace is None:
             namespace = len(self._towers)
-            self._towers.append(inner.visual)
+            self._towers.append(_visual(inner))
         original = inner.get_image_features  # the bound class method
 
         def get_image_features(pixel_values: torch.Tensor, image_grid_thw: torch.Tensor | None = None,
@@ -185,7 +191,7 @@ class VisionFeatureCache:
             return self._serve(inner, namespace, original, pixel_values, image_grid_thw, kwargs)
 
         get_image_features.__wrapped__ = original  # type: ignore[attr-defined]
-        inner.get_image_features = get_image_features
+        setattr(inner, "get_image_features", get_image_features)  # noqa: B010 - shadows the class method
         self._patched[id(inner)] = (inner, namespace)
         return namespace
 
@@ -242,7 +248,7 @@ class VisionFeatureCache:
         extra = {k: v for k, v in kwargs.items() if not _neutral(k, v)}
         servable = (
             self._active and grid_thw is not None and not extra and pixel_values.dim() == 2
-            and not (torch.is_grad_enabled() and any(p.requires_grad for p in inner.visual.parameters()))
+            and not (torch.is_grad_enabled() and any(p.requires_grad for p in _visual(inner).parameters()))
         )
         if not servable or grid_thw is None:
             self.stats.passthrough_calls += 1
@@ -446,7 +452,7 @@ def keep_frozen_tower_out_of_autograd(model: nn.Module) -> bool:
     inner = find_vision_model(model)
     if inner is None:
         return False
-    tower: nn.Module = inner.visual
+    tower = _visual(inner)
     owners = [m for m in model.modules() if callable(getattr(m, "enable_input_require_grads", None))
               and any(sub is tower for sub in m.modules())]
     for owner in owners:

@@ -96,15 +96,21 @@ def make_trainer(
     train_rows: list[dict[str, Any]],
     per_device_batch: int,
     output_dir: str | os.PathLike[str],
+    freeze_vision: bool = False,
     **config: Any,
 ):
-    """A trainer on the tiny model with CPU-friendly settings; ``config`` goes to the config class."""
+    """A trainer on the tiny model with CPU-friendly settings; ``config`` goes to the config class
+    (``freeze_vision``: the vision tower frozen before the trainer is built, as ``--freeze-vision`` does)."""
     from datasets import Dataset
 
     from differad_rl.integrations.tiny_qwen_vl import load_tiny_qwen_vl
     from differad_rl.integrations.trl.config import DifferADGRPOConfig
 
     model, processor = load_tiny_qwen_vl(model_path)
+    if freeze_vision:
+        from differad_rl.integrations.loading import freeze_vision_tower
+
+        freeze_vision_tower(model)
     values = {
         "output_dir": str(output_dir),
         "per_device_train_batch_size": per_device_batch,
