@@ -11,7 +11,7 @@ the tower frozen its output is a pure function of the image, so:
 
 - :class:`VisionFeatureCache` wraps the inner model's ``get_image_features`` (an instance attribute
   shadowing the class method, which the model's ``forward`` calls through ``self``): while the cache
-  is active, each distinct image (key: its pixel rows, ``grid_thw`` and dtype; matched on an exact
+  is active, each distinct image (key: its pixel rows, ``grid_thw``, dtype and the autocast state; matched on an exact
   integer fingerprint computed on the device and confirmed by ``torch.equal`` on the pixels, so a
   collision can never serve a wrong image) is encoded once; the images of a call that are not cached yet are
   encoded together in ONE tower call, under ``torch.no_grad``; the call's output is assembled from
@@ -279,7 +279,8 @@ class VisionFeatureCache:
 
     def _keys(self, namespace: int, pixel_values: torch.Tensor, grid_thw: torch.Tensor,
               rows: torch.Tensor) -> list[tuple]:
-        """Per image: (namespace, grid, dtype, device, two 64-bit fingerprints). The fingerprints are integer
+        """Per image: (namespace, grid, dtype, device, autocast dtype, two 64-bit fingerprints): features
+        computed under autocast are never served to a pass without it, or the reverse. The fingerprints are integer
         sums (wrapping mod 2^64, so exact and order-free on any device) of the pixels' bit patterns times
         fixed random weights, summed plain and position-weighted; a match is confirmed by ``torch.equal``."""
         x = pixel_values.detach().contiguous()
@@ -297,7 +298,8 @@ class VisionFeatureCache:
         pos = torch.arange(x.size(0), device=device) - (torch.cumsum(rows_d, 0) - rows_d)[image_of_row] + 1
         sums = torch.zeros(rows.numel(), 2, dtype=torch.int64, device=device)
         sums.index_add_(0, image_of_row, torch.stack([per_row, per_row * pos], dim=1))
-        return [(namespace, tuple(gr), str(x.dtype), str(device), a, b)
+        autocast = (torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None,)
+        return [(namespace, tuple(gr), str(x.dtype), str(device), autocast, a, b)
                 for gr, (a, b) in zip(grid_thw.tolist(), sums.tolist())]
 
     def _lookup(self, key: tuple, pixels: torch.Tensor) -> _Entry | None:

@@ -70,6 +70,25 @@ def test_forward_and_generate_equal_with_cache(frozen):
     assert "get_image_features" not in find_vision_model(model).__dict__
 
 
+def test_autocast_passes_get_their_own_features(frozen):
+    """Features encoded under autocast are not served to an fp32 pass (nor the reverse): each equals stock."""
+    family, model, processor = frozen
+    inputs = _batch(processor, copies=2)
+    with torch.no_grad():
+        ref32 = model(**inputs).logits
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ref16 = model(**inputs).logits
+    cache = VisionFeatureCache()
+    cache.attach(model)
+    cache.start_batch()
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.equal(model(**inputs).logits, ref16), family
+        assert torch.equal(model(**inputs).logits, ref32), family
+    assert cache.stats.images_encoded == 2 * 4 and len(cache) == 8
+    cache.detach()
+
+
 def test_features_detached_and_grads_equal(frozen):
     """Policy-style pass with grad on: same loss, same language-model gradients, tower out of the graph."""
     family, model, processor = frozen
