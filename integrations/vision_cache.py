@@ -118,12 +118,12 @@ def vision_cache_blocker(model: nn.Module) -> str | None:
     if inner is None:
         return f"{type(model).__name__} has no Qwen-VL vision tower"
     tower = _visual(inner)
-    trainable = sum(int(p.numel()) for p in tower.parameters() if p.requires_grad)
-    if trainable:
-        return f"the vision tower has {trainable:,} trainable parameters (freeze it to cache its features)"
     for name, module in tower.named_modules():
         if hasattr(module, "base_layer") or type(module).__module__.startswith("peft"):
             return f"the vision tower is adapter-wrapped ({name or 'visual'}: {type(module).__name__})"
+    trainable = sum(int(p.numel()) for p in tower.parameters() if p.requires_grad)
+    if trainable:
+        return f"the vision tower has {trainable:,} trainable parameters (freeze it to cache its features)"
     return None
 
 

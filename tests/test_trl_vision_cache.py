@@ -9,7 +9,13 @@ runs in backward and no input-grad hook piles up over steps; nothing is kept acr
 
 from __future__ import annotations
 
+import json
+import os
+import socket
+import subprocess
+import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -142,3 +148,73 @@ def test_switch_and_refusals(tmp_path):
                                   args=types.SimpleNamespace(deepspeed_plugin=types.SimpleNamespace(zero_stage=2)))
     assert sharding_blocker(zero2) is None
     assert "FSDP" in sharding_blocker(types.SimpleNamespace(is_fsdp_enabled=True))
+
+
+@pytest.mark.slow
+def test_two_processes_with_the_cache(tmp_path):
+    """Two gloo processes (DDP-style data parallelism; the cache has no collective of its own): both ranks
+    finish the resampling rounds in lockstep with the same decisions, and each encodes the distinct images of
+    its own rows once (rank 0: prompts 0, 1; rank 1: prompts 1, 2; two images each)."""
+    worker = Path(__file__).with_name("trl_mp_worker.py")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(worker.parent.parent)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(port), str(worker), str(tmp_path), str(tiny_model_for("qwen2_5_vl")), "vision-cache"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=420)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0]["metrics"] == ranks[1]["metrics"] and ranks[0]["metrics"]["differad/rounds_used"] >= 1
+    assert [r["images_encoded"] for r in ranks] == [4, 4]
+    assert all(r["images_served"] > 0 for r in ranks)
+
+
+def _peft_trainer(path, tmp_path, cache, targets):
+    from peft import LoraConfig
+
+    from differad_rl.integrations.tiny_qwen_vl import load_tiny_qwen_vl
+
+    rows = [{**row, "row": i} for i, row in enumerate(make_prompt_rows(KINDS))]
+    model, processor = load_tiny_qwen_vl(path)
+    from datasets import Dataset
+
+    cfg = DifferADGRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=8, num_generations=4,
+                             max_completion_length=10, use_cpu=True, bf16=False, report_to=[], seed=0,
+                             beta=0.04, resample_rounds=1, localization_reward="scripted_loc_reward",
+                             vision_feature_cache=cache)
+    trainer = DifferADGRPOTrainer(model=model, processing_class=processor, args=cfg,
+                                  reward_funcs=[ScriptedReward(), ScriptedReward(localization=False)],
+                                  train_dataset=Dataset.from_list(rows),
+                                  peft_config=LoraConfig(r=4, target_modules=targets))
+    return trainer, rows
+
+
+def test_peft_on_the_language_model_keeps_the_cache_exact(tmp_path):
+    """LoRA on the language model only (the tower frozen by PEFT, not wrapped): the cache is on and the
+    step equals the cache-off step bit for bit (the reference pass runs with the adapter disabled)."""
+    pytest.importorskip("peft")
+    path = tiny_model_for("qwen2_5_vl")
+    on, rows = _peft_trainer(path, tmp_path / "on", None, ["q_proj", "v_proj"])
+    off, _ = _peft_trainer(path, tmp_path / "off", False, ["q_proj", "v_proj"])
+    assert on.vision_cache is not None and off.vision_cache is None and on.ref_model is None
+    batch = expand_groups([{k: v for k, v in r.items() if k != "row"} for r in rows])
+    with TowerMeter(on.model) as meter:
+        out_on, loss_on, grads_on = _step_and_grads(on, batch)
+    out_off, loss_off, grads_off = _step_and_grads(off, batch)
+    assert meter.images == DISTINCT
+    for key, value in out_off.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(out_on[key], value), key
+    assert torch.equal(loss_on, loss_off) and grads_on.keys() == grads_off.keys() and grads_on
+    assert all(torch.equal(grads_on[n], g) for n, g in grads_off.items())
+
+
+def test_adapter_wrapped_tower_is_refused(tmp_path):
+    pytest.importorskip("peft")
+    path = tiny_model_for("qwen2_5_vl")
+    with pytest.raises(ValueError, match=r"vision_feature_cache=True.*adapter-wrapped"):
+        _peft_trainer(path, tmp_path / "t", True, ["qkv", "q_proj"])  # "qkv": the vision blocks' attention
+    with pytest.warns(UserWarning, match="vision feature cache off.*adapter-wrapped"):
+        trainer, _ = _peft_trainer(path, tmp_path / "n", None, ["qkv", "q_proj"])
+    assert trainer.vision_cache is None
