@@ -70,6 +70,36 @@ def test_forward_and_generate_equal_with_cache(frozen):
     assert "get_image_features" not in find_vision_model(model).__dict__
 
 
+def test_get_image_features_fields_equal_stock(frozen):
+    """Every field of the output, assembled from per-image entries (hits and misses mixed, copies out of
+    order), equals the stock call: pooler_output per image, last_hidden_state, Qwen3-VL's deepstack_features."""
+    family, model, processor = frozen
+    inputs = _batch(processor, copies=2)
+    inner = find_vision_model(model)
+    pv, grid = inputs["pixel_values"], inputs["image_grid_thw"]
+    sizes = grid.prod(-1).tolist()
+    parts = list(torch.split(pv, sizes))
+    order = [4, 0, 5, 1, 2, 3]  # the other pair first, then the two copies of the pair
+    pv2, grid2 = torch.cat([parts[i] for i in order]), grid[order]
+    with torch.no_grad():
+        stock = inner.get_image_features(pv2, grid2)
+        cache = VisionFeatureCache()
+        cache.attach(model)
+        cache.start_batch()
+        inner.get_image_features(pv[: sizes[0] + sizes[1]], grid[:2])  # the pair cached first
+        cached = inner.get_image_features(pv2, grid2)
+    assert type(cached) is type(stock)
+    assert len(cached.pooler_output) == len(stock.pooler_output) == 6
+    assert all(torch.equal(a, b) for a, b in zip(cached.pooler_output, stock.pooler_output)), family
+    assert torch.equal(cached.last_hidden_state, stock.last_hidden_state), family
+    if family == "qwen3_vl":
+        assert len(cached.deepstack_features) == len(stock.deepstack_features) > 0
+        assert all(torch.equal(a, b) for a, b in zip(cached.deepstack_features, stock.deepstack_features))
+    assert not cached.pooler_output[0].requires_grad
+    assert cache.stats.images_encoded == 4 and cache.stats.tower_calls == 2
+    cache.detach()
+
+
 def test_autocast_passes_get_their_own_features(frozen):
     """Features encoded under autocast are not served to an fp32 pass (nor the reverse): each equals stock."""
     family, model, processor = frozen
