@@ -96,15 +96,21 @@ def make_trainer(
     train_rows: list[dict[str, Any]],
     per_device_batch: int,
     output_dir: str | os.PathLike[str],
+    freeze_vision: bool = False,
     **config: Any,
 ):
-    """A trainer on the tiny model with CPU-friendly settings; ``config`` goes to the config class."""
+    """A trainer on the tiny model with CPU-friendly settings; ``config`` goes to the config class
+    (``freeze_vision``: the vision tower frozen before the trainer is built, as ``--freeze-vision`` does)."""
     from datasets import Dataset
 
     from differad_rl.integrations.tiny_qwen_vl import load_tiny_qwen_vl
     from differad_rl.integrations.trl.config import DifferADGRPOConfig
 
     model, processor = load_tiny_qwen_vl(model_path)
+    if freeze_vision:
+        from differad_rl.integrations.loading import freeze_vision_tower
+
+        freeze_vision_tower(model)
     values = {
         "output_dir": str(output_dir),
         "per_device_train_batch_size": per_device_batch,
@@ -174,13 +180,17 @@ def run_scripted_step(trainer: Any, rows: list[dict[str, Any]], rank: int, world
 
 
 def main(argv: list[str]) -> int:
-    """``worker.py OUT_DIR MODEL_PATH [vllm-tp2|vllm-server]``: the last argument runs the step through TRL's
-    vLLM path on ``tests/fake_vllm.py``'s engine: colocate with tensor parallel 2 (TRL all-gathers each rank's
-    prompts in the TP group and slices the outputs by equal sizes), or server mode (the main process samples
-    G completions per G gathered rows and broadcasts them) on :func:`mp_server_kinds`."""
+    """``worker.py OUT_DIR MODEL_PATH [vllm-tp2|vllm-server|vision-cache]``: the last argument runs the step
+    through TRL's vLLM path on ``tests/fake_vllm.py``'s engine: colocate with tensor parallel 2 (TRL all-gathers
+    each rank's prompts in the TP group and slices the outputs by equal sizes), or server mode (the main process
+    samples G completions per G gathered rows and broadcasts them) on :func:`mp_server_kinds`; or, with
+    ``vision-cache``, freezes the tower with the feature cache on."""
     out_dir, model_path = Path(argv[1]), argv[2]
-    vllm_mode = {"vllm-tp2": "colocate", "vllm-server": "server"}.get(argv[3]) if len(argv) > 3 else None
+    mode = argv[3] if len(argv) > 3 else None
+    vllm_mode = {"vllm-tp2": "colocate", "vllm-server": "server"}.get(mode or "")
     use_vllm = vllm_mode is not None
+    cache = mode == "vision-cache"
+    extra: dict[str, Any] = {"freeze_vision": True, "vision_feature_cache": True} if cache else {}
     from accelerate import PartialState
 
     from differad_rl.integrations.trl.trainer import DifferADGRPOTrainer
@@ -207,6 +217,7 @@ def main(argv: list[str]) -> int:
         resample_rounds=2,
         localization_reward="scripted_loc_reward",
         **vllm_config,
+        **extra,
     )
     result = run_scripted_step(trainer, rows, rank, world)
     result["world"] = world
@@ -215,6 +226,9 @@ def main(argv: list[str]) -> int:
         calls = engines[0].calls if engines else []
         result["vllm_calls"] = [[p["prompt_token_ids"] for p in call] for call in calls]
         result["vllm_tokens"] = [[p["token_ids"] for p in call] for call in calls]
+    if cache:
+        result["images_encoded"] = trainer.vision_cache.stats.images_encoded
+        result["images_served"] = trainer.vision_cache.stats.images_served
     write_rank_result(out_dir, rank, result)
     state.wait_for_everyone()
     return 0

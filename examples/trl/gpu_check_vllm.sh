@@ -37,17 +37,8 @@ fi
 
 # vLLM builds its own image processor from the model folder, so the folder must carry the pixel budget the
 # run uses (train_grpo.py refuses otherwise): a copy with --paper's budget, weights linked, not copied.
-VLLM_MODEL="$WORK/model_for_vllm"
-rm -rf "$VLLM_MODEL"
-mkdir -p "$VLLM_MODEL"
-for f in "$MODEL_PATH"/*; do
-    case "$f" in
-        *.safetensors) ln -s "$(realpath "$f")" "$VLLM_MODEL/" ;;
-        *) cp -r "$f" "$VLLM_MODEL/" ;;
-    esac
-done
-python3 -c "from differad_rl.integrations.loading import load_processor; \
-load_processor('$VLLM_MODEL', max_pixels=1003520).save_pretrained('$VLLM_MODEL')"
+VLLM_MODEL=$(python3 -c "import sys; sys.path.insert(0, 'examples/trl'); from gpu_bench import folder_for_vllm; \
+print(folder_for_vllm('$MODEL_PATH', '$WORK/model_for_vllm'))")
 
 run() {  # $1 name; the rest: extra train_grpo.py options
     local name=$1
