@@ -59,10 +59,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from differad_rl.boxes import _pair, box_area, box_iou, is_degenerate, is_zero_box
+from differad_rl.boxes import _pair, box_area, box_iou
 from differad_rl.coords import DEFAULT_FACTOR, DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
-from differad_rl.parsing import parse_boxes_batch
-from differad_rl.rewards import DCLRConfig, _Reward, check_gt_boxes, matched_mean, matching_inputs
+from differad_rl.rewards import (
+    DCLRConfig,
+    SingleBoxReward,
+    _Reward,
+    check_gt_boxes,
+    masked_scores,
+    matched_mean,
+    matching_inputs,
+)
 
 PEER_BOX_KINDS: tuple[str, ...] = ("iou_threshold", "iou_squared", "giou", "diou", "ciou")
 
@@ -196,25 +203,7 @@ def peer_box_scores(
     """
     _check_kind(kind)
     threshold = _check_threshold("threshold", threshold, unit=True)
-    return _rule_scores(pred, pred_valid, check_gt_boxes(gt, name="gt"), kind, threshold, eps)
-
-
-def _rule_scores(pred: Any, pred_valid: Any, g: Tensor, kind: str, threshold: float, eps: float) -> Tensor:
-    """The rules of DESIGN §3 around :func:`_raw`, on ground truth already validated.
-
-    Mirrors ``differad_rl.rewards._scores`` (which is tied to the method's own kinds)."""
-    p = torch.as_tensor(pred, dtype=g.dtype, device=g.device)
-    if p.shape != g.shape:
-        raise ValueError(f"pred must have the shape of gt {tuple(g.shape)}, got {tuple(p.shape)}")
-    valid = torch.as_tensor(pred_valid, dtype=torch.bool, device=g.device) & torch.isfinite(p).all(dim=1)
-    gt_zero = is_zero_box(g)
-    p_finite = torch.nan_to_num(p)
-    pred_zero = valid & is_zero_box(p_finite)
-    usable = valid & ~is_degenerate(p_finite) & ~gt_zero
-    unit = torch.tensor([0.0, 0.0, 1.0, 1.0], dtype=g.dtype, device=g.device)
-    raw = _raw(kind, torch.where(usable[:, None], p, unit), torch.where(usable[:, None], g, unit), threshold, eps)
-    zero = torch.zeros((), dtype=g.dtype, device=g.device)
-    return torch.where(gt_zero, pred_zero.to(g.dtype), torch.where(usable, raw, zero))
+    return masked_scores(pred, pred_valid, check_gt_boxes(gt, name="gt"), lambda p, g: _raw(kind, p, g, threshold, eps))
 
 
 def matched_hits_score(
@@ -235,7 +224,7 @@ def matched_hits_score(
 
     Returns:
         In ``[0, 1]``. Normal target: 1 iff an answer exists and is empty or only zero boxes. A
-        degenerate, zero or non-finite predicted box counts in ``P`` and matches with 0.
+        degenerate, zero or out-of-bound (|v| > MAX_COORD) predicted box counts in ``P`` and matches with 0.
     """
     early, p_safe, ok, g = matching_inputs(pred_boxes, gt_boxes)  # the method's rules, shared
     if early is not None:
@@ -246,38 +235,31 @@ def matched_hits_score(
 
 
 # ------------------------------------------------------------------------------ TRL-shaped rewards
-class PeerBoxReward(_Reward):
+class PeerBoxReward(SingleBoxReward):
     """Single-box peer reward (``kind`` in :data:`PEER_BOX_KINDS`), TRL-shaped.
 
     ``solution``: one ``[x1, y1, x2, y2]`` per completion, ``[0, 0, 0, 0]`` for a normal target, in
     the model's space (or original pixels with ``gt_space="pixel"`` and an ``image_size`` column) —
-    exactly as :class:`differad_rl.rewards.LocalizationReward`.
+    the rules of :class:`differad_rl.rewards.SingleBoxReward`, like the method's rewards (the box is
+    read only in the format of ``family``).
     """
 
     def __init__(self, kind: str, *, threshold: float = 0.5, eps: float = 1e-7, name: str | None = None,
                  require_answer: bool = True, space: str = "pixel", gt_space: str | None = None,
                  min_pixels: int = DEFAULT_MIN_PIXELS, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 factor: int = DEFAULT_FACTOR) -> None:
+                 factor: int = DEFAULT_FACTOR, family: str | None = "reasoning") -> None:
         _check_kind(kind)
         super().__init__(name or f"{kind}_reward", DCLRConfig(), require_answer=require_answer, space=space,
-                         gt_space=gt_space, min_pixels=min_pixels, max_pixels=max_pixels, factor=factor)
+                         gt_space=gt_space, min_pixels=min_pixels, max_pixels=max_pixels, factor=factor,
+                         family=family)
         self.kind = kind
         self.threshold = _check_threshold("threshold", threshold, unit=True)
         if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
             raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
         self.eps = float(eps)
 
-    def scores(self, completions: Sequence[Any], solution: Any, **kwargs: Any) -> Tensor:
-        """The rewards as a float64 tensor ``(N,)`` (the list-returning ``__call__`` wraps this)."""
-        n = len(completions)
-        gt = torch.as_tensor(self._to_space(check_gt_boxes(solution, n=n), kwargs, n))
-        boxes, valid = parse_boxes_batch(completions, require_answer=self.require_answer)
-        self._log_unparsable(kwargs, valid)
-        return _rule_scores(torch.from_numpy(boxes).to(gt.dtype), torch.from_numpy(valid), gt, self.kind,
-                            self.threshold, self.eps)
-
-    def __call__(self, completions: Sequence[Any], solution: Any, **kwargs: Any) -> list[float]:
-        return self.scores(completions, solution, **kwargs).tolist()
+    def formula(self, p: Tensor, g: Tensor) -> Tensor:
+        return _raw(self.kind, p, g, self.threshold, self.eps)
 
 
 class MatchedHitsReward(_Reward):
@@ -287,9 +269,9 @@ class MatchedHitsReward(_Reward):
     def __init__(self, *, iou_threshold: float = 0.5, l1_threshold: float = 10.0, name: str = "matched_hits_reward",
                  require_answer: bool = True, space: str = "pixel", gt_space: str | None = None,
                  min_pixels: int = DEFAULT_MIN_PIXELS, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 factor: int = DEFAULT_FACTOR) -> None:
+                 factor: int = DEFAULT_FACTOR, family: str | None = "reasoning") -> None:
         super().__init__(name, DCLRConfig(), require_answer=require_answer, space=space, gt_space=gt_space,
-                         min_pixels=min_pixels, max_pixels=max_pixels, factor=factor)
+                         min_pixels=min_pixels, max_pixels=max_pixels, factor=factor, family=family)
         self.iou_threshold = _check_threshold("iou_threshold", iou_threshold, unit=True)
         self.l1_threshold = _check_threshold("l1_threshold", l1_threshold, unit=False)
 
@@ -303,7 +285,8 @@ class MatchedHitsReward(_Reward):
 def get_iou_threshold_reward(*, threshold: float = 0.5, name: str = "iou_threshold_reward",
                              **space_kwargs: Any) -> PeerBoxReward:
     """``1 if IoU > threshold else 0`` (AnomalyR1, Visual-RFT), zero-box rule included.
-    ``space_kwargs``: ``require_answer``, ``space``, ``gt_space``, ``min_pixels``, ``max_pixels``, ``factor``.
+    ``space_kwargs``: ``require_answer``, ``space``, ``gt_space``, ``min_pixels``, ``max_pixels``, ``factor``,
+    ``family``.
 
     >>> r = get_iou_threshold_reward()
     >>> r(["<answer>(0,0),(10,10)</answer>", "<answer>(0,0),(10,4)</answer>"], solution=[[0, 0, 10, 8]] * 2)

@@ -180,29 +180,74 @@ def localization_scores(
     return _scores(pred, pred_valid, check_gt_boxes(gt, name="gt"), kind, config or DCLRConfig())
 
 
-def _scores(pred: Any, pred_valid: Any, g: Tensor, kind: str, cfg: DCLRConfig) -> Tensor:
-    """:func:`localization_scores` on ground truth already validated by :func:`check_gt_boxes`."""
+def masked_scores(pred: Any, pred_valid: Any, g: Tensor, formula: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+    """The scoring rules of every single-box reward around its ``formula``, shape ``(N,)``.
+
+    The one place the rules are written (the method's rewards and the peers' call it):
+
+    * a predicted row counts only where ``pred_valid`` is True and every value is within
+      ``|v| <= MAX_COORD`` (NaN fails the comparison; beyond the bound the products overflow);
+    * ground truth ``(0, 0, 0, 0)`` (normal target): 1 iff the prediction is the zero box, else 0;
+    * otherwise a missing, zero or degenerate prediction scores 0, and a valid one
+      ``formula(p, g)`` (called on all rows at once; masked rows get a harmless unit box, so no NaN
+      reaches it).
+
+    Args:
+        pred: ``(N, 4)`` predicted boxes (any value where ``pred_valid`` is False).
+        pred_valid: ``(N,)`` bool, whether a box was read.
+        g: ``(N, 4)`` floating ground truth, already validated (:func:`check_gt_boxes`).
+        formula: elementwise ``(N, 4), (N, 4) -> (N,)`` reward of valid boxes, in ``[0, 1]``.
+
+    Returns:
+        ``(N,)`` in the dtype and on the device of ``g``.
+    """
     p = torch.as_tensor(pred, dtype=g.dtype, device=g.device)
     if p.shape != g.shape:
         raise ValueError(f"pred must have the shape of gt {tuple(g.shape)}, got {tuple(p.shape)}")
-    # finite and within the sane bound (NaN fails the comparison): beyond it the products overflow
     valid = torch.as_tensor(pred_valid, dtype=torch.bool, device=g.device) & (p.abs() <= MAX_COORD).all(dim=1)
     gt_zero = is_zero_box(g)
     p_finite = torch.nan_to_num(p)
     pred_zero = valid & is_zero_box(p_finite)
     usable = valid & ~is_degenerate(p_finite) & ~gt_zero
-    # Masked rows get a harmless stand-in so no NaN reaches the formula; they are overwritten below.
     unit = torch.tensor([0.0, 0.0, 1.0, 1.0], dtype=g.dtype, device=g.device)
-    p_safe = torch.where(usable[:, None], p, unit)
-    g_safe = torch.where(usable[:, None], g, unit)
-    if kind == "dclr":
-        raw = dclr(p_safe, g_safe, cfg.w_center, cfg.w_area, cfg.eps, cfg.center_norm, cfg.size_term)
-    elif kind == "iou":
-        raw = box_iou(p_safe, g_safe)
-    else:
-        raw = consistency_score(p_safe, g_safe, cfg.w_center, cfg.w_area, cfg.eps, cfg.center_norm, cfg.size_term)
+    raw = formula(torch.where(usable[:, None], p, unit), torch.where(usable[:, None], g, unit))
     zero = torch.zeros((), dtype=g.dtype, device=g.device)
     return torch.where(gt_zero, pred_zero.to(g.dtype), torch.where(usable, raw, zero))
+
+
+def _scores(pred: Any, pred_valid: Any, g: Tensor, kind: str, cfg: DCLRConfig) -> Tensor:
+    """:func:`localization_scores` on ground truth already validated by :func:`check_gt_boxes`."""
+    return masked_scores(pred, pred_valid, g, lambda p, q: _method_formula(kind, p, q, cfg))
+
+
+def _method_formula(kind: str, p: Tensor, g: Tensor, cfg: DCLRConfig) -> Tensor:
+    if kind == "dclr":
+        return dclr(p, g, cfg.w_center, cfg.w_area, cfg.eps, cfg.center_norm, cfg.size_term)
+    if kind == "iou":
+        return box_iou(p, g)
+    return consistency_score(p, g, cfg.w_center, cfg.w_area, cfg.eps, cfg.center_norm, cfg.size_term)
+
+
+def gt_row_error(box: Sequence[float]) -> str | None:
+    """Why one ground-truth box ``(x1, y1, x2, y2)`` is not usable, or ``None`` when it is.
+
+    Usable: the zero box (normal target), or finite, within ``|v| <= MAX_COORD`` and of positive
+    width and height. The scalar twin of :func:`check_gt_boxes` (same rule, one row, no tensor),
+    for the per-call paths of the TRL and veRL rewards.
+    """
+    x1, y1, x2, y2 = box
+    # x1 < x2 makes two comparisons per axis enough; NaN fails every comparison
+    if x2 > x1 and y2 > y1 and x1 >= -MAX_COORD and x2 <= MAX_COORD and y1 >= -MAX_COORD and y2 <= MAX_COORD:
+        return None
+    if x1 == 0 and y1 == 0 and x2 == 0 and y2 == 0:
+        return None
+    if not all(math.isfinite(v) for v in box):
+        return "is not finite"
+    if not all(-MAX_COORD <= v <= MAX_COORD for v in box):
+        return f"has a coordinate beyond the sane bound |v| <= MAX_COORD = {MAX_COORD:g}"
+    if not (x2 > x1 and y2 > y1):
+        return "has zero or negative size (x2 <= x1 or y2 <= y1)"
+    return None
 
 
 def score_box(
@@ -216,6 +261,10 @@ def score_box(
     sides: bool = False,
 ) -> float:
     """Scalar :func:`localization_scores` of one sample (pure Python; the small-batch fast path).
+
+    A deliberate scalar twin of :func:`masked_scores` + :func:`differad_rl.boxes.dclr`: no tensor is
+    created, which makes TRL's per-device calls and veRL's per-sample calls several times cheaper;
+    ``tests/test_core_rewards.py`` checks both paths against ``tests/oracle.py``.
 
     ``pred`` is the parsed box or ``None``; ``gt`` a ground truth already validated
     (:func:`check_gt_boxes`). ``enclosing``/``sides`` select ``center_norm="enclosing"`` and
@@ -420,15 +469,11 @@ class _Reward:
         if not isinstance(solution, (list, tuple)) or len(solution) != n:
             return [tuple(b) for b in self._to_space(check_gt_boxes(solution, n=n), kwargs, n).tolist()]
         rows: list[tuple[float, float, float, float]] = []
-        lo, hi = -MAX_COORD, MAX_COORD
         try:
             for b in solution:
-                x1, y1, x2, y2 = g = (float(b[0]), float(b[1]), float(b[2]), float(b[3]))
-                if len(b) != 4:
+                g = (float(b[0]), float(b[1]), float(b[2]), float(b[3]))
+                if len(b) != 4 or gt_row_error(g) is not None:
                     raise ValueError
-                if not (x2 > x1 and y2 > y1 and x1 >= lo and x2 <= hi and y1 >= lo and y2 <= hi):
-                    if not (x1 == 0 and y1 == 0 and x2 == 0 and y2 == 0):
-                        raise ValueError
                 rows.append(g)
         except (TypeError, ValueError, IndexError, KeyError):
             check_gt_boxes(solution, n=n)  # raises the message naming the row
@@ -459,7 +504,32 @@ class _Reward:
             log(f"{self.__name__}/unparsable", float(1.0 - valid.mean()))
 
 
-class LocalizationReward(_Reward):
+class SingleBoxReward(_Reward):
+    """A single-box reward: the first box of each answer, read in the family's format, against one
+    ground-truth box per completion, scored by :func:`masked_scores` around :meth:`formula`.
+
+    Subclasses define :meth:`formula` (the reward of valid boxes); every rule (format family, grid
+    snapping, ``MAX_COORD``, zero-box rule) is this class's and :func:`masked_scores`'.
+    """
+
+    def formula(self, p: Tensor, g: Tensor) -> Tensor:
+        """Elementwise reward of valid boxes ``(N, 4), (N, 4) -> (N,)`` in ``[0, 1]``."""
+        raise NotImplementedError
+
+    def scores(self, completions: Sequence[Any], solution: Any, **kwargs: Any) -> Tensor:
+        """The rewards as a float64 tensor ``(N,)``, scored vectorised (any batch size)."""
+        n = len(completions)
+        # validated once; the conversion scales by positive factors and keeps boxes boxes
+        gt = torch.as_tensor(self._to_space(check_gt_boxes(solution, n=n), kwargs, n))
+        boxes, valid = parse_boxes_batch(completions, require_answer=self.require_answer, fmt=self.fmt)
+        self._log_unparsable(kwargs, valid)
+        return masked_scores(torch.from_numpy(boxes).to(gt.dtype), torch.from_numpy(valid), gt, self.formula)
+
+    def __call__(self, completions: Sequence[Any], solution: Any, **kwargs: Any) -> list[float]:
+        return self.scores(completions, solution, **kwargs).tolist()
+
+
+class LocalizationReward(SingleBoxReward):
     """Single-box localization reward (``kind`` = ``"dclr"``, ``"iou"`` or ``"consistency"``).
 
     ``solution``: one ``[x1, y1, x2, y2]`` per completion, ``[0, 0, 0, 0]`` for a normal target, in
@@ -479,14 +549,8 @@ class LocalizationReward(_Reward):
                          factor=factor, family=family)
         self.kind = kind
 
-    def scores(self, completions: Sequence[Any], solution: Any, **kwargs: Any) -> Tensor:
-        """The rewards as a float64 tensor ``(N,)``, scored vectorised (any batch size)."""
-        n = len(completions)
-        # validated once; the conversion scales by positive factors and keeps boxes boxes
-        gt = torch.as_tensor(self._to_space(check_gt_boxes(solution, n=n), kwargs, n))
-        boxes, valid = parse_boxes_batch(completions, require_answer=self.require_answer, fmt=self.fmt)
-        self._log_unparsable(kwargs, valid)
-        return _scores(torch.from_numpy(boxes).to(gt.dtype), torch.from_numpy(valid), gt, self.kind, self.config)
+    def formula(self, p: Tensor, g: Tensor) -> Tensor:
+        return _method_formula(self.kind, p, g, self.config)
 
     def __call__(self, completions: Sequence[Any], solution: Any, **kwargs: Any) -> list[float]:
         n = len(completions)
@@ -600,6 +664,9 @@ __all__ = [
     "FormatReward",
     "LocalizationReward",
     "MultiBoxReward",
+    "SingleBoxReward",
+    "gt_row_error",
+    "masked_scores",
     "check_gt_boxes",
     "consistency_reward",
     "dclr_reward",

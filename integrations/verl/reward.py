@@ -69,11 +69,10 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from differad_rl.boxes import MAX_COORD
 from differad_rl.coords import DEFAULT_FACTOR, DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, SPACES, box_to_model_grid
 from differad_rl.parsing import answer_boxes, first_box, is_well_formatted, parse_boxes
 from differad_rl.prompts import FAMILY_BOX_FORMATS, box_format
-from differad_rl.rewards import DCLRConfig, multi_box_score, score_box
+from differad_rl.rewards import DCLRConfig, gt_row_error, multi_box_score, score_box
 
 __all__ = ["RewardOptions", "REWARD_KEYS", "PROTOCOL_IOU_THRESHOLD", "compute_score", "ground_truth_boxes"]
 
@@ -310,14 +309,10 @@ def _ground_truth_rows(
     width, height = _lookup("width", gt_meta, info), _lookup("height", gt_meta, info)
     if gt_space is None:
         gt_space = "pixel" if (space is not None or width is not None or height is not None) else "model"
-    for b in rows:
-        if not (-MAX_COORD <= b[0] <= MAX_COORD and -MAX_COORD <= b[1] <= MAX_COORD
-                and -MAX_COORD <= b[2] <= MAX_COORD and -MAX_COORD <= b[3] <= MAX_COORD):
-            raise ValueError(f"ground_truth box {list(b)} has a coordinate beyond the sane bound "
-                             f"|v| <= MAX_COORD = {MAX_COORD:g}")
-        if not (b[2] > b[0] and b[3] > b[1]):
-            raise ValueError(f"ground_truth box {list(b)} has zero or negative size (x2 <= x1 or y2 <= y1); "
-                             "use [] or [0, 0, 0, 0] for a normal target")
+    for b in rows:  # the core's ground-truth rule (zero boxes are already dropped)
+        why = gt_row_error(b)
+        if why is not None:
+            raise ValueError(f"ground_truth box {list(b)} {why}; use [] or [0, 0, 0, 0] for a normal target")
     if gt_space == "model" or not rows:
         return rows
     if space is None:
