@@ -77,8 +77,8 @@ def test_the_launch_script_passes(argv):
         (["++differad.resample.metric=loc"], r"differad.resample.metric='loc' is not returned.*metric=localization"),
         (["++differad.resample.rounds=-1"], r"differad.resample.rounds must be an integer >= 0"),
         # issue 12: the peers' group rules
-        (["++differad.resample.rule=out_of_band"], r"differad.resample.rule='out_of_band' is not a same-prompt re-roll rule; set \+differad.resample.rule=degenerate or no_correct"),
-        (["++differad.resample.correct_threshold=0.5"], r"correct_threshold=0.5 is read only by rule=no_correct, but differad.resample.rule='degenerate'"),
+        (["++differad.resample.rule=out_of_band"], r"differad.resample.rule='out_of_band' is not a same-prompt re-roll rule; set \+differad.resample.rule=differad or emit"),
+        (["++differad.resample.correct_threshold=0.5"], r"correct_threshold=0.5 is read only by rule=emit, but differad.resample.rule='differad'"),
         ([f"++{SK}.online_filter_high=0.9"], rf"{SK}.online_filter_high set without {SK}.online_filter_metric.*online_filter_metric=localization"),
         ([f"++{SK}.online_filter_metric=localization", f"++{SK}.online_filter_low=0.5", f"++{SK}.online_filter_high=0.1"], r"online_filter_low=0.5 must be < online_filter_high=0.1"),
         ([f"++{SK}.online_filter_metric=loc", "data.gen_batch_size=1"], rf"{SK}.online_filter_metric='loc' is not returned by differad's compute_score.*online_filter_metric=localization"),

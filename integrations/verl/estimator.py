@@ -54,8 +54,9 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from differad_rl.group_weights import MEAN_REWARD_FORMS, mean_reward_weight, wrong_share_weights_by_id
-from differad_rl.groups import difficulty_weights_by_id, group_advantages_by_id
+from differad_rl.group_weights import MEAN_REWARD_FORMS
+from differad_rl.groups import group_advantages_by_id
+from differad_rl.registry import advantage_weights, check_weighting
 
 __all__ = [
     "ESTIMATOR_NAME",
@@ -160,10 +161,7 @@ class DifferadConfig:
             raise ValueError(
                 f"algorithm.differad.localization_key must be a non-empty string, got {self.localization_key!r}"
             )
-        if self.weighting not in (None, "differad", "emit", "univg"):
-            raise ValueError(
-                f"algorithm.differad.weighting must be 'differad', 'emit', 'univg' or null, got {self.weighting!r}"
-            )
+        check_weighting(self.weighting, field="algorithm.differad.weighting")
         for name in ("correct_threshold", "univg_power"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
@@ -368,11 +366,9 @@ def _advantages(scores: torch.Tensor, ids: torch.Tensor, loc: torch.Tensor | Non
     weighting = cfg.active_weighting
     if loc is None or weighting is None:
         return adv
-    if weighting == "differad":
-        return adv * difficulty_weights_by_id(loc, ids, tau=cfg.tau, scope=cfg.scope)
-    if weighting == "emit":
-        return adv * wrong_share_weights_by_id(loc, ids, float(cfg.correct_threshold))
-    return adv * mean_reward_weight(loc, cfg.univg_form, float(cfg.univg_power))
+    return adv * advantage_weights(weighting, loc, ids, tau=cfg.tau, scope=cfg.scope,  # type: ignore[arg-type]
+                                   correct_threshold=float(cfg.correct_threshold), univg_form=cfg.univg_form,
+                                   univg_power=float(cfg.univg_power))
 
 
 def _truncated(response_mask: torch.Tensor, response_length: int | None) -> torch.Tensor:
