@@ -59,7 +59,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from differad_rl.boxes import _pair, box_area, box_iou
+from differad_rl.boxes import _pair, box_iou, enclosing_wh, inter_union
 from differad_rl.coords import DEFAULT_FACTOR, DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
 from differad_rl.rewards import (
     DCLRConfig,
@@ -98,13 +98,6 @@ __all__ = [
 
 
 # ------------------------------------------------------------------------------------ formulas
-def _enclosing_wh(p: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
-    return (
-        torch.maximum(p[..., 2], g[..., 2]) - torch.minimum(p[..., 0], g[..., 0]),
-        torch.maximum(p[..., 3], g[..., 3]) - torch.minimum(p[..., 1], g[..., 1]),
-    )
-
-
 def generalized_iou(p: Any, g: Any) -> Tensor:
     """Elementwise GIoU ``IoU − (C − U) / C`` in ``(−1, 1]`` (torchvision's ``generalized_box_iou``,
     elementwise instead of pairwise). ``C`` is the area of the smallest box enclosing both and ``U``
@@ -112,11 +105,9 @@ def generalized_iou(p: Any, g: Any) -> Tensor:
     """
     p, g = _pair(p, g)
     iou = box_iou(p, g)
-    ew, eh = _enclosing_wh(p, g)
+    ew, eh = enclosing_wh(p, g)
     c = ew.clamp(min=0) * eh.clamp(min=0)
-    iw = (torch.minimum(p[..., 2], g[..., 2]) - torch.maximum(p[..., 0], g[..., 0])).clamp(min=0)
-    ih = (torch.minimum(p[..., 3], g[..., 3]) - torch.maximum(p[..., 1], g[..., 1])).clamp(min=0)
-    union = box_area(p) + box_area(g) - iw * ih
+    _, union = inter_union(p, g)
     penalty = torch.where(c > 0, (c - union) / torch.where(c > 0, c, 1), torch.zeros_like(c))
     return iou - penalty
 
@@ -125,7 +116,7 @@ def distance_iou(p: Any, g: Any, eps: float = 1e-7) -> Tensor:
     """Elementwise DIoU ``IoU − ρ² / (c² + eps)`` in ``(−1, 1]`` (torchvision's ``distance_box_iou``):
     ``ρ`` the distance of the box centres, ``c`` the diagonal of the smallest enclosing box."""
     p, g = _pair(p, g)
-    ew, eh = _enclosing_wh(p, g)
+    ew, eh = enclosing_wh(p, g)
     diag2 = ew**2 + eh**2 + eps
     rho2 = ((p[..., 0] + p[..., 2] - g[..., 0] - g[..., 2]) / 2) ** 2 + (
         (p[..., 1] + p[..., 3] - g[..., 1] - g[..., 3]) / 2

@@ -37,7 +37,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, fields
 from typing import Any
 
 import numpy as np
@@ -46,9 +46,9 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
 from differad_rl.boxes import (
-    CENTER_NORMS,
     MAX_COORD,
-    SIZE_TERMS,
+    PAPER_DCLR,
+    DCLRConfig,
     box_iou,
     consistency_score,
     dclr,
@@ -69,43 +69,6 @@ from differad_rl.prompts import box_format
 LOCALIZATION_KINDS: tuple[str, ...] = ("dclr", "iou", "consistency")
 SCALAR_MAX_BATCH = 96
 """Calls of at most this many completions take the scalar pure-Python path (faster below it)."""
-
-
-@dataclass(frozen=True)
-class DCLRConfig:
-    """Parameters of the dual-consistency localization reward (defaults: the paper's).
-
-    Attributes:
-        w_center: weight of the centre consistency ``s_c`` (normalised with ``w_area`` to sum 1).
-        w_area: weight of the area consistency ``s_a``.
-        eps: ``ε`` of both consistency terms.
-        center_norm: ``"paper"`` (distance over the larger box diagonal) or ``"enclosing"``
-            (distance over the enclosing box diagonal, DIoU-style; never saturates).
-        size_term: ``"area"`` (the paper's area consistency; blind to shape) or ``"sides"``
-            (width and height consistency; DCLR = 1 only for the true box).
-    """
-
-    w_center: float = 0.6
-    w_area: float = 0.4
-    eps: float = 1e-6
-    center_norm: str = "paper"
-    size_term: str = "area"
-
-    def __post_init__(self) -> None:
-        for name in ("w_center", "w_area"):
-            v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
-                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
-        if self.w_center + self.w_area <= 0:
-            raise ValueError(
-                f"w_center + w_area must be > 0, got w_center={self.w_center!r}, w_area={self.w_area!r}"
-            )
-        if not (isinstance(self.eps, (int, float)) and math.isfinite(self.eps) and self.eps > 0):
-            raise ValueError(f"eps must be a finite number > 0, got {self.eps!r}")
-        if self.center_norm not in CENTER_NORMS:
-            raise ValueError(f"center_norm={self.center_norm!r} is not known; expected one of {CENTER_NORMS}")
-        if self.size_term not in SIZE_TERMS:
-            raise ValueError(f"size_term={self.size_term!r} is not known; expected one of {SIZE_TERMS}")
 
 
 _SEQ, _FOUR = frozenset({list, tuple}), {4}
@@ -222,10 +185,10 @@ def _scores(pred: Any, pred_valid: Any, g: Tensor, kind: str, cfg: DCLRConfig) -
 
 def _method_formula(kind: str, p: Tensor, g: Tensor, cfg: DCLRConfig) -> Tensor:
     if kind == "dclr":
-        return dclr(p, g, cfg.w_center, cfg.w_area, cfg.eps, cfg.center_norm, cfg.size_term)
+        return dclr(p, g, cfg)
     if kind == "iou":
         return box_iou(p, g)
-    return consistency_score(p, g, cfg.w_center, cfg.w_area, cfg.eps, cfg.center_norm, cfg.size_term)
+    return consistency_score(p, g, cfg)
 
 
 def gt_row_error(box: Sequence[float]) -> str | None:
@@ -254,11 +217,7 @@ def score_box(
     pred: tuple[float, float, float, float] | None,
     gt: tuple[float, float, float, float],
     kind: str = "dclr",
-    w_center: float = 0.6,
-    w_area: float = 0.4,
-    eps: float = 1e-6,
-    enclosing: bool = False,
-    sides: bool = False,
+    config: DCLRConfig = PAPER_DCLR,
 ) -> float:
     """Scalar :func:`localization_scores` of one sample (pure Python; the small-batch fast path).
 
@@ -267,8 +226,7 @@ def score_box(
     ``tests/test_core_rewards.py`` checks both paths against ``tests/oracle.py``.
 
     ``pred`` is the parsed box or ``None``; ``gt`` a ground truth already validated
-    (:func:`check_gt_boxes`). ``enclosing``/``sides`` select ``center_norm="enclosing"`` and
-    ``size_term="sides"``. The zero-box, degenerate and sane-bound rules and the formulas are those
+    (:func:`check_gt_boxes`); ``config`` the DCLR parameters. The zero-box, degenerate and sane-bound rules and the formulas are those
     of :mod:`differad_rl.boxes`, in the same order of operations.
     """
     gx1, gy1, gx2, gy2 = gt
@@ -289,14 +247,15 @@ def score_box(
     iou = inter / union if union > 0 else 0.0
     if kind == "iou":
         return iou
+    w_center, w_area, eps = config.w_center, config.w_area, config.eps
     d = math.hypot(((x1 - gx1) + (x2 - gx2)) / 2, ((y1 - gy1) + (y2 - gy2)) / 2)
-    if enclosing:
+    if config.center_norm == "enclosing":
         norm = math.hypot((x2 if x2 > gx2 else gx2) - (x1 if x1 < gx1 else gx1),
                           (y2 if y2 > gy2 else gy2) - (y1 if y1 < gy1 else gy1))
     else:
         norm = max(math.hypot(wp, hp), math.hypot(wg, hg))
     s_c = 1 - min(d / ((norm if norm > 1.0 else 1.0) + eps), 1.0)
-    if sides:
+    if config.size_term == "sides":
         s_s = 1 - min((abs(wp - wg) / (wg + eps) + abs(hp - hg) / (hg + eps)) / 2, 1.0)
     else:
         s_s = 1 - min(abs(ap - ag) / (ag + eps), 1.0)
@@ -326,7 +285,7 @@ def multi_box_score(
     early, p_safe, ok, g = matching_inputs(pred_boxes, gt_boxes)
     if early is not None:
         return early
-    m = dclr(p_safe[:, None, :], g[None, :, :], cfg.w_center, cfg.w_area, cfg.eps, cfg.center_norm, cfg.size_term)
+    m = dclr(p_safe[:, None, :], g[None, :, :], cfg)
     return matched_mean(m, ok)
 
 
@@ -558,14 +517,13 @@ class LocalizationReward(SingleBoxReward):
             return self.scores(completions, solution, **kwargs).tolist()
         gts = self._gt_rows(solution, kwargs, n)
         cfg, kind, require, fmt = self.config, self.kind, self.require_answer, self.fmt
-        args = (kind, cfg.w_center, cfg.w_area, cfg.eps, cfg.center_norm == "enclosing", cfg.size_term == "sides")
         out: list[float] = []
         missing = 0
         for completion, g in zip(completions, gts):
             p = first_box(completion, require, fmt)
             if p is None:
                 missing += 1
-            out.append(score_box(p, g, *args))
+            out.append(score_box(p, g, kind, cfg))
         log = kwargs.get("log_metric")
         if n and callable(log):
             log(f"{self.__name__}/unparsable", missing / n)
@@ -609,42 +567,47 @@ class FormatReward:
         return [1.0 if is_well_formatted(c, fmt=fmt) else 0.0 for c in completions]
 
 
-def _config(w_center: float, w_area: float, eps: float, center_norm: str, size_term: str) -> DCLRConfig:
-    return DCLRConfig(w_center=w_center, w_area=w_area, eps=eps, center_norm=center_norm, size_term=size_term)
+_DCLR_FIELDS = frozenset(f.name for f in fields(DCLRConfig))
 
 
-def get_dclr_reward(*, w_center: float = 0.6, w_area: float = 0.4, eps: float = 1e-6,
-                    center_norm: str = "paper", size_term: str = "area", name: str = "dclr_reward",
-                    **space_kwargs: Any) -> LocalizationReward:
-    """DCLR reward callable. ``space_kwargs``: ``require_answer``, ``space``, ``gt_space``,
-    ``min_pixels``, ``max_pixels``, ``factor``, ``family`` (see :class:`LocalizationReward`).
+def _split(options: dict[str, Any]) -> tuple[DCLRConfig, dict[str, Any]]:
+    """``options`` → (the :class:`DCLRConfig` of its DCLR fields, the rest)."""
+    dclr_options = {k: options.pop(k) for k in list(options) if k in _DCLR_FIELDS}
+    return DCLRConfig(**dclr_options), options
+
+
+def get_dclr_reward(*, name: str = "dclr_reward", **options: Any) -> LocalizationReward:
+    """DCLR reward callable.
+
+    ``options``: the :class:`DCLRConfig` fields (``w_center``, ``w_area``, ``eps``, ``center_norm``,
+    ``size_term``; the paper's by default) and the scoring front's ``require_answer``, ``space``,
+    ``gt_space``, ``min_pixels``, ``max_pixels``, ``factor``, ``family`` (see :class:`LocalizationReward`).
 
     >>> r = get_dclr_reward()
     >>> r(["<think>.</think><answer>(10,10),(20,20)</answer>"], solution=[[10, 10, 20, 20]])
     [1.0]
     """
-    return LocalizationReward("dclr", _config(w_center, w_area, eps, center_norm, size_term), name=name,
-                              **space_kwargs)
+    config, space_kwargs = _split(options)
+    return LocalizationReward("dclr", config, name=name, **space_kwargs)
 
 
 def get_iou_reward(*, name: str = "iou_reward", **space_kwargs: Any) -> LocalizationReward:
     """Plain IoU reward with the zero-box rule (the ablation baseline)."""
-    return LocalizationReward("iou", DCLRConfig(), name=name, **space_kwargs)
+    return LocalizationReward("iou", PAPER_DCLR, name=name, **space_kwargs)
 
 
-def get_consistency_reward(*, w_center: float = 0.6, w_area: float = 0.4, eps: float = 1e-6,
-                           center_norm: str = "paper", size_term: str = "area", name: str = "consistency_reward",
-                           **space_kwargs: Any) -> LocalizationReward:
-    """Centre/area consistency ``S`` alone, with the zero-box rule (ablation)."""
-    return LocalizationReward("consistency", _config(w_center, w_area, eps, center_norm, size_term), name=name,
-                              **space_kwargs)
+def get_consistency_reward(*, name: str = "consistency_reward", **options: Any) -> LocalizationReward:
+    """Centre/area consistency ``S`` alone, with the zero-box rule (ablation); ``options`` as
+    :func:`get_dclr_reward`."""
+    config, space_kwargs = _split(options)
+    return LocalizationReward("consistency", config, name=name, **space_kwargs)
 
 
-def get_multi_box_reward(*, w_center: float = 0.6, w_area: float = 0.4, eps: float = 1e-6,
-                         center_norm: str = "paper", size_term: str = "area", name: str = "multi_box_reward",
-                         **space_kwargs: Any) -> MultiBoxReward:
-    """Several-box DCLR reward with Hungarian matching (see :func:`multi_box_score`)."""
-    return MultiBoxReward(_config(w_center, w_area, eps, center_norm, size_term), name=name, **space_kwargs)
+def get_multi_box_reward(*, name: str = "multi_box_reward", **options: Any) -> MultiBoxReward:
+    """Several-box DCLR reward with Hungarian matching (see :func:`multi_box_score`); ``options`` as
+    :func:`get_dclr_reward`."""
+    config, space_kwargs = _split(options)
+    return MultiBoxReward(config, name=name, **space_kwargs)
 
 
 def get_format_reward(*, name: str = "format_reward", family: str | None = "reasoning") -> FormatReward:

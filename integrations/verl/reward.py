@@ -72,6 +72,7 @@ import torch
 from differad_rl.coords import DEFAULT_FACTOR, DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, SPACES, box_to_model_grid
 from differad_rl.parsing import answer_boxes, first_box, is_well_formatted, parse_boxes
 from differad_rl.prompts import FAMILY_BOX_FORMATS, box_format
+from differad_rl.boxes import PAPER_DCLR, CenterNorm, SizeTerm
 from differad_rl.rewards import DCLRConfig, gt_row_error, multi_box_score, score_box
 
 __all__ = ["RewardOptions", "REWARD_KEYS", "PROTOCOL_IOU_THRESHOLD", "compute_score", "ground_truth_boxes"]
@@ -108,11 +109,11 @@ class RewardOptions:
 
     localization_weight: float = 1.0
     format_weight: float = 1.0
-    w_center: float = 0.6
-    w_area: float = 0.4
-    eps: float = 1e-6
-    center_norm: Literal["paper", "enclosing"] = "paper"
-    size_term: Literal["area", "sides"] = "area"
+    w_center: float = PAPER_DCLR.w_center
+    w_area: float = PAPER_DCLR.w_area
+    eps: float = PAPER_DCLR.eps
+    center_norm: CenterNorm = PAPER_DCLR.center_norm
+    size_term: SizeTerm = PAPER_DCLR.size_term
     multi_box: bool = False
     require_answer: bool = True
     space: str | None = None
@@ -151,11 +152,6 @@ class RewardOptions:
     @functools.cached_property
     def fmt(self) -> str | None:
         return box_format(self.family)
-
-    @functools.cached_property
-    def score_args(self) -> tuple[float, float, float, bool, bool]:
-        c = self.dclr
-        return c.w_center, c.w_area, c.eps, c.center_norm == "enclosing", c.size_term == "sides"
 
     @classmethod
     def known_options(cls) -> tuple[str, ...]:
@@ -384,7 +380,7 @@ def compute_score(
     options = _options_from_kwargs(kwargs)
     gt = _ground_truth_rows(ground_truth, extra_info, options)
     text = solution_str if isinstance(solution_str, str) else ""
-    require, w_center, w_area, eps, enclosing, sides = options.require_answer, *options.score_args
+    require = options.require_answer
 
     fmt = 1.0 if is_well_formatted(text, fmt=options.fmt) else 0.0
     box = first_box(text, require, options.fmt)
@@ -392,7 +388,7 @@ def compute_score(
         preds = answer_boxes(text, require_answer=require, fmt=options.fmt)
         loc = float(multi_box_score(preds, gt, options.dclr))
     else:
-        loc = score_box(box, gt[0] if gt else _ZERO, "dclr", w_center, w_area, eps, enclosing, sides)
+        loc = score_box(box, gt[0] if gt else _ZERO, "dclr", options.dclr)
     # evaluation protocol (DESIGN §8): lenient parsing, best-matching ground-truth box. A
     # well-formatted answer holds one box and no other number, so the lenient parse finds that box.
     pbox = box if fmt == 1.0 else first_box(text, require, None)
