@@ -1,7 +1,7 @@
-"""The peers' box rewards, beside the method's DCLR (DESIGN §9): thresholded IoU, IoU², GIoU, DIoU,
+"""The peers' box rewards, beside the method's DCLR (docs/method.md §9): thresholded IoU, IoU², GIoU, DIoU,
 CIoU and Hungarian-matched thresholded hits.
 
-Every reward is in ``[0, 1]`` and follows the method's rules of DESIGN §3, like
+Every reward is in ``[0, 1]`` and follows the method's rules of docs/method.md §3, like
 :mod:`differad_rl.rewards`: a ground truth ``(0, 0, 0, 0)`` (normal target) scores 1 iff the answer
 is the zero box, else 0; for an anomalous target a missing, zero or degenerate prediction scores 0.
 The formulas, for valid boxes ``p`` (prediction) and ``g`` (ground truth), continuous geometry:
@@ -43,7 +43,7 @@ Sources (read for these definitions):
   no point, so the point term is dropped and the sum is divided by 2 (the reward stays in
   ``[0, 1]``). The L1 threshold is in the model's coordinate units (VisionReasoner: pixels of an
   840-pixel image; for Qwen2-VL's 0..1000 space 10 units are 1 % of the image side). Their IoU uses
-  the "+1 pixel" convention; ours is continuous (DESIGN §3).
+  the "+1 pixel" convention; ours is continuous (docs/method.md §3).
 
 The TRL-shaped callables (``f(completions, solution, **kwargs) -> list[float]``) and their picklable
 ``get_*`` factories follow :mod:`differad_rl.rewards` exactly (same ground-truth conversion, same

@@ -280,7 +280,7 @@ def to_model_grid(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     factor: int = DEFAULT_FACTOR,
 ) -> Any:
-    """Ground truth in original pixels → the integer grid ``space``'s model writes (DESIGN §3).
+    """Ground truth in original pixels → the integer grid ``space``'s model writes (docs/method.md §3).
 
     :func:`to_model_space` then :func:`snap_to_grid` (``pixel``: unchanged). This is what the
     rewards compare against, so the best answer a model can write (integers in its space) scores

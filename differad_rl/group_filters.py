@@ -1,4 +1,4 @@
-"""The peers' group rules, beside the method's degenerate groups (DESIGN §6, §9), and one driver that
+"""The peers' group rules, beside the method's degenerate groups (docs/method.md §6, §9), and one driver that
 regenerates the groups a rule selects.
 
 A *rule* maps the rewards of a batch to one bool per group: True = this group is asked again

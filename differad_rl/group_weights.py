@@ -1,4 +1,4 @@
-"""The peers' advantage weightings, beside the method's difficulty weights ω (DESIGN §5, §9).
+"""The peers' advantage weightings, beside the method's difficulty weights ω (docs/method.md §5, §9).
 
 Both multiply the group-relative advantages (or, equivalently for a positive weight, the clipped
 policy term of the loss; the KL term is not scaled):

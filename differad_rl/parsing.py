@@ -58,7 +58,7 @@ _BARE4 = re.compile(rf"{_S}{_SPACED}{_S}")
 _OTHER_NUMBER = re.compile(r"(?<!\w)[-+]?\.?\d")
 _BOX_RE = re.compile("|".join((_PAIRS, _TUPLE4, _LIST4, _BOXTAG4)))
 
-# One family's format only (``fmt=``): what the prompt of that family asks for (DESIGN §8). Each
+# One family's format only (``fmt=``): what the prompt of that family asks for (docs/method.md §8). Each
 # pattern has exactly four groups, the numbers in the order written.
 _FORMAT_PATTERNS: dict[str, str] = {
     "qwen": _PAIRS,  # also inside <|box_start|>…<|box_end|>
@@ -245,7 +245,7 @@ def answer_boxes(text: Any, *, require_answer: bool = True, fmt: str | None = No
 
     ``None``: no answer span (with ``require_answer``), or an answer that is not empty but holds no
     parsable box (prose, ``"12,30,200,180"``, five numbers): it is no answer of a box. ``[]``: an
-    empty (whitespace-only) answer, which on a normal target means "nothing there" (DESIGN §3).
+    empty (whitespace-only) answer, which on a normal target means "nothing there" (docs/method.md §3).
     """
     check_format(fmt)
     seg = _segment(text, require_answer)

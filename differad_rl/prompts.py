@@ -1,7 +1,7 @@
 """The method's text: the reasoning system prompt, the instruction pool and per-family format hints.
 
-Training (DESIGN §1) uses the R1-style system prompt, the reference image first, the target second
-and an instruction drawn from :data:`INSTRUCTIONS`. Evaluation (DESIGN §8) gives every model the
+Training (docs/method.md §1) uses the R1-style system prompt, the reference image first, the target second
+and an instruction drawn from :data:`INSTRUCTIONS`. Evaluation (docs/method.md §8) gives every model the
 same instruction; only the output-format constraint (:data:`FORMAT_HINTS`) changes per family.
 """
 

@@ -1,6 +1,6 @@
 """The method's rewards: batched tensor scoring plus TRL-shaped callables.
 
-Every reward is in ``[0, 1]``. The rules of DESIGN §3:
+Every reward is in ``[0, 1]``. The rules of docs/method.md §3:
 
 * **Zero-box rule.** Ground truth ``(0, 0, 0, 0)`` means "normal target": the reward is 1 iff the
   prediction is the zero box, else 0. For a non-zero ground truth a missing, zero or degenerate
@@ -318,7 +318,7 @@ def matching_inputs(
 
 def matched_mean(scores: torch.Tensor, ok: torch.Tensor) -> float:
     """Optimal one-to-one assignment of a ``(P, N)`` score matrix (invalid rows score 0), summed and
-    divided by ``max(P, N)`` (DESIGN §3, several boxes)."""
+    divided by ``max(P, N)`` (docs/method.md §3, several boxes)."""
     m = torch.where(ok[:, None], scores, torch.zeros_like(scores)).numpy()
     rows, cols = linear_sum_assignment(m, maximize=True)
     return float(m[rows, cols].sum() / max(m.shape[0], m.shape[1]))
@@ -350,12 +350,12 @@ class _Reward:
         name: str,
         config: DCLRConfig,
         *,
-        require_answer: bool,
-        space: str,
-        gt_space: str | None,
-        min_pixels: int,
-        max_pixels: int,
-        factor: int,
+        require_answer: bool = True,
+        space: str = "pixel",
+        gt_space: str | None = None,
+        min_pixels: int = DEFAULT_MIN_PIXELS,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        factor: int = DEFAULT_FACTOR,
         family: str | None = "reasoning",
     ) -> None:
         check_space(space)

@@ -1,4 +1,4 @@
-"""Scalar pure-Python oracle of every formula of the method (DESIGN §2–§6).
+"""Scalar pure-Python oracle of every formula of the method (docs/method.md §2–§6).
 
 Written from the specification, one sample at a time, with no numpy or torch, so that the
 vectorised package code can be checked against an independent implementation.

@@ -1,4 +1,4 @@
-"""The corner cases of issue 11: each reproduced, each fixed (values checked against tests/oracle.py)."""
+"""Corner cases: each reproduced, each fixed (values checked against tests/oracle.py)."""
 
 from __future__ import annotations
 

@@ -261,7 +261,7 @@ class LoggingLocReward:
 
 
 def test_resampling_relogs_every_metric_from_the_final_batch(model_path, tmp_path):
-    # issue 10 item 9: after resampling, the step's logs are the final batch's, not the first generation's
+    # after resampling, the step's logs are the final batch's, not the first generation's
     rows = make_prompt_rows(["easy", "hard", "easy", "hard"])
     batch = expand_groups(rows)
     trainer = make_trainer(SpyTrainer, model_path, [LoggingLocReward(), text_format_reward], rows, 16, tmp_path,
@@ -467,7 +467,7 @@ def test_train_with_weights_and_resampling_logs_metrics(model_path, tmp_path, st
     assert sum(h["differad/rounds_used"] for h in generated) >= 1  # the 2 hard prompts were resampled
 
 
-# ------------------------------------------------------------------ start-up refusals (issue 10, items 3, 4, 5, 7)
+# ------------------------------------------------------------------ start-up refusals
 def _box_rows(n=2):
     rows = make_prompt_rows(["easy"] * n)
     return [{**r, "solution": [4.0, 4.0, 20.0, 20.0], "image_size": [56, 56]} for r in rows]

@@ -1,4 +1,4 @@
-"""Pairing: dataset samples → reference/target pair records (AD-DualDiff style, DESIGN §7).
+"""Pairing: dataset samples → reference/target pair records (AD-DualDiff style, docs/method.md §7).
 
 * **Reference** = a normal image of the same category, chosen by a seeded generator (from the
   dataset's ``train`` normals when there are any, else from all normals; never the target itself).

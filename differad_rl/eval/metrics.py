@@ -1,4 +1,4 @@
-"""Localization metrics of the evaluation protocol (DESIGN §8): mIoU, Acc@τ, F1@τ.
+"""Localization metrics of the evaluation protocol (docs/method.md §8): mIoU, Acc@τ, F1@τ.
 
 Two layers over the same code, torchmetrics style:
 

@@ -1,4 +1,4 @@
-"""The evaluation protocol (DESIGN §8): prediction file + pair records → per-sample IoUs + metrics.
+"""The evaluation protocol (docs/method.md §8): prediction file + pair records → per-sample IoUs + metrics.
 
 Prediction file (JSONL, one object a line)::
 
@@ -32,7 +32,7 @@ pixel           any of the above                ``pixel`` (e.g. the classic base
 ``space=`` overrides the family's default; ``reasoning=True`` (a DifferAD-R1-style model) makes
 the ``<answer>`` tag mandatory (``require_answer=True``): an output without it is invalid.
 
-**Recorded sizes** (lines written by ``differad-rl predict``, DESIGN §8)::
+**Recorded sizes** (lines written by ``differad-rl predict``, docs/method.md §8)::
 
     {"id": …, "output": …, "family": "qwen2_5_vl", "space": "qwen2_5_vl",
      "image_size": [900, 700], "input_size": [896, 700],

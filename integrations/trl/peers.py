@@ -1,4 +1,4 @@
-"""The peers' strategies (DESIGN §9) in ``DifferADGRPOTrainer``: config checks and the step that applies them.
+"""The peers' strategies (docs/method.md §9) in ``DifferADGRPOTrainer``: config checks and the step that applies them.
 
 The algorithms live in the core (:mod:`differad_rl.group_weights`, :mod:`differad_rl.group_filters`);
 this module maps the :class:`~differad_rl.integrations.trl.config.DifferADGRPOConfig` fields onto them:

@@ -7,7 +7,7 @@ where ``columns`` are the dataset's columns (repeated per completion). The datas
 ``[0, 0, 0, 0]`` for a normal target — ``image_size`` = ``[width, height]`` of the target, and
 ``images`` = ``[reference, target]``.
 
-The model writes boxes in its family's space (DESIGN §2): Qwen2-VL / Qwen3-VL integers 0..1000,
+The model writes boxes in its family's space (docs/method.md §2): Qwen2-VL / Qwen3-VL integers 0..1000,
 Qwen2.5-VL pixels of the image the processor actually fed it (``smart_resize`` with the processor's
 own ``min_pixels`` / ``max_pixels`` and ``patch_size × merge_size``). So the adapter:
 

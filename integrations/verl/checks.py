@@ -145,7 +145,7 @@ class ResampleConfig:
         rounds: K, regeneration rounds at most (exactly K when a group stays degenerate); 0 turns
             regeneration off while still reporting the degenerate shares.
         metric: the reward extra judged for degeneracy (a key of the reward's extra info);
-            ``"reward"`` judges the summed score instead (not recommended, DESIGN §6).
+            ``"reward"`` judges the summed score instead (not recommended, docs/method.md §6).
         tol: std under which a group's rewards count as all equal.
         perfect: the reward of a perfect answer; a group holding one is never degenerate.
         rule: which groups are asked again (:mod:`differad_rl.group_filters`): ``"differad"``
@@ -411,7 +411,7 @@ def _resample_problems(config: Any, cfg: ResampleConfig) -> list[str]:
         if n is not None and int(n) < 2:
             problems.append(
                 f"{CONFIG_NODE}.rounds={cfg.rounds} needs groups: actor_rollout_ref.rollout.n={n} < 2; "
-                "set actor_rollout_ref.rollout.n=8 (DESIGN §1)"
+                "set actor_rollout_ref.rollout.n=8 (docs/method.md §1)"
             )
         temperature = _get(rollout, "temperature")
         if temperature is not None and float(temperature) <= 0.0:
@@ -509,7 +509,7 @@ def _estimator_problems(config: Any, reward_options: Any) -> list[str]:
         problems.append(
             f"algorithm.adv_estimator=differad compares the completions of a prompt, but "
             f"actor_rollout_ref.rollout.n={n}: every advantage is 0 and nothing trains; set "
-            "actor_rollout_ref.rollout.n=8 (DESIGN §1)"
+            "actor_rollout_ref.rollout.n=8 (docs/method.md §1)"
         )
     bridge = (cfg.difficulty_weights and cfg.weight_source == "localization") or cfg.mask_truncated
     if bridge and _path(config, "trainer.use_v1") is False:

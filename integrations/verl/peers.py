@@ -1,4 +1,4 @@
-"""The peers' box rewards (DESIGN §9) for veRL 0.9's reward loop: ``compute_score`` with ``box_reward=<kind>``.
+"""The peers' box rewards (docs/method.md §9) for veRL 0.9's reward loop: ``compute_score`` with ``box_reward=<kind>``.
 
 Same contract, ground truth and options as :func:`differad_rl.integrations.verl.reward.compute_score`
 (the method's reward), with the localization score replaced by a peer's box reward::
@@ -33,7 +33,6 @@ __all__ = ["PEER_BOX_REWARDS", "compute_score"]
 PEER_BOX_REWARDS: tuple[str, ...] = tuple(n for n, e in registry.REWARDS.items() if e.peer and e.box)
 """The peers' values of ``reward_kwargs.box_reward`` (any registered box reward is accepted)."""
 
-_BOX_REWARDS: tuple[str, ...] = tuple(n for n, e in registry.REWARDS.items() if e.box)
 
 
 @functools.lru_cache(maxsize=64)
@@ -76,10 +75,9 @@ def compute_score(
     Raises:
         ValueError: ``box_reward`` missing or unknown, an invalid option, a malformed ground truth.
     """
-    if box_reward not in _BOX_REWARDS:
-        raise ValueError(
-            f"reward_kwargs.box_reward={box_reward!r} is not known; expected one of {', '.join(_BOX_REWARDS)}"
-        )
+    if not (isinstance(box_reward, str) and box_reward in registry.REWARDS and registry.REWARDS[box_reward].box):
+        known = ", ".join(n for n, e in registry.REWARDS.items() if e.box)
+        raise ValueError(f"reward_kwargs.box_reward={box_reward!r} is not known; expected one of {known}")
     for name, value, top in (("iou_threshold", iou_threshold, 1.0), ("l1_threshold", l1_threshold, float("inf"))):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= top:
             raise ValueError(f"reward_kwargs.{name} must be a number in [0, {top}], got {value!r}")

@@ -1,4 +1,4 @@
-"""Same-prompt group resampling (DESIGN §6) and EasyR1's online filter inside veRL 0.9's V1 trainer.
+"""Same-prompt group resampling (docs/method.md §6) and EasyR1's online filter inside veRL 0.9's V1 trainer.
 
 No plugin import is needed: veRL loads these classes from the configuration by name
 (``actor_rollout_ref.rollout.agent.agent_loop_manager_class`` and

@@ -8,7 +8,7 @@ Configure (0.9 ``reward.*`` keys; veRL silently ignores the legacy top-level
     reward.custom_reward_function.name=compute_score
     +reward.custom_reward_function.reward_kwargs.center_norm=enclosing   # options, see RewardOptions
 
-Per sample (DESIGN §3), with ``p`` the first box of the first ``<answer>`` and ``g`` the ground truth
+Per sample (docs/method.md §3), with ``p`` the first box of the first ``<answer>`` and ``g`` the ground truth
 in the model's coordinate space::
 
     localization = DCLR(p, g)      (zero-box, degenerate-box and sane-bound rules; multi_box=True: Hungarian)
@@ -18,7 +18,7 @@ in the model's coordinate space::
 ``p`` is read in the format of the prompt ``family`` (default ``"reasoning"``: ``(x1,y1),(x2,y2)``),
 the rule of the format reward too (:data:`differad_rl.prompts.FAMILY_BOX_FORMATS`).
 
-**Evaluation-protocol indicators** (DESIGN §8), so that veRL's validation logs — which average every
+**Evaluation-protocol indicators** (docs/method.md §8), so that veRL's validation logs — which average every
 returned key per data source — carry held-out mIoU, Acc@0.3 and F1@0.3. They follow the protocol:
 the first box of the answer in *any* format (lenient parsing, as ``differad-rl eval``), IoU against
 the best-matching ground-truth box, a normal target scoring IoU 1 iff it answers the zero box::
@@ -81,7 +81,7 @@ REWARD_KEYS = ("score", "localization", "format", "iou", "acc_0.3", "tp", "fp", 
 """Keys of every :func:`compute_score` result, in this order."""
 
 PROTOCOL_IOU_THRESHOLD = 0.3
-"""τ of the evaluation protocol's Acc@τ and F1@τ (DESIGN §8)."""
+"""τ of the evaluation protocol's Acc@τ and F1@τ (docs/method.md §8)."""
 
 # Passed by veRL's naive reward manager when a reward-model router is configured; not ours.
 _VERL_PASSTHROUGH = frozenset({"reward_router_address", "reward_model_tokenizer"})
@@ -97,7 +97,7 @@ class RewardOptions:
             functions with weight 1 each).
         w_center, w_area, eps, center_norm, size_term: DCLR parameters
             (:class:`differad_rl.rewards.DCLRConfig`).
-        multi_box: ``True`` scores all predicted vs all ground-truth boxes (Hungarian, DESIGN §3);
+        multi_box: ``True`` scores all predicted vs all ground-truth boxes (Hungarian, docs/method.md §3);
             ``False`` (paper) the first predicted box vs the first (largest) ground-truth box.
         require_answer: boxes only count inside ``<answer>…</answer>`` (default ``True``).
         space, gt_space, min_pixels, max_pixels: defaults for the per-sample metadata (module
@@ -389,7 +389,7 @@ def compute_score(
         loc = float(multi_box_score(preds, gt, options.dclr))
     else:
         loc = score_box(box, gt[0] if gt else _ZERO, "dclr", options.dclr)
-    # evaluation protocol (DESIGN §8): lenient parsing, best-matching ground-truth box. A
+    # evaluation protocol (docs/method.md §8): lenient parsing, best-matching ground-truth box. A
     # well-formatted answer holds one box and no other number, so the lenient parse finds that box.
     pbox = box if fmt == 1.0 else first_box(text, require, None)
     if gt:
