@@ -156,7 +156,7 @@ def resolve_rule(name: Any, *, field: str = "rule") -> RuleName:
         ValueError: unknown ``name``, naming ``field`` and the accepted values.
     """
     if name in GROUP_RULES:
-        return name  # type: ignore[no-any-return]
+        return name
     if isinstance(name, str) and name in RULE_ALIASES:
         new = RULE_ALIASES[name]
         warnings.warn(f"{field}={name!r} is deprecated; write {field}={new!r}", FutureWarning, stacklevel=3)

@@ -25,7 +25,6 @@ Adding a reward is one formula plus one :func:`register_reward` entry (see docs/
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any, Literal
@@ -35,7 +34,7 @@ from torch import Tensor
 
 from differad_rl import box_rewards as _peers
 from differad_rl import rewards as _method
-from differad_rl.group_filters import GROUP_RULES, RULE_ALIASES, RuleName, group_rule, resolve_rule
+from differad_rl.group_filters import GROUP_RULES, RULE_ALIASES, group_rule, resolve_rule
 from differad_rl.group_weights import mean_reward_weight, wrong_share_weights_by_id
 from differad_rl.groups import difficulty_weights_by_id
 
@@ -194,7 +193,7 @@ def check_weighting(name: Any, *, field: str = "weighting") -> WeightingName | N
         ValueError: naming ``field``, the value and the accepted ones.
     """
     if name is None or name in WEIGHTINGS:
-        return name  # type: ignore[no-any-return]
+        return name
     raise ValueError(f"{field}={name!r} is not known; expected None or one of {', '.join(WEIGHTINGS)}")
 
 

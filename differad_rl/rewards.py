@@ -226,7 +226,8 @@ def score_box(
     ``tests/test_core_rewards.py`` checks both paths against ``tests/oracle.py``.
 
     ``pred`` is the parsed box or ``None``; ``gt`` a ground truth already validated
-    (:func:`check_gt_boxes`); ``config`` the DCLR parameters. The zero-box, degenerate and sane-bound rules and the formulas are those
+    (:func:`check_gt_boxes`); ``config`` the DCLR parameters. The zero-box, degenerate and
+    sane-bound rules and the formulas are those
     of :mod:`differad_rl.boxes`, in the same order of operations.
     """
     gx1, gy1, gx2, gy2 = gt

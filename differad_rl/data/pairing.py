@@ -135,7 +135,9 @@ def _test_categories(categories: list[str], cfg: PairingConfig) -> set[str]:
     return {categories[i] for i in rng.permutation(len(categories))[:k]}
 
 
-def plan_pairs(samples: Sequence[Sample], config: PairingConfig | None = None, textures: Sequence[Path | str] = ()) -> list[PairPlan]:
+def plan_pairs(
+    samples: Sequence[Sample], config: PairingConfig | None = None, textures: Sequence[Path | str] = ()
+) -> list[PairPlan]:
     """Seeded pairing plan (pure: no image I/O). See the module docstring for the rules.
 
     Raises ``ValueError`` naming the category when it has fewer than 2 normal images (a normal
@@ -424,7 +426,8 @@ def build_pairs(
             if cfg.copy_images and out is not None:
                 rel = _copy_name(s, cfg.max_side is not None)
                 write, rel_of[key] = out / rel, rel
-            jobs[key] = _Job(key, s.path, s.mask_paths if with_mask else (), write, cfg.max_side, cfg.box_mode, cfg.min_component_area)
+            jobs[key] = _Job(key, s.path, s.mask_paths if with_mask else (), write, cfg.max_side, cfg.box_mode,
+                             cfg.min_component_area)
         return key
 
     plan_keys: list[tuple[str, str]] = []

@@ -79,7 +79,7 @@ def _as_pred(pred_boxes: Any, pred_valid: Any | None) -> tuple[np.ndarray, np.nd
                 f"pred_valid has {valid.shape[0]} entries but pred_boxes has {boxes.shape[0]} rows"
             )
         valid = valid & finite
-    return boxes, valid
+    return boxes, np.asarray(valid, dtype=bool)
 
 
 def ragged_ground_truth(gt_boxes: Any, num_samples: int | None = None) -> tuple[np.ndarray, np.ndarray, int]:

@@ -124,7 +124,7 @@ class CoordinateSpec:
 
     def to_model_space(self, boxes: Any, width: Any, height: Any) -> Any:
         """Convert original-pixel boxes to this space (thin call of :func:`differad_rl.coords.to_model_space`)."""
-        kw = self.coord_kwargs()
+        kw: dict[str, Any] = dict(self.coord_kwargs())
         return _coords.to_model_space(boxes, width, height, self.space, **kw)
 
     def coord_kwargs(self) -> dict[str, int]:
@@ -196,6 +196,7 @@ def coordinate_spec(
     if isinstance(processor_or_space, CoordinateSpec):
         return processor_or_space
     lo, hi, f = min_pixels, max_pixels, factor
+    found: str | None
     if isinstance(processor_or_space, str):
         found = processor_or_space if processor_or_space in _coords.SPACES else _coords.space_for_model(
             processor_or_space

@@ -142,7 +142,7 @@ class RewardOptions:
         if self.family is not None and self.family not in FAMILY_BOX_FORMATS:
             raise ValueError(f"reward_kwargs.family must be one of {', '.join(FAMILY_BOX_FORMATS)} or null, "
                              f"got {self.family!r}")
-        self.dclr  # validates w_center / w_area / eps / center_norm / size_term (raises ValueError)
+        _ = self.dclr  # validates w_center / w_area / eps / center_norm / size_term (raises ValueError)
 
     @functools.cached_property
     def dclr(self) -> DCLRConfig:
