@@ -214,7 +214,7 @@ def first_box(text: Any, require_answer: bool = True, fmt: str | None = None) ->
                 m = _BARE4.fullmatch(text, b[0], b[1])
             if m is None:
                 return None
-        last = m.lastindex
+        last = m.lastindex or 4  # every box pattern has four groups or more
         x1, y1, x2, y2 = float(m.group(last - 3)), float(m.group(last - 2)), float(m.group(last - 1)), float(m.group(last))
         if isfinite(x1) and isfinite(y1) and isfinite(x2) and isfinite(y2):
             return (x1, y1, x2, y2)
@@ -234,7 +234,7 @@ def parse_boxes(text: Any, *, require_answer: bool = True, fmt: str | None = Non
         if not matches and fmt is None:
             bare = _BARE4.fullmatch(seg)
             matches = [bare] if bare is not None else []
-        boxes = (_to_box(m.group(m.lastindex - 3, m.lastindex - 2, m.lastindex - 1, m.lastindex)) for m in matches)
+        boxes = (_to_box(m.group(k - 3, k - 2, k - 1, k)) for m in matches for k in (m.lastindex or 4,))
         return [b for b in boxes if b is not None]
     except Exception:  # pragma: no cover
         return []
@@ -266,7 +266,8 @@ def parse_boxes_batch(
     """
     pattern = _FORMAT_RE[check_format(fmt)]
     whole = _WHOLE_ANSWER_RE[fmt].match
-    fast = _INT_FAST[fmt].match if _INT_FAST[fmt] is not None else whole
+    int_fast = _INT_FAST[fmt]
+    fast = int_fast.match if int_fast is not None else whole
     search, bare = pattern.search, (_BARE4.fullmatch if fmt is None else None)
     n = len(texts)
     rows: list[int] = []
@@ -286,7 +287,7 @@ def parse_boxes_batch(
                 continue
             m = whole(text, start + _OPEN_LEN)
             if m is not None:
-                last = m.lastindex
+                last = m.lastindex or 4
                 add_row(i)
                 add_values(m.group(last - 3, last - 2, last - 1, last))
                 continue
@@ -298,13 +299,13 @@ def parse_boxes_batch(
             m = bare(text, b[0], b[1])
         if m is None:
             continue
-        last = m.lastindex
+        last = m.lastindex or 4
         add_row(i)
         add_values(m.group(last - 3, last - 2, last - 1, last))
     out = np.full((n, 4), np.nan, dtype=np.float64)
     if rows:
         out[rows] = np.array(values, dtype=np.float64).reshape(-1, 4)
-    valid = np.isfinite(out).all(axis=1)
+    valid: np.ndarray = np.isfinite(out).all(axis=1)
     out[~valid] = np.nan
     return out, valid
 

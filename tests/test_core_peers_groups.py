@@ -181,3 +181,15 @@ def test_user_errors(call, match):
     with pytest.raises(ValueError, match=match):
         call()
 
+
+
+@pytest.mark.parametrize("old,new", [("degenerate", "differad"), ("no_correct", "emit"),
+                                     ("zero_variance", "dapo"), ("out_of_band", "easyr1")])
+def test_former_rule_names_resolve_with_a_warning(old, new):
+    from differad_rl.group_filters import resolve_rule
+
+    with pytest.warns(FutureWarning, match=f"rule={old!r} is deprecated; write rule={new!r}"):
+        assert resolve_rule(old) == new
+    r = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.2, 0.4, 0.6, 0.8])
+    with pytest.warns(FutureWarning):
+        assert group_rule(old)(r, 4).tolist() == group_rule(new)(r, 4).tolist()
