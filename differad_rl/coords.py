@@ -106,8 +106,8 @@ def smart_resize(
 
 
 def smart_resize_array(
-    height: np.ndarray,
-    width: np.ndarray,
+    height: np.ndarray | float,
+    width: np.ndarray | float,
     factor: int = DEFAULT_FACTOR,
     min_pixels: int = DEFAULT_MIN_PIXELS,
     max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -153,7 +153,7 @@ def _sizes(
     return w, h, rw.astype(np.float64), rh.astype(np.float64)
 
 
-def _apply(boxes: ArrayT, sizes: tuple[np.ndarray, ...], space: str, inverse: bool, rnd: bool) -> ArrayT:
+def _apply(boxes: Any, sizes: tuple[np.ndarray, ...], space: str, inverse: bool, rnd: bool) -> Any:
     """Scale ``boxes`` between the original image and ``space`` in the documented order of operations:
     ``x / W * 1000`` for the relative spaces (as ``round(x / W * 1000)`` is written) and
     ``x * W' / W`` for ``qwen2_5_vl``; inverses ``x' * W / 1000`` and ``x' * W / W'``. The order
@@ -164,6 +164,10 @@ def _apply(boxes: ArrayT, sizes: tuple[np.ndarray, ...], space: str, inverse: bo
     orig = np.stack([w, h, w, h], axis=-1)
     model = np.stack([mw, mh, mw, mh], axis=-1)
     is_tensor = isinstance(boxes, torch.Tensor)
+    dtype: Any
+    orig_t: Any
+    model_t: Any
+    out: Any  # a tensor or an array, as ``boxes``
     if is_tensor:
         dtype = boxes.dtype if boxes.is_floating_point() else torch.float64
         orig_t = torch.as_tensor(orig, dtype=torch.float64, device=boxes.device)

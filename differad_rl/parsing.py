@@ -305,7 +305,7 @@ def parse_boxes_batch(
     out = np.full((n, 4), np.nan, dtype=np.float64)
     if rows:
         out[rows] = np.array(values, dtype=np.float64).reshape(-1, 4)
-    valid: np.ndarray = np.isfinite(out).all(axis=1)
+    valid = np.asarray(np.isfinite(out).all(axis=1))
     out[~valid] = np.nan
     return out, valid
 

@@ -30,11 +30,14 @@ from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from differad_rl.data.readers import Sample
+
+if TYPE_CHECKING:
+    from differad_rl.data.masks import BoxMode
 
 __all__ = ["PairingConfig", "PairPlan", "plan_pairs", "build_pairs", "build_pair_dir", "default_textures", "BUILD_MANIFEST"]
 
@@ -66,7 +69,7 @@ class PairingConfig:
     """
 
     normal_ratio: float = 0.25
-    box_mode: str = "all"
+    box_mode: BoxMode = "all"
     min_component_area: int = 1
     seed: int = 0
     split: str = "category"
@@ -276,7 +279,7 @@ class _Job:
     mask_paths: tuple[Path, ...] = ()
     write_to: Path | None = None
     max_side: int | None = None
-    box_mode: str = "all"
+    box_mode: BoxMode = "all"
     min_area: int = 1
     synthetic: str = ""
     donor: Path | None = None

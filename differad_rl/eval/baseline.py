@@ -182,11 +182,11 @@ def _load_rgb(path: str, size: tuple[int, int] | None) -> tuple[np.ndarray, tupl
     from PIL import Image
 
     try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
+        with Image.open(path) as opened:
+            im = opened.convert("RGB")
             orig = im.size
             if size is not None and im.size != size:
-                im = im.resize(size, Image.BILINEAR)
+                im = im.resize(size, Image.Resampling.BILINEAR)
             return np.asarray(im, dtype=np.float32) / 255.0, orig
     except (OSError, ValueError) as exc:
         raise ValueError(f"cannot read image {path}: {exc}") from None

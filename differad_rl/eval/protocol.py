@@ -264,7 +264,8 @@ def read_predictions(path: str | os.PathLike[str]) -> Predictions:
         where = f"{p}:{lineno}"
         image_sizes.append(_size_field(obj, "image_size", where))
         input_sizes.append(_size_field(obj, "input_size", where))
-        settings = obj.get("settings") if isinstance(obj.get("settings"), dict) else {}
+        raw_settings = obj.get("settings")
+        settings: dict[str, Any] = raw_settings if isinstance(raw_settings, dict) else {}
         budgets.append(
             _size_field({"budget": [settings["min_pixels"], settings["max_pixels"]]}, "budget", where)
             if settings.get("min_pixels") is not None and settings.get("max_pixels") is not None
@@ -331,11 +332,11 @@ def resolve_config(config: EvalConfig, preds: Predictions) -> EvalConfig:
     space = space if space is not None else preds.space
     if preds.budgets is not None and (config.min_pixels is not None or config.max_pixels is not None):
         have = preds.budgets[np.isfinite(preds.budgets).all(axis=1)]
-        for col, name, given in ((0, "min_pixels", config.min_pixels), (1, "max_pixels", config.max_pixels)):
-            bad = have[:, col] != given if given is not None else np.zeros(len(have), dtype=bool)
+        for col, name, pixels in ((0, "min_pixels", config.min_pixels), (1, "max_pixels", config.max_pixels)):
+            bad = have[:, col] != pixels if pixels is not None else np.zeros(len(have), dtype=bool)
             if bad.any():
                 raise ValueError(
-                    f"--{name.replace('_', '-')} {given} disagrees with the predictions' recorded {name} "
+                    f"--{name.replace('_', '-')} {pixels} disagrees with the predictions' recorded {name} "
                     f"{int(have[bad][0, col])}; the recorded input sizes are what the model saw: drop the option"
                 )
     return replace(config, family=family, space=space)
