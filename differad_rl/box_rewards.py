@@ -54,13 +54,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
 from differad_rl.boxes import _pair, box_iou, enclosing_wh, inter_union
-from differad_rl.coords import DEFAULT_FACTOR, DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
+from differad_rl.coords import DEFAULT_FACTOR, DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, Space
+from differad_rl.prompts import PromptFamily
 from differad_rl.rewards import (
     DCLRConfig,
     SingleBoxReward,
@@ -71,7 +72,8 @@ from differad_rl.rewards import (
     matching_inputs,
 )
 
-PEER_BOX_KINDS: tuple[str, ...] = ("iou_threshold", "iou_squared", "giou", "diou", "ciou")
+PeerKind = Literal["iou_threshold", "iou_squared", "giou", "diou", "ciou"]
+PEER_BOX_KINDS: tuple[PeerKind, ...] = ("iou_threshold", "iou_squared", "giou", "diou", "ciou")
 
 __all__ = [
     "PEER_BOX_KINDS",
@@ -172,7 +174,7 @@ def peer_box_scores(
     pred: Any,
     pred_valid: Any,
     gt: Any,
-    kind: str,
+    kind: PeerKind,
     *,
     threshold: float = 0.5,
     eps: float = 1e-7,
@@ -235,10 +237,10 @@ class PeerBoxReward(SingleBoxReward):
     read only in the format of ``family``).
     """
 
-    def __init__(self, kind: str, *, threshold: float = 0.5, eps: float = 1e-7, name: str | None = None,
-                 require_answer: bool = True, space: str = "pixel", gt_space: str | None = None,
+    def __init__(self, kind: PeerKind, *, threshold: float = 0.5, eps: float = 1e-7, name: str | None = None,
+                 require_answer: bool = True, space: Space = "pixel", gt_space: Space | None = None,
                  min_pixels: int = DEFAULT_MIN_PIXELS, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 factor: int = DEFAULT_FACTOR, family: str | None = "reasoning") -> None:
+                 factor: int = DEFAULT_FACTOR, family: PromptFamily | None = "reasoning") -> None:
         _check_kind(kind)
         super().__init__(name or f"{kind}_reward", DCLRConfig(), require_answer=require_answer, space=space,
                          gt_space=gt_space, min_pixels=min_pixels, max_pixels=max_pixels, factor=factor,
@@ -258,9 +260,9 @@ class MatchedHitsReward(_Reward):
     boxes per completion (``[]`` or ``[[0, 0, 0, 0]]`` = normal)."""
 
     def __init__(self, *, iou_threshold: float = 0.5, l1_threshold: float = 10.0, name: str = "matched_hits_reward",
-                 require_answer: bool = True, space: str = "pixel", gt_space: str | None = None,
+                 require_answer: bool = True, space: Space = "pixel", gt_space: Space | None = None,
                  min_pixels: int = DEFAULT_MIN_PIXELS, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 factor: int = DEFAULT_FACTOR, family: str | None = "reasoning") -> None:
+                 factor: int = DEFAULT_FACTOR, family: PromptFamily | None = "reasoning") -> None:
         super().__init__(name, DCLRConfig(), require_answer=require_answer, space=space, gt_space=gt_space,
                          min_pixels=min_pixels, max_pixels=max_pixels, factor=factor, family=family)
         self.iou_threshold = _check_threshold("iou_threshold", iou_threshold, unit=True)

@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import torch
 
-SPACES: tuple[str, ...] = ("pixel", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+Space = Literal["pixel", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
+SPACES: tuple[Space, ...] = ("pixel", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 RELATIVE_SPACES: frozenset[str] = frozenset({"qwen2_vl", "qwen3_vl"})
 RELATIVE_SCALE = 1000.0
 
@@ -40,7 +41,7 @@ DEFAULT_FACTOR = 28  # patch size 14 x spatial merge 2 (Qwen2-VL / Qwen2.5-VL)
 ArrayT = TypeVar("ArrayT", np.ndarray, torch.Tensor)
 
 
-def check_space(space: str) -> str:
+def check_space(space: str) -> Space:
     """Return ``space`` if it is a known coordinate space, else raise ``ValueError`` naming it."""
     if space not in SPACES:
         raise ValueError(f"space={space!r} is not a known coordinate space; expected one of {SPACES}")
@@ -200,7 +201,7 @@ def to_model_space(
     boxes: Any,
     width: Any,
     height: Any,
-    space: str,
+    space: Space,
     *,
     min_pixels: int = DEFAULT_MIN_PIXELS,
     max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -228,7 +229,7 @@ def from_model_space(
     boxes: Any,
     width: Any,
     height: Any,
-    space: str,
+    space: Space,
     *,
     min_pixels: int = DEFAULT_MIN_PIXELS,
     max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -278,7 +279,7 @@ def to_model_grid(
     boxes: Any,
     width: Any,
     height: Any,
-    space: str,
+    space: Space,
     *,
     min_pixels: int = DEFAULT_MIN_PIXELS,
     max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -299,7 +300,7 @@ def to_model_grid(
 def model_size(
     width: float,
     height: float,
-    space: str,
+    space: Space,
     min_pixels: int = DEFAULT_MIN_PIXELS,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     factor: int = DEFAULT_FACTOR,
@@ -326,7 +327,7 @@ def model_size(
 
 
 def box_to_model_grid(
-    box: tuple[float, float, float, float], width: float, height: float, space: str,
+    box: tuple[float, float, float, float], width: float, height: float, space: Space,
     min_pixels: int = DEFAULT_MIN_PIXELS, max_pixels: int = DEFAULT_MAX_PIXELS, factor: int = DEFAULT_FACTOR,
 ) -> tuple[float, float, float, float]:
     """Scalar :func:`to_model_grid` of one box (pure Python, the same arithmetic in the same order)."""

@@ -29,13 +29,14 @@ from math import isfinite
 import re
 import sys
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 Box = tuple[float, float, float, float]
 
-BOX_FORMATS: tuple[str, ...] = ("qwen", "qwen_tokens", "bracket", "internvl", "minicpm", "cogvlm", "json")
+BoxFormat = Literal["qwen", "qwen_tokens", "bracket", "internvl", "minicpm", "cogvlm", "json"]
+BOX_FORMATS: tuple[BoxFormat, ...] = ("qwen", "qwen_tokens", "bracket", "internvl", "minicpm", "cogvlm", "json")
 
 ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
@@ -124,9 +125,11 @@ def answer_span(text: str) -> str | None:
     return text[start:end]
 
 
-def check_format(fmt: str | None) -> str | None:
+def check_format(fmt: str | None) -> BoxFormat | None:
     """Return ``fmt`` if it is ``None`` (every format) or one of :data:`BOX_FORMATS`, else raise."""
-    if fmt is not None and fmt not in BOX_FORMATS:
+    if fmt is None:
+        return None
+    if fmt not in BOX_FORMATS:
         raise ValueError(f"fmt={fmt!r} is not a known box format; expected None (any) or one of {BOX_FORMATS}")
     return fmt
 
@@ -168,7 +171,7 @@ def _to_box(groups: Iterable[str | None]) -> Box | None:
     return (vals[0], vals[1], vals[2], vals[3])
 
 
-def parse_box(text: Any, *, require_answer: bool = True, fmt: str | None = None) -> Box | None:
+def parse_box(text: Any, *, require_answer: bool = True, fmt: BoxFormat | None = None) -> Box | None:
     """First box in the first ``<answer>…</answer>`` of ``text``, or ``None``.
 
     Args:
@@ -193,7 +196,7 @@ def parse_box(text: Any, *, require_answer: bool = True, fmt: str | None = None)
     return first_box(text, require_answer, check_format(fmt))
 
 
-def first_box(text: Any, require_answer: bool = True, fmt: str | None = None) -> Box | None:
+def first_box(text: Any, require_answer: bool = True, fmt: BoxFormat | None = None) -> Box | None:
     """:func:`parse_box` without the check of ``fmt`` (the rewards' per-sample hot path)."""
     try:
         if text.__class__ is not str:
@@ -223,7 +226,7 @@ def first_box(text: Any, require_answer: bool = True, fmt: str | None = None) ->
         return None
 
 
-def parse_boxes(text: Any, *, require_answer: bool = True, fmt: str | None = None) -> list[Box]:
+def parse_boxes(text: Any, *, require_answer: bool = True, fmt: BoxFormat | None = None) -> list[Box]:
     """Every box of the answer span (see :func:`parse_box`), in the order written."""
     pattern = _FORMAT_RE[check_format(fmt)]
     try:
@@ -240,7 +243,7 @@ def parse_boxes(text: Any, *, require_answer: bool = True, fmt: str | None = Non
         return []
 
 
-def answer_boxes(text: Any, *, require_answer: bool = True, fmt: str | None = None) -> list[Box] | None:
+def answer_boxes(text: Any, *, require_answer: bool = True, fmt: BoxFormat | None = None) -> list[Box] | None:
     """The boxes of the answer for the several-box reward, or ``None`` when there is no answer.
 
     ``None``: no answer span (with ``require_answer``), or an answer that is not empty but holds no
@@ -256,7 +259,7 @@ def answer_boxes(text: Any, *, require_answer: bool = True, fmt: str | None = No
 
 
 def parse_boxes_batch(
-    texts: Sequence[Any], *, require_answer: bool = True, fmt: str | None = None
+    texts: Sequence[Any], *, require_answer: bool = True, fmt: BoxFormat | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """First box of each text: ``(boxes (N, 4) float64, valid (N,) bool)``; NaN rows where none.
 
@@ -310,7 +313,7 @@ def parse_boxes_batch(
     return out, valid
 
 
-def is_well_formatted(text: Any, *, fmt: str | None = None) -> bool:
+def is_well_formatted(text: Any, *, fmt: BoxFormat | None = None) -> bool:
     """``<think>…</think>`` then (whitespace allowed) ``<answer>`` holding exactly one box ``</answer>``.
 
     Nothing may come before ``<think>`` or after ``</answer>`` except whitespace; the think span may
@@ -357,7 +360,7 @@ def _num(v: float) -> str:
     return str(int(v)) if float(v).is_integer() else repr(float(v))
 
 
-def render_box(box: Sequence[float], fmt: str = "qwen") -> str:
+def render_box(box: Sequence[float], fmt: BoxFormat = "qwen") -> str:
     """Write ``box`` the way a model family does (see the module table); inverse of parsing.
 
     Raises:

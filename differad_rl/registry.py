@@ -35,8 +35,8 @@ from torch import Tensor
 from differad_rl import box_rewards as _peers
 from differad_rl import rewards as _method
 from differad_rl.group_filters import GROUP_RULES, RULE_ALIASES, group_rule, resolve_rule
-from differad_rl.group_weights import mean_reward_weight, wrong_share_weights_by_id
-from differad_rl.groups import difficulty_weights_by_id
+from differad_rl.group_weights import MeanRewardForm, mean_reward_weight, wrong_share_weights_by_id
+from differad_rl.groups import Scope, difficulty_weights_by_id
 
 __all__ = [
     "GROUP_RULES",
@@ -203,9 +203,9 @@ def advantage_weights(
     group_ids: Tensor,
     *,
     tau: float = 0.3,
-    scope: str = "group",
+    scope: Scope = "group",
     correct_threshold: float = 0.0,
-    univg_form: str = "power",
+    univg_form: MeanRewardForm = "power",
     univg_power: float = 1.0,
 ) -> Tensor:
     """Per-sample weight ``(N,)`` of weighting ``name`` from the localization rewards.

@@ -38,7 +38,7 @@ import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, fields
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -56,6 +56,7 @@ from differad_rl.boxes import (
     is_zero_box,
 )
 from differad_rl.coords import (
+    Space,
     DEFAULT_FACTOR,
     DEFAULT_MAX_PIXELS,
     DEFAULT_MIN_PIXELS,
@@ -64,9 +65,10 @@ from differad_rl.coords import (
     to_model_grid,
 )
 from differad_rl.parsing import answer_boxes, first_box, is_well_formatted, parse_boxes_batch
-from differad_rl.prompts import box_format
+from differad_rl.prompts import PromptFamily, box_format
 
-LOCALIZATION_KINDS: tuple[str, ...] = ("dclr", "iou", "consistency")
+LocalizationKind = Literal["dclr", "iou", "consistency"]
+LOCALIZATION_KINDS: tuple[LocalizationKind, ...] = ("dclr", "iou", "consistency")
 SCALAR_MAX_BATCH = 96
 """Calls of at most this many completions take the scalar pure-Python path (faster below it)."""
 
@@ -122,7 +124,7 @@ def localization_scores(
     pred: Any,
     pred_valid: Any,
     gt: Any,
-    kind: str = "dclr",
+    kind: LocalizationKind = "dclr",
     config: DCLRConfig | None = None,
 ) -> Tensor:
     """Localization reward per sample with the zero-box and degenerate rules, shape ``(N,)``.
@@ -178,7 +180,7 @@ def masked_scores(pred: Any, pred_valid: Any, g: Tensor, formula: Callable[[Tens
     return torch.where(gt_zero, pred_zero.to(g.dtype), torch.where(usable, raw, zero))
 
 
-def _scores(pred: Any, pred_valid: Any, g: Tensor, kind: str, cfg: DCLRConfig) -> Tensor:
+def _scores(pred: Any, pred_valid: Any, g: Tensor, kind: LocalizationKind, cfg: DCLRConfig) -> Tensor:
     """:func:`localization_scores` on ground truth already validated by :func:`check_gt_boxes`."""
     return masked_scores(pred, pred_valid, g, lambda p, q: _method_formula(kind, p, q, cfg))
 
@@ -216,7 +218,7 @@ def gt_row_error(box: Sequence[float]) -> str | None:
 def score_box(
     pred: tuple[float, float, float, float] | None,
     gt: tuple[float, float, float, float],
-    kind: str = "dclr",
+    kind: LocalizationKind = "dclr",
     config: DCLRConfig = PAPER_DCLR,
 ) -> float:
     """Scalar :func:`localization_scores` of one sample (pure Python; the small-batch fast path).
@@ -352,12 +354,12 @@ class _Reward:
         config: DCLRConfig,
         *,
         require_answer: bool = True,
-        space: str = "pixel",
-        gt_space: str | None = None,
+        space: Space = "pixel",
+        gt_space: Space | None = None,
         min_pixels: int = DEFAULT_MIN_PIXELS,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         factor: int = DEFAULT_FACTOR,
-        family: str | None = "reasoning",
+        family: PromptFamily | None = "reasoning",
     ) -> None:
         check_space(space)
         self.family = family
@@ -498,10 +500,10 @@ class LocalizationReward(SingleBoxReward):
     (:data:`differad_rl.prompts.FAMILY_BOX_FORMATS`; ``None`` = any format).
     """
 
-    def __init__(self, kind: str = "dclr", config: DCLRConfig | None = None, *, name: str | None = None,
-                 require_answer: bool = True, space: str = "pixel", gt_space: str | None = None,
+    def __init__(self, kind: LocalizationKind = "dclr", config: DCLRConfig | None = None, *, name: str | None = None,
+                 require_answer: bool = True, space: Space = "pixel", gt_space: Space | None = None,
                  min_pixels: int = DEFAULT_MIN_PIXELS, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 factor: int = DEFAULT_FACTOR, family: str | None = "reasoning") -> None:
+                 factor: int = DEFAULT_FACTOR, family: PromptFamily | None = "reasoning") -> None:
         if kind not in LOCALIZATION_KINDS:
             raise ValueError(f"kind={kind!r} is not known; expected one of {LOCALIZATION_KINDS}")
         super().__init__(name or f"{kind}_reward", config or DCLRConfig(), require_answer=require_answer,
@@ -536,9 +538,9 @@ class MultiBoxReward(_Reward):
     (``[]`` or ``[[0, 0, 0, 0]]`` = normal)."""
 
     def __init__(self, config: DCLRConfig | None = None, *, name: str = "multi_box_reward",
-                 require_answer: bool = True, space: str = "pixel", gt_space: str | None = None,
+                 require_answer: bool = True, space: Space = "pixel", gt_space: Space | None = None,
                  min_pixels: int = DEFAULT_MIN_PIXELS, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 factor: int = DEFAULT_FACTOR, family: str | None = "reasoning") -> None:
+                 factor: int = DEFAULT_FACTOR, family: PromptFamily | None = "reasoning") -> None:
         super().__init__(name, config or DCLRConfig(), require_answer=require_answer, space=space,
                          gt_space=gt_space, min_pixels=min_pixels, max_pixels=max_pixels, factor=factor,
                          family=family)
@@ -555,7 +557,7 @@ class FormatReward:
     rule the localization rewards parse with; ``family=None`` accepts any format.
     """
 
-    def __init__(self, name: str = "format_reward", *, family: str | None = "reasoning") -> None:
+    def __init__(self, name: str = "format_reward", *, family: PromptFamily | None = "reasoning") -> None:
         self.__name__ = name
         self.family = family
         self.fmt = box_format(family)
@@ -611,7 +613,7 @@ def get_multi_box_reward(*, name: str = "multi_box_reward", **options: Any) -> M
     return MultiBoxReward(config, name=name, **space_kwargs)
 
 
-def get_format_reward(*, name: str = "format_reward", family: str | None = "reasoning") -> FormatReward:
+def get_format_reward(*, name: str = "format_reward", family: PromptFamily | None = "reasoning") -> FormatReward:
     """Format reward callable (see :class:`FormatReward`)."""
     return FormatReward(name=name, family=family)
 

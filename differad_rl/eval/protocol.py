@@ -60,7 +60,7 @@ from typing import Any
 
 import numpy as np
 
-from differad_rl.coords import DEFAULT_FACTOR, SPACES, from_model_space, smart_resize_array
+from differad_rl.coords import DEFAULT_FACTOR, SPACES, Space, check_space, from_model_space, smart_resize_array
 from differad_rl.data.records import iter_jsonl
 from differad_rl.eval.metrics import _as_pred, _compute, _sample_ious, _update, ragged_ground_truth
 from differad_rl.parsing import completion_text, parse_boxes_batch
@@ -144,9 +144,9 @@ class EvalConfig:
         return self.family if self.family is not None else "qwen2_5_vl"
 
     @property
-    def resolved_space(self) -> str:
+    def resolved_space(self) -> Space:
         """The coordinate space actually used."""
-        return self.space if self.space is not None else FAMILIES[self.resolved_family]
+        return check_space(self.space if self.space is not None else FAMILIES[self.resolved_family])
 
     @property
     def budget(self) -> tuple[int, int]:

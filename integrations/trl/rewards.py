@@ -102,7 +102,7 @@ class CoordinateSpec:
     they are informational and may be ``None``.
     """
 
-    space: str
+    space: _coords.Space
     min_pixels: int | None = None
     max_pixels: int | None = None
     factor: int | None = None
@@ -231,7 +231,7 @@ def coordinate_spec(
             f"pass space= (one of {_coords.SPACES}) or model="
         )
     return CoordinateSpec(
-        space=found,
+        space=_coords.check_space(found),
         min_pixels=None if lo is None else int(lo),
         max_pixels=None if hi is None else int(hi),
         factor=None if f is None else int(f),

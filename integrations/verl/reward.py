@@ -69,8 +69,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from differad_rl.coords import DEFAULT_FACTOR, DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, SPACES, box_to_model_grid
-from differad_rl.parsing import answer_boxes, first_box, is_well_formatted, parse_boxes
+from differad_rl.coords import DEFAULT_FACTOR, DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, SPACES, box_to_model_grid, check_space
+from differad_rl.parsing import BoxFormat, answer_boxes, first_box, is_well_formatted, parse_boxes
 from differad_rl.prompts import FAMILY_BOX_FORMATS, box_format
 from differad_rl.boxes import PAPER_DCLR, CenterNorm, SizeTerm
 from differad_rl.rewards import DCLRConfig, gt_row_error, multi_box_score, score_box
@@ -150,7 +150,7 @@ class RewardOptions:
                           size_term=self.size_term)
 
     @functools.cached_property
-    def fmt(self) -> str | None:
+    def fmt(self) -> BoxFormat | None:
         return box_format(self.family)
 
     @classmethod
@@ -329,7 +329,8 @@ def _ground_truth_rows(
         raise ValueError(f"image size must be positive, got width={width!r}, height={height!r}")
     min_pixels = _lookup("min_pixels", gt_meta, info) or options.min_pixels
     max_pixels = _lookup("max_pixels", gt_meta, info) or options.max_pixels
-    args = (int(width), int(height), space, int(min_pixels), int(max_pixels), options.factor)
+    grid = check_space(space)
+    args = (int(width), int(height), grid, int(min_pixels), int(max_pixels), options.factor)
     return [box_to_model_grid(b, *args) for b in rows]
 
 
