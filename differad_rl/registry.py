@@ -3,18 +3,12 @@
 Every option string a user writes in a config resolves here, and only here; the adapters never keep
 their own name lists. The vocabulary names each strategy after its source (docs/method.md §9):
 
-==============  ================================================  ==========================
-kind            names                                             where
-==============  ================================================  ==========================
-reward          ``dclr``, ``iou``, ``consistency``, ``multi_box``,  :data:`REWARDS`
-                ``format`` and the peers' ``iou_threshold``,
-                ``iou_squared``, ``giou``, ``diou``, ``ciou``,
-                ``matched_hits``
-weighting       ``differad`` (ω), ``emit``, ``univg``             :data:`WEIGHTINGS`
-group rule      ``differad`` (degenerate), ``emit`` (none          :data:`GROUP_RULES`
-                correct), ``dapo`` (zero variance), ``easyr1``
-                (mean outside the band)
-==============  ================================================  ==========================
+* rewards (:data:`REWARDS`): the method's ``dclr``, ``iou``, ``consistency``, ``multi_box``,
+  ``format`` and the peers' ``iou_threshold``, ``iou_squared``, ``giou``, ``diou``, ``ciou``,
+  ``matched_hits``;
+* advantage weightings (:data:`WEIGHTINGS`): ``differad`` (ω), ``emit``, ``univg``;
+* group rules (:data:`GROUP_RULES`): ``differad`` (degenerate groups), ``emit`` (none correct),
+  ``dapo`` (zero variance), ``easyr1`` (mean outside the band).
 
 The descriptive names the core and veRL used before (``degenerate``, ``no_correct``,
 ``zero_variance``, ``out_of_band``) still resolve, with a ``FutureWarning``
@@ -56,7 +50,7 @@ __all__ = [
     "resolve_rule",
     "rule",
 ]
-# GROUP_RULES, RULE_ALIASES, RuleName, resolve_rule: defined in differad_rl.group_filters, named here
+# GROUP_RULES, RULE_ALIASES, resolve_rule: defined in differad_rl.group_filters, re-exported here
 
 WeightingName = Literal["differad", "emit", "univg"]
 
