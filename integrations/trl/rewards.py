@@ -432,10 +432,15 @@ def differad_rewards(
         raise ValueError("names=[]: give at least one reward name")
     if "name" in options:
         raise ValueError("name= would give every reward the same name; rename one reward with get_reward(kind, spec, name=...)")
-    entries = [_registry.reward_entry(n) for n in names]  # raises on an unknown name, listing the known ones
-    unused = sorted(set(options) - set().union(*(e.accepts() for e in entries)))
-    if unused:
-        raise ValueError(f"option(s) {', '.join(unused)} are taken by none of the rewards {names}")
+    for n in names:
+        _registry.reward_entry(n)  # raises on an unknown name, listing the known ones
+    # one option set may configure several reward lists (a study's arms): an option the listed rewards do not
+    # take is skipped, but one that no registered reward takes is a mistake
+    taken = set().union(*(e.accepts() for e in _registry.REWARDS.values()))
+    unknown = sorted(set(options) - taken)
+    if unknown:
+        raise ValueError(f"option(s) {', '.join(unknown)} are taken by no reward; the rewards' options: "
+                         f"{', '.join(sorted(taken))}")
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise ValueError(f"names={names}: duplicate reward(s) {dup}")
