@@ -85,7 +85,7 @@ def _oracle_parse(d: dict) -> list[tuple[float, float, float, float] | None]:
 
 
 def _oracle(d: dict, boxes: list | None = None) -> dict:
-    """Per-sample loop, written straight from DESIGN §8 (the slow reference)."""
+    """Per-sample loop, written straight from docs/method.md §8 (the slow reference)."""
     boxes = _oracle_parse(d) if boxes is None else boxes
     stats: dict[str, list[float]] = defaultdict(lambda: [0, 0.0, 0, 0, 0, 0])
     for box, gts, cat in zip(boxes, d["gt"], d["cats"], strict=True):

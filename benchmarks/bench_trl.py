@@ -13,8 +13,8 @@ differs.
   the adapter's own work is the robust number.
 - ``test_resampling_round_cost``: one resampling round (every group forced degenerate, K = 1, so the whole
   batch is regenerated once) relative to a step without resampling, in ``extra_info``.
-- ``test_vision_cache_step[off|on]`` and ``test_vision_cache_ratio``: the frozen-vision feature cache
-  (issue 17). A paper-shaped step at G = 8, K = 1 (half the groups degenerate, so one resampling
+- ``test_vision_cache_step[off|on]`` and ``test_vision_cache_ratio``: the frozen-vision feature cache.
+  A paper-shaped step at G = 8, K = 1 (half the groups degenerate, so one resampling
   round runs), β = 0.04 (a reference pass), the vision tower frozen: cache off vs on side by side.
   Reported in ``extra_info``: the step-time ratio, the images the towers (policy + reference) encode
   per step and the seconds spent inside them (forward hooks), for both. Asserted: each distinct
@@ -161,7 +161,7 @@ def test_resampling_round_cost(benchmark, setup):
           f"({t_base * 1e3:.0f} ms → {t_res * 1e3:.0f} ms)")
 
 
-# ------------------------------------------------------------------ frozen-vision feature cache (issue 17)
+# ------------------------------------------------------------------ frozen-vision feature cache
 CACHE_KINDS = ["easy", "hard", "easy", "hard"]  # 4 prompts x 2 images = 8 distinct images per step
 CACHE_G = 8
 

@@ -1,7 +1,7 @@
-"""The peers' box rewards, beside the method's DCLR (DESIGN §9): thresholded IoU, IoU², GIoU, DIoU,
+"""The peers' box rewards, beside the method's DCLR (docs/method.md §9): thresholded IoU, IoU², GIoU, DIoU,
 CIoU and Hungarian-matched thresholded hits.
 
-Every reward is in ``[0, 1]`` and follows the method's rules of DESIGN §3, like
+Every reward is in ``[0, 1]`` and follows the method's rules of docs/method.md §3, like
 :mod:`differad_rl.rewards`: a ground truth ``(0, 0, 0, 0)`` (normal target) scores 1 iff the answer
 is the zero box, else 0; for an anomalous target a missing, zero or degenerate prediction scores 0.
 The formulas, for valid boxes ``p`` (prediction) and ``g`` (ground truth), continuous geometry:
@@ -43,7 +43,7 @@ Sources (read for these definitions):
   no point, so the point term is dropped and the sum is divided by 2 (the reward stays in
   ``[0, 1]``). The L1 threshold is in the model's coordinate units (VisionReasoner: pixels of an
   840-pixel image; for Qwen2-VL's 0..1000 space 10 units are 1 % of the image side). Their IoU uses
-  the "+1 pixel" convention; ours is continuous (DESIGN §3).
+  the "+1 pixel" convention; ours is continuous (docs/method.md §3).
 
 The TRL-shaped callables (``f(completions, solution, **kwargs) -> list[float]``) and their picklable
 ``get_*`` factories follow :mod:`differad_rl.rewards` exactly (same ground-truth conversion, same
@@ -54,17 +54,26 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-from differad_rl.boxes import _pair, box_area, box_iou, is_degenerate, is_zero_box
-from differad_rl.coords import DEFAULT_FACTOR, DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
-from differad_rl.parsing import parse_boxes_batch
-from differad_rl.rewards import DCLRConfig, _Reward, check_gt_boxes, matched_mean, matching_inputs
+from differad_rl.boxes import _pair, box_iou, enclosing_wh, inter_union
+from differad_rl.coords import DEFAULT_FACTOR, DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, Space
+from differad_rl.prompts import PromptFamily
+from differad_rl.rewards import (
+    DCLRConfig,
+    SingleBoxReward,
+    _Reward,
+    check_gt_boxes,
+    masked_scores,
+    matched_mean,
+    matching_inputs,
+)
 
-PEER_BOX_KINDS: tuple[str, ...] = ("iou_threshold", "iou_squared", "giou", "diou", "ciou")
+PeerKind = Literal["iou_threshold", "iou_squared", "giou", "diou", "ciou"]
+PEER_BOX_KINDS: tuple[PeerKind, ...] = ("iou_threshold", "iou_squared", "giou", "diou", "ciou")
 
 __all__ = [
     "PEER_BOX_KINDS",
@@ -91,13 +100,6 @@ __all__ = [
 
 
 # ------------------------------------------------------------------------------------ formulas
-def _enclosing_wh(p: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
-    return (
-        torch.maximum(p[..., 2], g[..., 2]) - torch.minimum(p[..., 0], g[..., 0]),
-        torch.maximum(p[..., 3], g[..., 3]) - torch.minimum(p[..., 1], g[..., 1]),
-    )
-
-
 def generalized_iou(p: Any, g: Any) -> Tensor:
     """Elementwise GIoU ``IoU − (C − U) / C`` in ``(−1, 1]`` (torchvision's ``generalized_box_iou``,
     elementwise instead of pairwise). ``C`` is the area of the smallest box enclosing both and ``U``
@@ -105,11 +107,9 @@ def generalized_iou(p: Any, g: Any) -> Tensor:
     """
     p, g = _pair(p, g)
     iou = box_iou(p, g)
-    ew, eh = _enclosing_wh(p, g)
+    ew, eh = enclosing_wh(p, g)
     c = ew.clamp(min=0) * eh.clamp(min=0)
-    iw = (torch.minimum(p[..., 2], g[..., 2]) - torch.maximum(p[..., 0], g[..., 0])).clamp(min=0)
-    ih = (torch.minimum(p[..., 3], g[..., 3]) - torch.maximum(p[..., 1], g[..., 1])).clamp(min=0)
-    union = box_area(p) + box_area(g) - iw * ih
+    _, union = inter_union(p, g)
     penalty = torch.where(c > 0, (c - union) / torch.where(c > 0, c, 1), torch.zeros_like(c))
     return iou - penalty
 
@@ -118,7 +118,7 @@ def distance_iou(p: Any, g: Any, eps: float = 1e-7) -> Tensor:
     """Elementwise DIoU ``IoU − ρ² / (c² + eps)`` in ``(−1, 1]`` (torchvision's ``distance_box_iou``):
     ``ρ`` the distance of the box centres, ``c`` the diagonal of the smallest enclosing box."""
     p, g = _pair(p, g)
-    ew, eh = _enclosing_wh(p, g)
+    ew, eh = enclosing_wh(p, g)
     diag2 = ew**2 + eh**2 + eps
     rho2 = ((p[..., 0] + p[..., 2] - g[..., 0] - g[..., 2]) / 2) ** 2 + (
         (p[..., 1] + p[..., 3] - g[..., 1] - g[..., 3]) / 2
@@ -174,7 +174,7 @@ def peer_box_scores(
     pred: Any,
     pred_valid: Any,
     gt: Any,
-    kind: str,
+    kind: PeerKind,
     *,
     threshold: float = 0.5,
     eps: float = 1e-7,
@@ -196,25 +196,7 @@ def peer_box_scores(
     """
     _check_kind(kind)
     threshold = _check_threshold("threshold", threshold, unit=True)
-    return _rule_scores(pred, pred_valid, check_gt_boxes(gt, name="gt"), kind, threshold, eps)
-
-
-def _rule_scores(pred: Any, pred_valid: Any, g: Tensor, kind: str, threshold: float, eps: float) -> Tensor:
-    """The rules of DESIGN §3 around :func:`_raw`, on ground truth already validated.
-
-    Mirrors ``differad_rl.rewards._scores`` (which is tied to the method's own kinds)."""
-    p = torch.as_tensor(pred, dtype=g.dtype, device=g.device)
-    if p.shape != g.shape:
-        raise ValueError(f"pred must have the shape of gt {tuple(g.shape)}, got {tuple(p.shape)}")
-    valid = torch.as_tensor(pred_valid, dtype=torch.bool, device=g.device) & torch.isfinite(p).all(dim=1)
-    gt_zero = is_zero_box(g)
-    p_finite = torch.nan_to_num(p)
-    pred_zero = valid & is_zero_box(p_finite)
-    usable = valid & ~is_degenerate(p_finite) & ~gt_zero
-    unit = torch.tensor([0.0, 0.0, 1.0, 1.0], dtype=g.dtype, device=g.device)
-    raw = _raw(kind, torch.where(usable[:, None], p, unit), torch.where(usable[:, None], g, unit), threshold, eps)
-    zero = torch.zeros((), dtype=g.dtype, device=g.device)
-    return torch.where(gt_zero, pred_zero.to(g.dtype), torch.where(usable, raw, zero))
+    return masked_scores(pred, pred_valid, check_gt_boxes(gt, name="gt"), lambda p, g: _raw(kind, p, g, threshold, eps))
 
 
 def matched_hits_score(
@@ -235,7 +217,7 @@ def matched_hits_score(
 
     Returns:
         In ``[0, 1]``. Normal target: 1 iff an answer exists and is empty or only zero boxes. A
-        degenerate, zero or non-finite predicted box counts in ``P`` and matches with 0.
+        degenerate, zero or out-of-bound (|v| > MAX_COORD) predicted box counts in ``P`` and matches with 0.
     """
     early, p_safe, ok, g = matching_inputs(pred_boxes, gt_boxes)  # the method's rules, shared
     if early is not None:
@@ -246,38 +228,31 @@ def matched_hits_score(
 
 
 # ------------------------------------------------------------------------------ TRL-shaped rewards
-class PeerBoxReward(_Reward):
+class PeerBoxReward(SingleBoxReward):
     """Single-box peer reward (``kind`` in :data:`PEER_BOX_KINDS`), TRL-shaped.
 
     ``solution``: one ``[x1, y1, x2, y2]`` per completion, ``[0, 0, 0, 0]`` for a normal target, in
     the model's space (or original pixels with ``gt_space="pixel"`` and an ``image_size`` column) —
-    exactly as :class:`differad_rl.rewards.LocalizationReward`.
+    the rules of :class:`differad_rl.rewards.SingleBoxReward`, like the method's rewards (the box is
+    read only in the format of ``family``).
     """
 
-    def __init__(self, kind: str, *, threshold: float = 0.5, eps: float = 1e-7, name: str | None = None,
-                 require_answer: bool = True, space: str = "pixel", gt_space: str | None = None,
+    def __init__(self, kind: PeerKind, *, threshold: float = 0.5, eps: float = 1e-7, name: str | None = None,
+                 require_answer: bool = True, space: Space = "pixel", gt_space: Space | None = None,
                  min_pixels: int = DEFAULT_MIN_PIXELS, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 factor: int = DEFAULT_FACTOR) -> None:
+                 factor: int = DEFAULT_FACTOR, family: PromptFamily | None = "reasoning") -> None:
         _check_kind(kind)
         super().__init__(name or f"{kind}_reward", DCLRConfig(), require_answer=require_answer, space=space,
-                         gt_space=gt_space, min_pixels=min_pixels, max_pixels=max_pixels, factor=factor)
+                         gt_space=gt_space, min_pixels=min_pixels, max_pixels=max_pixels, factor=factor,
+                         family=family)
         self.kind = kind
         self.threshold = _check_threshold("threshold", threshold, unit=True)
         if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
             raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
         self.eps = float(eps)
 
-    def scores(self, completions: Sequence[Any], solution: Any, **kwargs: Any) -> Tensor:
-        """The rewards as a float64 tensor ``(N,)`` (the list-returning ``__call__`` wraps this)."""
-        n = len(completions)
-        gt = torch.as_tensor(self._to_space(check_gt_boxes(solution, n=n), kwargs, n))
-        boxes, valid = parse_boxes_batch(completions, require_answer=self.require_answer)
-        self._log_unparsable(kwargs, valid)
-        return _rule_scores(torch.from_numpy(boxes).to(gt.dtype), torch.from_numpy(valid), gt, self.kind,
-                            self.threshold, self.eps)
-
-    def __call__(self, completions: Sequence[Any], solution: Any, **kwargs: Any) -> list[float]:
-        return self.scores(completions, solution, **kwargs).tolist()
+    def formula(self, p: Tensor, g: Tensor) -> Tensor:
+        return _raw(self.kind, p, g, self.threshold, self.eps)
 
 
 class MatchedHitsReward(_Reward):
@@ -285,11 +260,11 @@ class MatchedHitsReward(_Reward):
     boxes per completion (``[]`` or ``[[0, 0, 0, 0]]`` = normal)."""
 
     def __init__(self, *, iou_threshold: float = 0.5, l1_threshold: float = 10.0, name: str = "matched_hits_reward",
-                 require_answer: bool = True, space: str = "pixel", gt_space: str | None = None,
+                 require_answer: bool = True, space: Space = "pixel", gt_space: Space | None = None,
                  min_pixels: int = DEFAULT_MIN_PIXELS, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 factor: int = DEFAULT_FACTOR) -> None:
+                 factor: int = DEFAULT_FACTOR, family: PromptFamily | None = "reasoning") -> None:
         super().__init__(name, DCLRConfig(), require_answer=require_answer, space=space, gt_space=gt_space,
-                         min_pixels=min_pixels, max_pixels=max_pixels, factor=factor)
+                         min_pixels=min_pixels, max_pixels=max_pixels, factor=factor, family=family)
         self.iou_threshold = _check_threshold("iou_threshold", iou_threshold, unit=True)
         self.l1_threshold = _check_threshold("l1_threshold", l1_threshold, unit=False)
 
@@ -303,7 +278,8 @@ class MatchedHitsReward(_Reward):
 def get_iou_threshold_reward(*, threshold: float = 0.5, name: str = "iou_threshold_reward",
                              **space_kwargs: Any) -> PeerBoxReward:
     """``1 if IoU > threshold else 0`` (AnomalyR1, Visual-RFT), zero-box rule included.
-    ``space_kwargs``: ``require_answer``, ``space``, ``gt_space``, ``min_pixels``, ``max_pixels``, ``factor``.
+    ``space_kwargs``: ``require_answer``, ``space``, ``gt_space``, ``min_pixels``, ``max_pixels``, ``factor``,
+    ``family``.
 
     >>> r = get_iou_threshold_reward()
     >>> r(["<answer>(0,0),(10,10)</answer>", "<answer>(0,0),(10,4)</answer>"], solution=[[0, 0, 10, 8]] * 2)

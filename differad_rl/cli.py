@@ -18,7 +18,7 @@ def _register_predict(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "predict",
         help="run a Qwen-VL on pair records with the evaluation protocol and write a predictions JSONL",
-        description="Generate predictions with the evaluation protocol's prompt (DESIGN §8): reference image "
+        description="Generate predictions with the evaluation protocol's prompt (docs/method.md §8): reference image "
         "first, target second; greedy by default; resumable (ids already in --out are skipped). Each line "
         "records the raw output, family and the target's original and model-input sizes, for `differad-rl eval`.",
     )

@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import torch
 
-SPACES: tuple[str, ...] = ("pixel", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+Space = Literal["pixel", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
+SPACES: tuple[Space, ...] = ("pixel", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 RELATIVE_SPACES: frozenset[str] = frozenset({"qwen2_vl", "qwen3_vl"})
 RELATIVE_SCALE = 1000.0
 
@@ -40,7 +41,7 @@ DEFAULT_FACTOR = 28  # patch size 14 x spatial merge 2 (Qwen2-VL / Qwen2.5-VL)
 ArrayT = TypeVar("ArrayT", np.ndarray, torch.Tensor)
 
 
-def check_space(space: str) -> str:
+def check_space(space: str) -> Space:
     """Return ``space`` if it is a known coordinate space, else raise ``ValueError`` naming it."""
     if space not in SPACES:
         raise ValueError(f"space={space!r} is not a known coordinate space; expected one of {SPACES}")
@@ -106,8 +107,8 @@ def smart_resize(
 
 
 def smart_resize_array(
-    height: np.ndarray,
-    width: np.ndarray,
+    height: np.ndarray | float,
+    width: np.ndarray | float,
     factor: int = DEFAULT_FACTOR,
     min_pixels: int = DEFAULT_MIN_PIXELS,
     max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -153,7 +154,7 @@ def _sizes(
     return w, h, rw.astype(np.float64), rh.astype(np.float64)
 
 
-def _apply(boxes: ArrayT, sizes: tuple[np.ndarray, ...], space: str, inverse: bool, rnd: bool) -> ArrayT:
+def _apply(boxes: Any, sizes: tuple[np.ndarray, ...], space: str, inverse: bool, rnd: bool) -> Any:
     """Scale ``boxes`` between the original image and ``space`` in the documented order of operations:
     ``x / W * 1000`` for the relative spaces (as ``round(x / W * 1000)`` is written) and
     ``x * W' / W`` for ``qwen2_5_vl``; inverses ``x' * W / 1000`` and ``x' * W / W'``. The order
@@ -164,6 +165,10 @@ def _apply(boxes: ArrayT, sizes: tuple[np.ndarray, ...], space: str, inverse: bo
     orig = np.stack([w, h, w, h], axis=-1)
     model = np.stack([mw, mh, mw, mh], axis=-1)
     is_tensor = isinstance(boxes, torch.Tensor)
+    dtype: Any
+    orig_t: Any
+    model_t: Any
+    out: Any  # a tensor or an array, as ``boxes``
     if is_tensor:
         dtype = boxes.dtype if boxes.is_floating_point() else torch.float64
         orig_t = torch.as_tensor(orig, dtype=torch.float64, device=boxes.device)
@@ -196,7 +201,7 @@ def to_model_space(
     boxes: Any,
     width: Any,
     height: Any,
-    space: str,
+    space: Space,
     *,
     min_pixels: int = DEFAULT_MIN_PIXELS,
     max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -224,7 +229,7 @@ def from_model_space(
     boxes: Any,
     width: Any,
     height: Any,
-    space: str,
+    space: Space,
     *,
     min_pixels: int = DEFAULT_MIN_PIXELS,
     max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -274,13 +279,13 @@ def to_model_grid(
     boxes: Any,
     width: Any,
     height: Any,
-    space: str,
+    space: Space,
     *,
     min_pixels: int = DEFAULT_MIN_PIXELS,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     factor: int = DEFAULT_FACTOR,
 ) -> Any:
-    """Ground truth in original pixels → the integer grid ``space``'s model writes (DESIGN §3).
+    """Ground truth in original pixels → the integer grid ``space``'s model writes (docs/method.md §3).
 
     :func:`to_model_space` then :func:`snap_to_grid` (``pixel``: unchanged). This is what the
     rewards compare against, so the best answer a model can write (integers in its space) scores
@@ -295,7 +300,7 @@ def to_model_grid(
 def model_size(
     width: float,
     height: float,
-    space: str,
+    space: Space,
     min_pixels: int = DEFAULT_MIN_PIXELS,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     factor: int = DEFAULT_FACTOR,
@@ -322,7 +327,7 @@ def model_size(
 
 
 def box_to_model_grid(
-    box: tuple[float, float, float, float], width: float, height: float, space: str,
+    box: tuple[float, float, float, float], width: float, height: float, space: Space,
     min_pixels: int = DEFAULT_MIN_PIXELS, max_pixels: int = DEFAULT_MAX_PIXELS, factor: int = DEFAULT_FACTOR,
 ) -> tuple[float, float, float, float]:
     """Scalar :func:`to_model_grid` of one box (pure Python, the same arithmetic in the same order)."""

@@ -1,18 +1,22 @@
-"""The peers' group rules, beside the method's degenerate groups (DESIGN §6, §9), and one driver that
+"""The peers' group rules, beside the method's degenerate groups (docs/method.md §6, §9), and one driver that
 regenerates the groups a rule selects.
 
 A *rule* maps the rewards of a batch to one bool per group: True = this group is asked again
 (same prompt: the method's resampling, EMIT's re-roll) or replaced (new prompt: DAPO / EasyR1
-filtering with refill). The rules:
+filtering with refill). The rules, named after their source (the vocabulary of
+:mod:`differad_rl.registry`):
 
-* ``"degenerate"`` — the method's: all localization rewards equal and none perfect
+* ``"differad"`` — the method's degenerate groups: all localization rewards equal and none perfect
   (:func:`differad_rl.groups.degenerate_groups`).
-* ``"no_correct"`` — EMIT's re-roll rule: no completion of the group is correct (reward
+* ``"emit"`` — EMIT's re-roll rule: no completion of the group is correct (reward
   ``> threshold``), :func:`no_correct_groups`.
-* ``"zero_variance"`` — DAPO's dynamic sampling (veRL ``algorithm.filter_groups``): every reward of
+* ``"dapo"`` — DAPO's dynamic sampling (veRL ``algorithm.filter_groups``): every reward of
   the group identical, perfect groups included, :func:`zero_variance_groups`.
-* ``"out_of_band"`` — EasyR1's online filtering: the group's mean reward not strictly inside
+* ``"easyr1"`` — EasyR1's online filtering: the group's mean reward not strictly inside
   ``(low, high) = (0.01, 0.99)``, :func:`out_of_band_groups`.
+
+The descriptive names used before (``"degenerate"``, ``"no_correct"``, ``"zero_variance"``,
+``"out_of_band"``) resolve with a ``FutureWarning`` (:data:`RULE_ALIASES`).
 
 :func:`regenerate_groups` runs any rule for at most K rounds (the method's
 :func:`differad_rl.resampling.resample_groups` is this driver with the ``"degenerate"`` rule), with
@@ -23,8 +27,9 @@ selects the same groups in the same rounds.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import Any
+import warnings
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -32,15 +37,26 @@ from torch import Tensor
 from differad_rl.groups import _grouped, _ids, _rewards, _segment_stats, degenerate_groups
 from differad_rl.resampling import Regenerate, ResampleStats, regenerate_rounds
 
-GROUP_RULES: tuple[str, ...] = ("degenerate", "no_correct", "zero_variance", "out_of_band")
+RuleName = Literal["differad", "emit", "dapo", "easyr1"]
+GROUP_RULES: tuple[RuleName, ...] = ("differad", "emit", "dapo", "easyr1")
+RULE_ALIASES: Mapping[str, RuleName] = {
+    "degenerate": "differad",
+    "no_correct": "emit",
+    "zero_variance": "dapo",
+    "out_of_band": "easyr1",
+}
+"""Deprecated rule names → their name in :data:`GROUP_RULES`."""
 
 Rule = Callable[[Tensor, int], Tensor]
 """``rule(rewards (groups × G,), G) -> (groups,) bool``."""
 
 __all__ = [
     "GROUP_RULES",
+    "RULE_ALIASES",
     "Rule",
+    "RuleName",
     "group_rule",
+    "resolve_rule",
     "no_correct_groups",
     "no_correct_groups_by_id",
     "out_of_band_groups",
@@ -132,6 +148,22 @@ def out_of_band_groups_by_id(rewards: Any, group_ids: Any, low: float = 0.01, hi
     return (count > 0) & ~((mean > lo) & (mean < hi))
 
 
+def resolve_rule(name: Any, *, field: str = "rule") -> RuleName:
+    """The name in :data:`GROUP_RULES` of rule ``name``; a deprecated alias (:data:`RULE_ALIASES`)
+    warns (``FutureWarning``) and is translated.
+
+    Raises:
+        ValueError: unknown ``name``, naming ``field`` and the accepted values.
+    """
+    if name in GROUP_RULES:
+        return name
+    if isinstance(name, str) and name in RULE_ALIASES:
+        new = RULE_ALIASES[name]
+        warnings.warn(f"{field}={name!r} is deprecated; write {field}={new!r}", FutureWarning, stacklevel=3)
+        return new
+    raise ValueError(f"{field}={name!r} is not known; expected one of {', '.join(GROUP_RULES)}")
+
+
 def group_rule(
     name: str,
     *,
@@ -140,21 +172,21 @@ def group_rule(
     threshold: float = 0.0,
     low: float = 0.01,
     high: float = 0.99,
+    field: str = "rule",
 ) -> Rule:
     """The rule called ``name`` (:data:`GROUP_RULES`) with its parameters bound, validated now.
 
-    ``tol``, ``perfect``: of ``"degenerate"``; ``threshold``: of ``"no_correct"``; ``low``, ``high``:
-    of ``"out_of_band"``.
+    ``tol``, ``perfect``: of ``"differad"``; ``threshold``: of ``"emit"``; ``low``, ``high``:
+    of ``"easyr1"``. ``field`` names the config field in error messages.
     """
-    if name not in GROUP_RULES:
-        raise ValueError(f"rule={name!r} is not known; expected one of {GROUP_RULES}")
-    if name == "degenerate":
+    name = resolve_rule(name, field=field)
+    if name == "differad":
         tol, perfect = _number("tol", tol), _number("perfect", perfect)
         return lambda r, g: degenerate_groups(r, g, tol, perfect)
-    if name == "no_correct":
+    if name == "emit":
         t = _number("threshold", threshold)
         return lambda r, g: no_correct_groups(r, g, t)
-    if name == "zero_variance":
+    if name == "dapo":
         return zero_variance_groups
     lo, hi = _band(low, high)
     return lambda r, g: out_of_band_groups(r, g, lo, hi)

@@ -1,4 +1,4 @@
-"""The peers' advantage weightings, beside the method's difficulty weights ω (DESIGN §5, §9).
+"""The peers' advantage weightings, beside the method's difficulty weights ω (docs/method.md §5, §9).
 
 Both multiply the group-relative advantages (or, equivalently for a positive weight, the clipped
 policy term of the loss; the KL term is not scaled):
@@ -15,14 +15,15 @@ an integer group id per sample (``*_by_id``), dtype and device preserved (intege
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
 from differad_rl.groups import _grouped, _ids, _rewards, _segment_stats
 
-MEAN_REWARD_FORMS: tuple[str, ...] = ("power", "exp", "log")
+MeanRewardForm = Literal["power", "exp", "log"]
+MEAN_REWARD_FORMS: tuple[MeanRewardForm, ...] = ("power", "exp", "log")
 
 __all__ = ["MEAN_REWARD_FORMS", "mean_reward_weight", "wrong_share_weights", "wrong_share_weights_by_id"]
 
@@ -68,7 +69,7 @@ def wrong_share_weights_by_id(loc_rewards: Any, group_ids: Any, threshold: float
 
 
 def mean_reward_weight(
-    loc_rewards: Any, form: str = "power", power: float = 1.0, floor: float | None = 0.0
+    loc_rewards: Any, form: MeanRewardForm = "power", power: float = 1.0, floor: float | None = 0.0
 ) -> Tensor:
     """UniVG-R1's batch difficulty factor from the batch mean ``m`` of the localization reward (IoU).
 

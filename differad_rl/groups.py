@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import Tensor
 
-SCALES: tuple[str, ...] = ("group", "batch", "none")
-SCOPES: tuple[str, ...] = ("group", "batch")
+Scale = Literal["group", "batch", "none"]
+Scope = Literal["group", "batch"]
+SCALES: tuple[Scale, ...] = ("group", "batch", "none")
+SCOPES: tuple[Scope, ...] = ("group", "batch")
 MAX_WEIGHT = (math.e + math.sqrt(2.0)) / 2  # ω at α = 0, β = 1
 
 
@@ -90,7 +92,7 @@ def _ids(group_ids: Any, n: int) -> tuple[Tensor, int]:
     return inverse, int(uniq.numel())
 
 
-def group_advantages(rewards: Any, group_size: int, scale: str = "group", eps: float = 1e-4) -> Tensor:
+def group_advantages(rewards: Any, group_size: int, scale: Scale = "group", eps: float = 1e-4) -> Tensor:
     """Group-relative advantages ``A_i = (r_i − mean_g) / (std_g + eps)``.
 
     Args:
@@ -129,7 +131,7 @@ def _segment_stats(r: Tensor, ids: Tensor, k: int) -> tuple[Tensor, Tensor, Tens
     return count, mean, std, hi, lo
 
 
-def group_advantages_by_id(rewards: Any, group_ids: Any, scale: str = "group", eps: float = 1e-4) -> Tensor:
+def group_advantages_by_id(rewards: Any, group_ids: Any, scale: Scale = "group", eps: float = 1e-4) -> Tensor:
     """:func:`group_advantages` over an integer group id per sample (any order, any group sizes)."""
     _check_choice("scale", scale, SCALES)
     r = _rewards(rewards, "rewards")
@@ -148,7 +150,7 @@ def _weights(alpha: Tensor, beta: Tensor) -> Tensor:
     return ((1 - alpha).exp() + (1 + beta).sqrt()) / 2
 
 
-def difficulty_weights(loc_rewards: Any, group_size: int, tau: float = 0.3, scope: str = "group") -> Tensor:
+def difficulty_weights(loc_rewards: Any, group_size: int, tau: float = 0.3, scope: Scope = "group") -> Tensor:
     """Difficulty-aware weight ``ω_g = (exp(1 − α_g) + sqrt(1 + β_g)) / 2`` per sample.
 
     ``α_g`` is the mean localization reward of the group (``scope="group"``, the definition) or of
@@ -164,7 +166,7 @@ def difficulty_weights(loc_rewards: Any, group_size: int, tau: float = 0.3, scop
     return _weights(alpha, beta).repeat_interleave(group_size)
 
 
-def difficulty_weights_by_id(loc_rewards: Any, group_ids: Any, tau: float = 0.3, scope: str = "group") -> Tensor:
+def difficulty_weights_by_id(loc_rewards: Any, group_ids: Any, tau: float = 0.3, scope: Scope = "group") -> Tensor:
     """:func:`difficulty_weights` over an integer group id per sample."""
     _check_choice("scope", scope, SCOPES)
     r = _rewards(loc_rewards, "loc_rewards")

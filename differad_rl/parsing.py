@@ -29,13 +29,14 @@ from math import isfinite
 import re
 import sys
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 Box = tuple[float, float, float, float]
 
-BOX_FORMATS: tuple[str, ...] = ("qwen", "qwen_tokens", "bracket", "internvl", "minicpm", "cogvlm", "json")
+BoxFormat = Literal["qwen", "qwen_tokens", "bracket", "internvl", "minicpm", "cogvlm", "json"]
+BOX_FORMATS: tuple[BoxFormat, ...] = ("qwen", "qwen_tokens", "bracket", "internvl", "minicpm", "cogvlm", "json")
 
 ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
@@ -58,7 +59,7 @@ _BARE4 = re.compile(rf"{_S}{_SPACED}{_S}")
 _OTHER_NUMBER = re.compile(r"(?<!\w)[-+]?\.?\d")
 _BOX_RE = re.compile("|".join((_PAIRS, _TUPLE4, _LIST4, _BOXTAG4)))
 
-# One family's format only (``fmt=``): what the prompt of that family asks for (DESIGN §8). Each
+# One family's format only (``fmt=``): what the prompt of that family asks for (docs/method.md §8). Each
 # pattern has exactly four groups, the numbers in the order written.
 _FORMAT_PATTERNS: dict[str, str] = {
     "qwen": _PAIRS,  # also inside <|box_start|>…<|box_end|>
@@ -124,9 +125,11 @@ def answer_span(text: str) -> str | None:
     return text[start:end]
 
 
-def check_format(fmt: str | None) -> str | None:
+def check_format(fmt: str | None) -> BoxFormat | None:
     """Return ``fmt`` if it is ``None`` (every format) or one of :data:`BOX_FORMATS`, else raise."""
-    if fmt is not None and fmt not in BOX_FORMATS:
+    if fmt is None:
+        return None
+    if fmt not in BOX_FORMATS:
         raise ValueError(f"fmt={fmt!r} is not a known box format; expected None (any) or one of {BOX_FORMATS}")
     return fmt
 
@@ -168,7 +171,7 @@ def _to_box(groups: Iterable[str | None]) -> Box | None:
     return (vals[0], vals[1], vals[2], vals[3])
 
 
-def parse_box(text: Any, *, require_answer: bool = True, fmt: str | None = None) -> Box | None:
+def parse_box(text: Any, *, require_answer: bool = True, fmt: BoxFormat | None = None) -> Box | None:
     """First box in the first ``<answer>…</answer>`` of ``text``, or ``None``.
 
     Args:
@@ -193,7 +196,7 @@ def parse_box(text: Any, *, require_answer: bool = True, fmt: str | None = None)
     return first_box(text, require_answer, check_format(fmt))
 
 
-def first_box(text: Any, require_answer: bool = True, fmt: str | None = None) -> Box | None:
+def first_box(text: Any, require_answer: bool = True, fmt: BoxFormat | None = None) -> Box | None:
     """:func:`parse_box` without the check of ``fmt`` (the rewards' per-sample hot path)."""
     try:
         if text.__class__ is not str:
@@ -214,7 +217,7 @@ def first_box(text: Any, require_answer: bool = True, fmt: str | None = None) ->
                 m = _BARE4.fullmatch(text, b[0], b[1])
             if m is None:
                 return None
-        last = m.lastindex
+        last = m.lastindex or 4  # every box pattern has four groups or more
         x1, y1, x2, y2 = float(m.group(last - 3)), float(m.group(last - 2)), float(m.group(last - 1)), float(m.group(last))
         if isfinite(x1) and isfinite(y1) and isfinite(x2) and isfinite(y2):
             return (x1, y1, x2, y2)
@@ -223,7 +226,7 @@ def first_box(text: Any, require_answer: bool = True, fmt: str | None = None) ->
         return None
 
 
-def parse_boxes(text: Any, *, require_answer: bool = True, fmt: str | None = None) -> list[Box]:
+def parse_boxes(text: Any, *, require_answer: bool = True, fmt: BoxFormat | None = None) -> list[Box]:
     """Every box of the answer span (see :func:`parse_box`), in the order written."""
     pattern = _FORMAT_RE[check_format(fmt)]
     try:
@@ -234,18 +237,18 @@ def parse_boxes(text: Any, *, require_answer: bool = True, fmt: str | None = Non
         if not matches and fmt is None:
             bare = _BARE4.fullmatch(seg)
             matches = [bare] if bare is not None else []
-        boxes = (_to_box(m.group(m.lastindex - 3, m.lastindex - 2, m.lastindex - 1, m.lastindex)) for m in matches)
+        boxes = (_to_box(m.group(k - 3, k - 2, k - 1, k)) for m in matches for k in (m.lastindex or 4,))
         return [b for b in boxes if b is not None]
     except Exception:  # pragma: no cover
         return []
 
 
-def answer_boxes(text: Any, *, require_answer: bool = True, fmt: str | None = None) -> list[Box] | None:
+def answer_boxes(text: Any, *, require_answer: bool = True, fmt: BoxFormat | None = None) -> list[Box] | None:
     """The boxes of the answer for the several-box reward, or ``None`` when there is no answer.
 
     ``None``: no answer span (with ``require_answer``), or an answer that is not empty but holds no
     parsable box (prose, ``"12,30,200,180"``, five numbers): it is no answer of a box. ``[]``: an
-    empty (whitespace-only) answer, which on a normal target means "nothing there" (DESIGN §3).
+    empty (whitespace-only) answer, which on a normal target means "nothing there" (docs/method.md §3).
     """
     check_format(fmt)
     seg = _segment(text, require_answer)
@@ -256,7 +259,7 @@ def answer_boxes(text: Any, *, require_answer: bool = True, fmt: str | None = No
 
 
 def parse_boxes_batch(
-    texts: Sequence[Any], *, require_answer: bool = True, fmt: str | None = None
+    texts: Sequence[Any], *, require_answer: bool = True, fmt: BoxFormat | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """First box of each text: ``(boxes (N, 4) float64, valid (N,) bool)``; NaN rows where none.
 
@@ -266,7 +269,8 @@ def parse_boxes_batch(
     """
     pattern = _FORMAT_RE[check_format(fmt)]
     whole = _WHOLE_ANSWER_RE[fmt].match
-    fast = _INT_FAST[fmt].match if _INT_FAST[fmt] is not None else whole
+    int_fast = _INT_FAST[fmt]
+    fast = int_fast.match if int_fast is not None else whole
     search, bare = pattern.search, (_BARE4.fullmatch if fmt is None else None)
     n = len(texts)
     rows: list[int] = []
@@ -286,7 +290,7 @@ def parse_boxes_batch(
                 continue
             m = whole(text, start + _OPEN_LEN)
             if m is not None:
-                last = m.lastindex
+                last = m.lastindex or 4
                 add_row(i)
                 add_values(m.group(last - 3, last - 2, last - 1, last))
                 continue
@@ -298,18 +302,18 @@ def parse_boxes_batch(
             m = bare(text, b[0], b[1])
         if m is None:
             continue
-        last = m.lastindex
+        last = m.lastindex or 4
         add_row(i)
         add_values(m.group(last - 3, last - 2, last - 1, last))
     out = np.full((n, 4), np.nan, dtype=np.float64)
     if rows:
         out[rows] = np.array(values, dtype=np.float64).reshape(-1, 4)
-    valid = np.isfinite(out).all(axis=1)
+    valid = np.asarray(np.isfinite(out).all(axis=1))
     out[~valid] = np.nan
     return out, valid
 
 
-def is_well_formatted(text: Any, *, fmt: str | None = None) -> bool:
+def is_well_formatted(text: Any, *, fmt: BoxFormat | None = None) -> bool:
     """``<think>…</think>`` then (whitespace allowed) ``<answer>`` holding exactly one box ``</answer>``.
 
     Nothing may come before ``<think>`` or after ``</answer>`` except whitespace; the think span may
@@ -356,7 +360,7 @@ def _num(v: float) -> str:
     return str(int(v)) if float(v).is_integer() else repr(float(v))
 
 
-def render_box(box: Sequence[float], fmt: str = "qwen") -> str:
+def render_box(box: Sequence[float], fmt: BoxFormat = "qwen") -> str:
     """Write ``box`` the way a model family does (see the module table); inverse of parsing.
 
     Raises:

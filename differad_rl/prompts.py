@@ -1,13 +1,16 @@
 """The method's text: the reasoning system prompt, the instruction pool and per-family format hints.
 
-Training (DESIGN §1) uses the R1-style system prompt, the reference image first, the target second
-and an instruction drawn from :data:`INSTRUCTIONS`. Evaluation (DESIGN §8) gives every model the
+Training (docs/method.md §1) uses the R1-style system prompt, the reference image first, the target second
+and an instruction drawn from :data:`INSTRUCTIONS`. Evaluation (docs/method.md §8) gives every model the
 same instruction; only the output-format constraint (:data:`FORMAT_HINTS`) changes per family.
 """
 
 from __future__ import annotations
 
 import random
+from typing import Literal
+
+from differad_rl.parsing import BoxFormat
 
 SYSTEM_PROMPT = (
     "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. "
@@ -32,7 +35,9 @@ INSTRUCTIONS: tuple[str, ...] = (
 
 NORMAL_HINT = "If the target has no anomaly, answer the zero box."
 
-FORMAT_HINTS: dict[str, str] = {
+PromptFamily = Literal["qwen", "reasoning", "internvl", "minicpm", "mantis", "mplug_owl3", "cogvlm"]
+
+FORMAT_HINTS: dict[PromptFamily, str] = {
     "qwen": "Answer with the box as (x1,y1),(x2,y2); answer (0,0),(0,0) if there is no anomaly.",
     "reasoning": (
         "Think inside <think> </think>, then give only the box inside <answer> </answer> as "
@@ -46,7 +51,7 @@ FORMAT_HINTS: dict[str, str] = {
 }
 
 
-FAMILY_BOX_FORMATS: dict[str, str] = {
+FAMILY_BOX_FORMATS: dict[PromptFamily, BoxFormat] = {
     "qwen": "qwen",
     "reasoning": "qwen",
     "internvl": "internvl",
@@ -62,7 +67,7 @@ model is prompted with (``family=`` of the reward factories; the Qwen pair ``(x1
 inside ``<|box_start|>…<|box_end|>``). Evaluation stays lenient (``fmt=None``: every format)."""
 
 
-def box_format(family: str | None) -> str | None:
+def box_format(family: str | None) -> BoxFormat | None:
     """The box format of ``family`` (:data:`FAMILY_BOX_FORMATS`); ``None`` → ``None`` (any format).
 
     Raises:

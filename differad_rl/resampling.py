@@ -1,4 +1,4 @@
-"""Group-wise resampling (DESIGN §6): ask again where a whole group failed the same way.
+"""Group-wise resampling (docs/method.md §6): ask again where a whole group failed the same way.
 
 A group is *degenerate* when all its localization rewards are equal and none is perfect: its
 advantage is zero and it teaches nothing. :func:`resample_groups` regenerates all ``G`` completions

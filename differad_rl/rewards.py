@@ -1,6 +1,6 @@
 """The method's rewards: batched tensor scoring plus TRL-shaped callables.
 
-Every reward is in ``[0, 1]``. The rules of DESIGN §3:
+Every reward is in ``[0, 1]``. The rules of docs/method.md §3:
 
 * **Zero-box rule.** Ground truth ``(0, 0, 0, 0)`` means "normal target": the reward is 1 iff the
   prediction is the zero box, else 0. For a non-zero ground truth a missing, zero or degenerate
@@ -37,8 +37,8 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import asdict, fields
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -46,9 +46,9 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
 from differad_rl.boxes import (
-    CENTER_NORMS,
     MAX_COORD,
-    SIZE_TERMS,
+    PAPER_DCLR,
+    DCLRConfig,
     box_iou,
     consistency_score,
     dclr,
@@ -56,6 +56,7 @@ from differad_rl.boxes import (
     is_zero_box,
 )
 from differad_rl.coords import (
+    Space,
     DEFAULT_FACTOR,
     DEFAULT_MAX_PIXELS,
     DEFAULT_MIN_PIXELS,
@@ -64,48 +65,12 @@ from differad_rl.coords import (
     to_model_grid,
 )
 from differad_rl.parsing import answer_boxes, first_box, is_well_formatted, parse_boxes_batch
-from differad_rl.prompts import box_format
+from differad_rl.prompts import PromptFamily, box_format
 
-LOCALIZATION_KINDS: tuple[str, ...] = ("dclr", "iou", "consistency")
+LocalizationKind = Literal["dclr", "iou", "consistency"]
+LOCALIZATION_KINDS: tuple[LocalizationKind, ...] = ("dclr", "iou", "consistency")
 SCALAR_MAX_BATCH = 96
 """Calls of at most this many completions take the scalar pure-Python path (faster below it)."""
-
-
-@dataclass(frozen=True)
-class DCLRConfig:
-    """Parameters of the dual-consistency localization reward (defaults: the paper's).
-
-    Attributes:
-        w_center: weight of the centre consistency ``s_c`` (normalised with ``w_area`` to sum 1).
-        w_area: weight of the area consistency ``s_a``.
-        eps: ``ε`` of both consistency terms.
-        center_norm: ``"paper"`` (distance over the larger box diagonal) or ``"enclosing"``
-            (distance over the enclosing box diagonal, DIoU-style; never saturates).
-        size_term: ``"area"`` (the paper's area consistency; blind to shape) or ``"sides"``
-            (width and height consistency; DCLR = 1 only for the true box).
-    """
-
-    w_center: float = 0.6
-    w_area: float = 0.4
-    eps: float = 1e-6
-    center_norm: str = "paper"
-    size_term: str = "area"
-
-    def __post_init__(self) -> None:
-        for name in ("w_center", "w_area"):
-            v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
-                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
-        if self.w_center + self.w_area <= 0:
-            raise ValueError(
-                f"w_center + w_area must be > 0, got w_center={self.w_center!r}, w_area={self.w_area!r}"
-            )
-        if not (isinstance(self.eps, (int, float)) and math.isfinite(self.eps) and self.eps > 0):
-            raise ValueError(f"eps must be a finite number > 0, got {self.eps!r}")
-        if self.center_norm not in CENTER_NORMS:
-            raise ValueError(f"center_norm={self.center_norm!r} is not known; expected one of {CENTER_NORMS}")
-        if self.size_term not in SIZE_TERMS:
-            raise ValueError(f"size_term={self.size_term!r} is not known; expected one of {SIZE_TERMS}")
 
 
 _SEQ, _FOUR = frozenset({list, tuple}), {4}
@@ -159,7 +124,7 @@ def localization_scores(
     pred: Any,
     pred_valid: Any,
     gt: Any,
-    kind: str = "dclr",
+    kind: LocalizationKind = "dclr",
     config: DCLRConfig | None = None,
 ) -> Tensor:
     """Localization reward per sample with the zero-box and degenerate rules, shape ``(N,)``.
@@ -180,46 +145,91 @@ def localization_scores(
     return _scores(pred, pred_valid, check_gt_boxes(gt, name="gt"), kind, config or DCLRConfig())
 
 
-def _scores(pred: Any, pred_valid: Any, g: Tensor, kind: str, cfg: DCLRConfig) -> Tensor:
-    """:func:`localization_scores` on ground truth already validated by :func:`check_gt_boxes`."""
+def masked_scores(pred: Any, pred_valid: Any, g: Tensor, formula: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+    """The scoring rules of every single-box reward around its ``formula``, shape ``(N,)``.
+
+    The one place the rules are written (the method's rewards and the peers' call it):
+
+    * a predicted row counts only where ``pred_valid`` is True and every value is within
+      ``|v| <= MAX_COORD`` (NaN fails the comparison; beyond the bound the products overflow);
+    * ground truth ``(0, 0, 0, 0)`` (normal target): 1 iff the prediction is the zero box, else 0;
+    * otherwise a missing, zero or degenerate prediction scores 0, and a valid one
+      ``formula(p, g)`` (called on all rows at once; masked rows get a harmless unit box, so no NaN
+      reaches it).
+
+    Args:
+        pred: ``(N, 4)`` predicted boxes (any value where ``pred_valid`` is False).
+        pred_valid: ``(N,)`` bool, whether a box was read.
+        g: ``(N, 4)`` floating ground truth, already validated (:func:`check_gt_boxes`).
+        formula: elementwise ``(N, 4), (N, 4) -> (N,)`` reward of valid boxes, in ``[0, 1]``.
+
+    Returns:
+        ``(N,)`` in the dtype and on the device of ``g``.
+    """
     p = torch.as_tensor(pred, dtype=g.dtype, device=g.device)
     if p.shape != g.shape:
         raise ValueError(f"pred must have the shape of gt {tuple(g.shape)}, got {tuple(p.shape)}")
-    # finite and within the sane bound (NaN fails the comparison): beyond it the products overflow
     valid = torch.as_tensor(pred_valid, dtype=torch.bool, device=g.device) & (p.abs() <= MAX_COORD).all(dim=1)
     gt_zero = is_zero_box(g)
     p_finite = torch.nan_to_num(p)
     pred_zero = valid & is_zero_box(p_finite)
     usable = valid & ~is_degenerate(p_finite) & ~gt_zero
-    # Masked rows get a harmless stand-in so no NaN reaches the formula; they are overwritten below.
     unit = torch.tensor([0.0, 0.0, 1.0, 1.0], dtype=g.dtype, device=g.device)
-    p_safe = torch.where(usable[:, None], p, unit)
-    g_safe = torch.where(usable[:, None], g, unit)
-    if kind == "dclr":
-        raw = dclr(p_safe, g_safe, cfg.w_center, cfg.w_area, cfg.eps, cfg.center_norm, cfg.size_term)
-    elif kind == "iou":
-        raw = box_iou(p_safe, g_safe)
-    else:
-        raw = consistency_score(p_safe, g_safe, cfg.w_center, cfg.w_area, cfg.eps, cfg.center_norm, cfg.size_term)
+    raw = formula(torch.where(usable[:, None], p, unit), torch.where(usable[:, None], g, unit))
     zero = torch.zeros((), dtype=g.dtype, device=g.device)
     return torch.where(gt_zero, pred_zero.to(g.dtype), torch.where(usable, raw, zero))
+
+
+def _scores(pred: Any, pred_valid: Any, g: Tensor, kind: LocalizationKind, cfg: DCLRConfig) -> Tensor:
+    """:func:`localization_scores` on ground truth already validated by :func:`check_gt_boxes`."""
+    return masked_scores(pred, pred_valid, g, lambda p, q: _method_formula(kind, p, q, cfg))
+
+
+def _method_formula(kind: str, p: Tensor, g: Tensor, cfg: DCLRConfig) -> Tensor:
+    if kind == "dclr":
+        return dclr(p, g, cfg)
+    if kind == "iou":
+        return box_iou(p, g)
+    return consistency_score(p, g, cfg)
+
+
+def gt_row_error(box: Sequence[float]) -> str | None:
+    """Why one ground-truth box ``(x1, y1, x2, y2)`` is not usable, or ``None`` when it is.
+
+    Usable: the zero box (normal target), or finite, within ``|v| <= MAX_COORD`` and of positive
+    width and height. The scalar twin of :func:`check_gt_boxes` (same rule, one row, no tensor),
+    for the per-call paths of the TRL and veRL rewards.
+    """
+    x1, y1, x2, y2 = box
+    # x1 < x2 makes two comparisons per axis enough; NaN fails every comparison
+    if x2 > x1 and y2 > y1 and x1 >= -MAX_COORD and x2 <= MAX_COORD and y1 >= -MAX_COORD and y2 <= MAX_COORD:
+        return None
+    if x1 == 0 and y1 == 0 and x2 == 0 and y2 == 0:
+        return None
+    if not all(math.isfinite(v) for v in box):
+        return "is not finite"
+    if not all(-MAX_COORD <= v <= MAX_COORD for v in box):
+        return f"has a coordinate beyond the sane bound |v| <= MAX_COORD = {MAX_COORD:g}"
+    if not (x2 > x1 and y2 > y1):
+        return "has zero or negative size (x2 <= x1 or y2 <= y1)"
+    return None
 
 
 def score_box(
     pred: tuple[float, float, float, float] | None,
     gt: tuple[float, float, float, float],
-    kind: str = "dclr",
-    w_center: float = 0.6,
-    w_area: float = 0.4,
-    eps: float = 1e-6,
-    enclosing: bool = False,
-    sides: bool = False,
+    kind: LocalizationKind = "dclr",
+    config: DCLRConfig = PAPER_DCLR,
 ) -> float:
     """Scalar :func:`localization_scores` of one sample (pure Python; the small-batch fast path).
 
+    A deliberate scalar twin of :func:`masked_scores` + :func:`differad_rl.boxes.dclr`: no tensor is
+    created, which makes TRL's per-device calls and veRL's per-sample calls several times cheaper;
+    ``tests/test_core_rewards.py`` checks both paths against ``tests/oracle.py``.
+
     ``pred`` is the parsed box or ``None``; ``gt`` a ground truth already validated
-    (:func:`check_gt_boxes`). ``enclosing``/``sides`` select ``center_norm="enclosing"`` and
-    ``size_term="sides"``. The zero-box, degenerate and sane-bound rules and the formulas are those
+    (:func:`check_gt_boxes`); ``config`` the DCLR parameters. The zero-box, degenerate and
+    sane-bound rules and the formulas are those
     of :mod:`differad_rl.boxes`, in the same order of operations.
     """
     gx1, gy1, gx2, gy2 = gt
@@ -240,14 +250,15 @@ def score_box(
     iou = inter / union if union > 0 else 0.0
     if kind == "iou":
         return iou
+    w_center, w_area, eps = config.w_center, config.w_area, config.eps
     d = math.hypot(((x1 - gx1) + (x2 - gx2)) / 2, ((y1 - gy1) + (y2 - gy2)) / 2)
-    if enclosing:
+    if config.center_norm == "enclosing":
         norm = math.hypot((x2 if x2 > gx2 else gx2) - (x1 if x1 < gx1 else gx1),
                           (y2 if y2 > gy2 else gy2) - (y1 if y1 < gy1 else gy1))
     else:
         norm = max(math.hypot(wp, hp), math.hypot(wg, hg))
     s_c = 1 - min(d / ((norm if norm > 1.0 else 1.0) + eps), 1.0)
-    if sides:
+    if config.size_term == "sides":
         s_s = 1 - min((abs(wp - wg) / (wg + eps) + abs(hp - hg) / (hg + eps)) / 2, 1.0)
     else:
         s_s = 1 - min(abs(ap - ag) / (ag + eps), 1.0)
@@ -277,7 +288,7 @@ def multi_box_score(
     early, p_safe, ok, g = matching_inputs(pred_boxes, gt_boxes)
     if early is not None:
         return early
-    m = dclr(p_safe[:, None, :], g[None, :, :], cfg.w_center, cfg.w_area, cfg.eps, cfg.center_norm, cfg.size_term)
+    m = dclr(p_safe[:, None, :], g[None, :, :], cfg)
     return matched_mean(m, ok)
 
 
@@ -310,7 +321,7 @@ def matching_inputs(
 
 def matched_mean(scores: torch.Tensor, ok: torch.Tensor) -> float:
     """Optimal one-to-one assignment of a ``(P, N)`` score matrix (invalid rows score 0), summed and
-    divided by ``max(P, N)`` (DESIGN §3, several boxes)."""
+    divided by ``max(P, N)`` (docs/method.md §3, several boxes)."""
     m = torch.where(ok[:, None], scores, torch.zeros_like(scores)).numpy()
     rows, cols = linear_sum_assignment(m, maximize=True)
     return float(m[rows, cols].sum() / max(m.shape[0], m.shape[1]))
@@ -342,13 +353,13 @@ class _Reward:
         name: str,
         config: DCLRConfig,
         *,
-        require_answer: bool,
-        space: str,
-        gt_space: str | None,
-        min_pixels: int,
-        max_pixels: int,
-        factor: int,
-        family: str | None = "reasoning",
+        require_answer: bool = True,
+        space: Space = "pixel",
+        gt_space: Space | None = None,
+        min_pixels: int = DEFAULT_MIN_PIXELS,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        factor: int = DEFAULT_FACTOR,
+        family: PromptFamily | None = "reasoning",
     ) -> None:
         check_space(space)
         self.family = family
@@ -420,15 +431,11 @@ class _Reward:
         if not isinstance(solution, (list, tuple)) or len(solution) != n:
             return [tuple(b) for b in self._to_space(check_gt_boxes(solution, n=n), kwargs, n).tolist()]
         rows: list[tuple[float, float, float, float]] = []
-        lo, hi = -MAX_COORD, MAX_COORD
         try:
             for b in solution:
-                x1, y1, x2, y2 = g = (float(b[0]), float(b[1]), float(b[2]), float(b[3]))
-                if len(b) != 4:
+                g = (float(b[0]), float(b[1]), float(b[2]), float(b[3]))
+                if len(b) != 4 or gt_row_error(g) is not None:
                     raise ValueError
-                if not (x2 > x1 and y2 > y1 and x1 >= lo and x2 <= hi and y1 >= lo and y2 <= hi):
-                    if not (x1 == 0 and y1 == 0 and x2 == 0 and y2 == 0):
-                        raise ValueError
                 rows.append(g)
         except (TypeError, ValueError, IndexError, KeyError):
             check_gt_boxes(solution, n=n)  # raises the message naming the row
@@ -459,25 +466,17 @@ class _Reward:
             log(f"{self.__name__}/unparsable", float(1.0 - valid.mean()))
 
 
-class LocalizationReward(_Reward):
-    """Single-box localization reward (``kind`` = ``"dclr"``, ``"iou"`` or ``"consistency"``).
+class SingleBoxReward(_Reward):
+    """A single-box reward: the first box of each answer, read in the family's format, against one
+    ground-truth box per completion, scored by :func:`masked_scores` around :meth:`formula`.
 
-    ``solution``: one ``[x1, y1, x2, y2]`` per completion, ``[0, 0, 0, 0]`` for a normal target, in
-    the model's space (or original pixels with ``gt_space="pixel"`` and an ``image_size`` column: then
-    snapped to the model's integer grid). ``family``: the prompt family whose box format counts
-    (:data:`differad_rl.prompts.FAMILY_BOX_FORMATS`; ``None`` = any format).
+    Subclasses define :meth:`formula` (the reward of valid boxes); every rule (format family, grid
+    snapping, ``MAX_COORD``, zero-box rule) is this class's and :func:`masked_scores`'.
     """
 
-    def __init__(self, kind: str = "dclr", config: DCLRConfig | None = None, *, name: str | None = None,
-                 require_answer: bool = True, space: str = "pixel", gt_space: str | None = None,
-                 min_pixels: int = DEFAULT_MIN_PIXELS, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 factor: int = DEFAULT_FACTOR, family: str | None = "reasoning") -> None:
-        if kind not in LOCALIZATION_KINDS:
-            raise ValueError(f"kind={kind!r} is not known; expected one of {LOCALIZATION_KINDS}")
-        super().__init__(name or f"{kind}_reward", config or DCLRConfig(), require_answer=require_answer,
-                         space=space, gt_space=gt_space, min_pixels=min_pixels, max_pixels=max_pixels,
-                         factor=factor, family=family)
-        self.kind = kind
+    def formula(self, p: Tensor, g: Tensor) -> Tensor:
+        """Elementwise reward of valid boxes ``(N, 4), (N, 4) -> (N,)`` in ``[0, 1]``."""
+        raise NotImplementedError
 
     def scores(self, completions: Sequence[Any], solution: Any, **kwargs: Any) -> Tensor:
         """The rewards as a float64 tensor ``(N,)``, scored vectorised (any batch size)."""
@@ -486,7 +485,34 @@ class LocalizationReward(_Reward):
         gt = torch.as_tensor(self._to_space(check_gt_boxes(solution, n=n), kwargs, n))
         boxes, valid = parse_boxes_batch(completions, require_answer=self.require_answer, fmt=self.fmt)
         self._log_unparsable(kwargs, valid)
-        return _scores(torch.from_numpy(boxes).to(gt.dtype), torch.from_numpy(valid), gt, self.kind, self.config)
+        return masked_scores(torch.from_numpy(boxes).to(gt.dtype), torch.from_numpy(valid), gt, self.formula)
+
+    def __call__(self, completions: Sequence[Any], solution: Any, **kwargs: Any) -> list[float]:
+        return self.scores(completions, solution, **kwargs).tolist()
+
+
+class LocalizationReward(SingleBoxReward):
+    """Single-box localization reward (``kind`` = ``"dclr"``, ``"iou"`` or ``"consistency"``).
+
+    ``solution``: one ``[x1, y1, x2, y2]`` per completion, ``[0, 0, 0, 0]`` for a normal target, in
+    the model's space (or original pixels with ``gt_space="pixel"`` and an ``image_size`` column: then
+    snapped to the model's integer grid). ``family``: the prompt family whose box format counts
+    (:data:`differad_rl.prompts.FAMILY_BOX_FORMATS`; ``None`` = any format).
+    """
+
+    def __init__(self, kind: LocalizationKind = "dclr", config: DCLRConfig | None = None, *, name: str | None = None,
+                 require_answer: bool = True, space: Space = "pixel", gt_space: Space | None = None,
+                 min_pixels: int = DEFAULT_MIN_PIXELS, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 factor: int = DEFAULT_FACTOR, family: PromptFamily | None = "reasoning") -> None:
+        if kind not in LOCALIZATION_KINDS:
+            raise ValueError(f"kind={kind!r} is not known; expected one of {LOCALIZATION_KINDS}")
+        super().__init__(name or f"{kind}_reward", config or DCLRConfig(), require_answer=require_answer,
+                         space=space, gt_space=gt_space, min_pixels=min_pixels, max_pixels=max_pixels,
+                         factor=factor, family=family)
+        self.kind = kind
+
+    def formula(self, p: Tensor, g: Tensor) -> Tensor:
+        return _method_formula(self.kind, p, g, self.config)
 
     def __call__(self, completions: Sequence[Any], solution: Any, **kwargs: Any) -> list[float]:
         n = len(completions)
@@ -494,14 +520,13 @@ class LocalizationReward(_Reward):
             return self.scores(completions, solution, **kwargs).tolist()
         gts = self._gt_rows(solution, kwargs, n)
         cfg, kind, require, fmt = self.config, self.kind, self.require_answer, self.fmt
-        args = (kind, cfg.w_center, cfg.w_area, cfg.eps, cfg.center_norm == "enclosing", cfg.size_term == "sides")
         out: list[float] = []
         missing = 0
         for completion, g in zip(completions, gts):
             p = first_box(completion, require, fmt)
             if p is None:
                 missing += 1
-            out.append(score_box(p, g, *args))
+            out.append(score_box(p, g, kind, cfg))
         log = kwargs.get("log_metric")
         if n and callable(log):
             log(f"{self.__name__}/unparsable", missing / n)
@@ -513,9 +538,9 @@ class MultiBoxReward(_Reward):
     (``[]`` or ``[[0, 0, 0, 0]]`` = normal)."""
 
     def __init__(self, config: DCLRConfig | None = None, *, name: str = "multi_box_reward",
-                 require_answer: bool = True, space: str = "pixel", gt_space: str | None = None,
+                 require_answer: bool = True, space: Space = "pixel", gt_space: Space | None = None,
                  min_pixels: int = DEFAULT_MIN_PIXELS, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 factor: int = DEFAULT_FACTOR, family: str | None = "reasoning") -> None:
+                 factor: int = DEFAULT_FACTOR, family: PromptFamily | None = "reasoning") -> None:
         super().__init__(name, config or DCLRConfig(), require_answer=require_answer, space=space,
                          gt_space=gt_space, min_pixels=min_pixels, max_pixels=max_pixels, factor=factor,
                          family=family)
@@ -532,7 +557,7 @@ class FormatReward:
     rule the localization rewards parse with; ``family=None`` accepts any format.
     """
 
-    def __init__(self, name: str = "format_reward", *, family: str | None = "reasoning") -> None:
+    def __init__(self, name: str = "format_reward", *, family: PromptFamily | None = "reasoning") -> None:
         self.__name__ = name
         self.family = family
         self.fmt = box_format(family)
@@ -545,45 +570,50 @@ class FormatReward:
         return [1.0 if is_well_formatted(c, fmt=fmt) else 0.0 for c in completions]
 
 
-def _config(w_center: float, w_area: float, eps: float, center_norm: str, size_term: str) -> DCLRConfig:
-    return DCLRConfig(w_center=w_center, w_area=w_area, eps=eps, center_norm=center_norm, size_term=size_term)
+_DCLR_FIELDS = frozenset(f.name for f in fields(DCLRConfig))
 
 
-def get_dclr_reward(*, w_center: float = 0.6, w_area: float = 0.4, eps: float = 1e-6,
-                    center_norm: str = "paper", size_term: str = "area", name: str = "dclr_reward",
-                    **space_kwargs: Any) -> LocalizationReward:
-    """DCLR reward callable. ``space_kwargs``: ``require_answer``, ``space``, ``gt_space``,
-    ``min_pixels``, ``max_pixels``, ``factor``, ``family`` (see :class:`LocalizationReward`).
+def _split(options: dict[str, Any]) -> tuple[DCLRConfig, dict[str, Any]]:
+    """``options`` → (the :class:`DCLRConfig` of its DCLR fields, the rest)."""
+    dclr_options = {k: options.pop(k) for k in list(options) if k in _DCLR_FIELDS}
+    return DCLRConfig(**dclr_options), options
+
+
+def get_dclr_reward(*, name: str = "dclr_reward", **options: Any) -> LocalizationReward:
+    """DCLR reward callable.
+
+    ``options``: the :class:`DCLRConfig` fields (``w_center``, ``w_area``, ``eps``, ``center_norm``,
+    ``size_term``; the paper's by default) and the scoring front's ``require_answer``, ``space``,
+    ``gt_space``, ``min_pixels``, ``max_pixels``, ``factor``, ``family`` (see :class:`LocalizationReward`).
 
     >>> r = get_dclr_reward()
     >>> r(["<think>.</think><answer>(10,10),(20,20)</answer>"], solution=[[10, 10, 20, 20]])
     [1.0]
     """
-    return LocalizationReward("dclr", _config(w_center, w_area, eps, center_norm, size_term), name=name,
-                              **space_kwargs)
+    config, space_kwargs = _split(options)
+    return LocalizationReward("dclr", config, name=name, **space_kwargs)
 
 
 def get_iou_reward(*, name: str = "iou_reward", **space_kwargs: Any) -> LocalizationReward:
     """Plain IoU reward with the zero-box rule (the ablation baseline)."""
-    return LocalizationReward("iou", DCLRConfig(), name=name, **space_kwargs)
+    return LocalizationReward("iou", PAPER_DCLR, name=name, **space_kwargs)
 
 
-def get_consistency_reward(*, w_center: float = 0.6, w_area: float = 0.4, eps: float = 1e-6,
-                           center_norm: str = "paper", size_term: str = "area", name: str = "consistency_reward",
-                           **space_kwargs: Any) -> LocalizationReward:
-    """Centre/area consistency ``S`` alone, with the zero-box rule (ablation)."""
-    return LocalizationReward("consistency", _config(w_center, w_area, eps, center_norm, size_term), name=name,
-                              **space_kwargs)
+def get_consistency_reward(*, name: str = "consistency_reward", **options: Any) -> LocalizationReward:
+    """Centre/area consistency ``S`` alone, with the zero-box rule (ablation); ``options`` as
+    :func:`get_dclr_reward`."""
+    config, space_kwargs = _split(options)
+    return LocalizationReward("consistency", config, name=name, **space_kwargs)
 
 
-def get_multi_box_reward(*, w_center: float = 0.6, w_area: float = 0.4, eps: float = 1e-6,
-                         center_norm: str = "paper", size_term: str = "area", name: str = "multi_box_reward",
-                         **space_kwargs: Any) -> MultiBoxReward:
-    """Several-box DCLR reward with Hungarian matching (see :func:`multi_box_score`)."""
-    return MultiBoxReward(_config(w_center, w_area, eps, center_norm, size_term), name=name, **space_kwargs)
+def get_multi_box_reward(*, name: str = "multi_box_reward", **options: Any) -> MultiBoxReward:
+    """Several-box DCLR reward with Hungarian matching (see :func:`multi_box_score`); ``options`` as
+    :func:`get_dclr_reward`."""
+    config, space_kwargs = _split(options)
+    return MultiBoxReward(config, name=name, **space_kwargs)
 
 
-def get_format_reward(*, name: str = "format_reward", family: str | None = "reasoning") -> FormatReward:
+def get_format_reward(*, name: str = "format_reward", family: PromptFamily | None = "reasoning") -> FormatReward:
     """Format reward callable (see :class:`FormatReward`)."""
     return FormatReward(name=name, family=family)
 
@@ -600,6 +630,9 @@ __all__ = [
     "FormatReward",
     "LocalizationReward",
     "MultiBoxReward",
+    "SingleBoxReward",
+    "gt_row_error",
+    "masked_scores",
     "check_gt_boxes",
     "consistency_reward",
     "dclr_reward",

@@ -62,7 +62,7 @@ if [[ -n "$REAL_MODEL" ]]; then
 else
     echo "== 4. skipped: set REAL_MODEL=<local Qwen-VL folder> to run the recipes on a real model"
 fi
-# ---- vLLM section (issue 17 item 3; examples/trl/gpu_check_vllm.sh, which documents what it must print) ----
+# ---- vLLM section (examples/trl/gpu_check_vllm.sh, which documents what it must print) ----
 echo "== 5. TRL through vLLM colocate with K = 1 resampling, then with DAPO refill, on the fixture"
 MODEL_PATH="$FIXTURE" STEPS=2 WORK="$WORK/trl_vllm" bash examples/trl/gpu_check_vllm.sh
 # ---- end of the vLLM section ----

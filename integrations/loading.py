@@ -15,7 +15,7 @@ The SFT and GRPO examples and ``differad-rl predict`` all load through
 * **Pixel budget.** ``min_pixels`` / ``max_pixels`` go to the image processor's ``size``
   (``shortest_edge`` / ``longest_edge``) and to its legacy attributes
   (:func:`set_pixel_budget`); :func:`pixel_budget` reads them back. For Qwen2.5-VL they decide the
-  coordinate space the model writes in (DESIGN §2).
+  coordinate space the model writes in (docs/method.md §2).
 * **Family** (:func:`model_family`): from the configuration's ``model_type`` — ``qwen2_vl``,
   ``qwen2_5_vl`` or ``qwen3_vl`` — never from the model's name.
 * **Tiny models** (:func:`is_tiny`): the keyword ``"tiny"`` / ``"tiny:<family>"`` builds one

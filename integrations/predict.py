@@ -1,5 +1,5 @@
 """Run a Qwen-VL on pair records with the evaluation protocol and write a predictions JSONL
-(``differad-rl predict``; DESIGN §8).
+(``differad-rl predict``; docs/method.md §8).
 
 Every model gets the same prompt: the protocol's instruction (the first of
 :data:`differad_rl.prompts.INSTRUCTIONS`) with the reference image first and the target second;

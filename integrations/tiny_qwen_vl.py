@@ -311,20 +311,23 @@ def _model_config(family: str, tokenizer: PreTrainedTokenizerFast, arch: TinyArc
     )
     patch = _PATCH[family]
     if family == "qwen2_vl":
-        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": _mrope_section(arch.hidden_size // arch.num_heads)}
+        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e6,
+                                   "mrope_section": _mrope_section(arch.hidden_size // arch.num_heads)}
         vision = dict(depth=arch.vision_depth, embed_dim=arch.vision_hidden_size, hidden_size=arch.hidden_size,
                       mlp_ratio=2, num_heads=arch.vision_heads, patch_size=patch,
                       spatial_merge_size=_MERGE, temporal_patch_size=2)
         return Qwen2VLConfig(text_config=text, vision_config=vision, **top)
     if family == "qwen2_5_vl":
-        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": _mrope_section(arch.hidden_size // arch.num_heads)}
+        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e6,
+                                   "mrope_section": _mrope_section(arch.hidden_size // arch.num_heads)}
         vision = dict(depth=arch.vision_depth, hidden_size=arch.vision_hidden_size,
                       intermediate_size=2 * arch.vision_hidden_size, num_heads=arch.vision_heads, patch_size=patch,
                       spatial_merge_size=_MERGE, temporal_patch_size=2, window_size=112,
                       out_hidden_size=arch.hidden_size, fullatt_block_indexes=[arch.vision_depth - 1])
         return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **top)
     text["head_dim"] = arch.hidden_size // arch.num_heads
-    text["rope_parameters"] = {"rope_type": "default", "rope_theta": 5e6, "mrope_section": _mrope_section(arch.hidden_size // arch.num_heads),
+    text["rope_parameters"] = {"rope_type": "default", "rope_theta": 5e6,
+                               "mrope_section": _mrope_section(arch.hidden_size // arch.num_heads),
                                "mrope_interleaved": True}
     for k in ("bos_token_id", "eos_token_id"):
         text.pop(k)

@@ -1,7 +1,8 @@
-"""Scalar pure-Python oracle of every formula of the method (DESIGN §2–§6).
+"""Scalar pure-Python oracle of every formula of the method (docs/method.md §2–§6).
 
 Written from the specification, one sample at a time, with no numpy or torch, so that the
-vectorised package code can be checked against an independent implementation.
+vectorised package code can be checked against an independent implementation. A deliberate
+near-copy of the package's formulas (and of their defaults, e.g. w_c = 0.6): never import them here.
 """
 
 from __future__ import annotations

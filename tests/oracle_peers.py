@@ -1,7 +1,8 @@
-"""Scalar pure-Python oracle of the peers' formulas (DESIGN §9), one sample at a time, no numpy or
+"""Scalar pure-Python oracle of the peers' formulas (docs/method.md §9), one sample at a time, no numpy or
 torch: box rewards (thresholded IoU, IoU², GIoU, DIoU, CIoU, matched hits), EMIT's and UniVG-R1's
 weights, and the group rules (EMIT, DAPO, EasyR1). Written from the peers' code as cited in
-``differad_rl.box_rewards`` / ``group_weights`` / ``group_filters``."""
+``differad_rl.box_rewards`` / ``group_weights`` / ``group_filters``. A deliberate near-copy of those
+formulas, written independently: never import them here."""
 
 from __future__ import annotations
 

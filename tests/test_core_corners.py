@@ -1,4 +1,4 @@
-"""The corner cases of issue 11: each reproduced, each fixed (values checked against tests/oracle.py)."""
+"""Corner cases: each reproduced, each fixed (values checked against tests/oracle.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from differad_rl.boxes import MAX_COORD, consistency_score, dclr
+from differad_rl.boxes import MAX_COORD, DCLRConfig, consistency_score, dclr
 from differad_rl.coords import box_to_model_grid, from_model_space, to_model_grid, to_model_space
 from differad_rl.groups import (
     degenerate_groups,
@@ -145,10 +145,10 @@ def test_identical_boxes_score_exactly_one(box, norm, size, dtype):
     b = (box[0], box[1], box[0] + box[2], box[1] + box[3])
     t = torch.tensor([b], dtype=dtype)
     assume(bool(t[0, 2] > t[0, 0]) and bool(t[0, 3] > t[0, 1]))  # float32 may round a side away
-    assert float(consistency_score(t, t, center_norm=norm, size_term=size)[0]) == 1.0
-    assert float(dclr(t, t, center_norm=norm, size_term=size)[0]) == 1.0
+    assert float(consistency_score(t, t, DCLRConfig(center_norm=norm, size_term=size))[0]) == 1.0
+    assert float(dclr(t, t, DCLRConfig(center_norm=norm, size_term=size))[0]) == 1.0
     if dtype == torch.float64:
-        assert score_box(b, b, "dclr", enclosing=norm == "enclosing", sides=size == "sides") == 1.0
+        assert score_box(b, b, "dclr", DCLRConfig(center_norm=norm, size_term=size)) == 1.0
         assert score_box(b, b, "consistency") == 1.0
 
 

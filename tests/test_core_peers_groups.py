@@ -153,31 +153,43 @@ def test_regenerate_groups_with_degenerate_rule_equals_resample_groups():
         rng = random.Random(11)
         return lambda groups, _: torch.tensor([round(rng.random(), 1) for _ in range(groups.numel() * g)])
 
-    a, sa = regenerate_groups(start, g, make(), 5, group_rule("degenerate"))
+    a, sa = regenerate_groups(start, g, make(), 5, group_rule("differad"))
     b, sb = resample_groups(start, g, make(), 5)
     assert a.tolist() == b.tolist() and sa == sb
 
 
 def test_regenerate_groups_off_and_bad_callback():
     start = torch.zeros(8)
-    out, stats = regenerate_groups(start, 4, lambda *_: pytest.fail("called"), 0, group_rule("no_correct"))
+    out, stats = regenerate_groups(start, 4, lambda *_: pytest.fail("called"), 0, group_rule("emit"))
     assert out.tolist() == start.tolist() and stats.rounds_used == 0 and stats.degenerate_before == 1.0
     with pytest.raises(ValueError, match="regenerate returned"):
-        regenerate_groups(start, 4, lambda groups, _: torch.zeros(3), 1, group_rule("no_correct"))
+        regenerate_groups(start, 4, lambda groups, _: torch.zeros(3), 1, group_rule("emit"))
 
 
 @pytest.mark.parametrize(
     "call, match",
     [
         (lambda: group_rule("dynamic"), "rule"),
-        (lambda: group_rule("out_of_band", low=0.9, high=0.1), "low must be < high"),
+        (lambda: group_rule("easyr1", low=0.9, high=0.1), "low must be < high"),
         (lambda: wrong_share_weights(torch.zeros(4), 4, threshold=math.nan), "threshold"),
         (lambda: mean_reward_weight(torch.zeros(4), "sqrt"), "form"),
         (lambda: no_correct_groups(torch.zeros(5), 4), "multiple of group_size"),
-        (lambda: regenerate_groups(torch.zeros(4), 4, lambda *_: None, -1, group_rule("degenerate")), "max_rounds"),
+        (lambda: regenerate_groups(torch.zeros(4), 4, lambda *_: None, -1, group_rule("differad")), "max_rounds"),
     ],
 )
 def test_user_errors(call, match):
     with pytest.raises(ValueError, match=match):
         call()
 
+
+
+@pytest.mark.parametrize("old,new", [("degenerate", "differad"), ("no_correct", "emit"),
+                                     ("zero_variance", "dapo"), ("out_of_band", "easyr1")])
+def test_former_rule_names_resolve_with_a_warning(old, new):
+    from differad_rl.group_filters import resolve_rule
+
+    with pytest.warns(FutureWarning, match=f"rule={old!r} is deprecated; write rule={new!r}"):
+        assert resolve_rule(old) == new
+    r = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.2, 0.4, 0.6, 0.8])
+    with pytest.warns(FutureWarning):
+        assert group_rule(old)(r, 4).tolist() == group_rule(new)(r, 4).tolist()

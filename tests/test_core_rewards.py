@@ -76,11 +76,11 @@ def test_formulas_equal_oracle(norm):
         (box_iou(p, g), [oracle.iou(a, b) for a, b in pairs]),
         (center_consistency(p, g, center_norm=norm), [oracle.center(a, b, center_norm=norm) for a, b in pairs]),
         (area_consistency(p, g), [oracle.area_score(a, b) for a, b in pairs]),
-        (consistency_score(p, g, center_norm=norm), [oracle.consistency(a, b, center_norm=norm) for a, b in pairs]),
-        (dclr(p, g, center_norm=norm), [oracle.dclr(a, b, center_norm=norm) for a, b in pairs]),
-        (dclr(p, g, 0.3, 0.9, 1e-3, norm), [oracle.dclr(a, b, 0.3, 0.9, 1e-3, norm) for a, b in pairs]),
+        (consistency_score(p, g, DCLRConfig(center_norm=norm)), [oracle.consistency(a, b, center_norm=norm) for a, b in pairs]),
+        (dclr(p, g, DCLRConfig(center_norm=norm)), [oracle.dclr(a, b, center_norm=norm) for a, b in pairs]),
+        (dclr(p, g, DCLRConfig(0.3, 0.9, 1e-3, norm)), [oracle.dclr(a, b, 0.3, 0.9, 1e-3, norm) for a, b in pairs]),
         (side_consistency(p, g), [oracle.side_score(a, b) for a, b in pairs]),
-        (dclr(p, g, center_norm=norm, size_term="sides"),
+        (dclr(p, g, DCLRConfig(center_norm=norm, size_term="sides")),
          [oracle.dclr(a, b, center_norm=norm, size_term="sides") for a, b in pairs]),
     ]
     for got, want in checks:
@@ -120,7 +120,7 @@ def test_localization_scores_equal_oracle_with_rules():
 @settings(max_examples=300, deadline=None)
 @given(p=valid_box(), g=valid_box(), norm=st.sampled_from(NORMS))
 def test_dclr_bounds_and_dominates_iou(p, g, norm):
-    r = float(dclr(T(p), T(g), center_norm=norm))
+    r = float(dclr(T(p), T(g), DCLRConfig(center_norm=norm)))
     i = float(box_iou(T(p), T(g)))
     assert 0.0 <= i <= 1.0 and 0.0 <= r <= 1.0 + 1e-12
     assert r >= i - 1e-12
@@ -131,7 +131,7 @@ def test_dclr_bounds_and_dominates_iou(p, g, norm):
 def test_dclr_is_one_iff_coincide_or_same_centre_and_area(p, g, norm):
     """R = 1 iff the boxes coincide — except that the paper's formula also gives 1 to a box with the
     same centre and area but another shape (S = 1); that exception is documented in dclr()."""
-    r = float(dclr(T(p), T(g), center_norm=norm))
+    r = float(dclr(T(p), T(g), DCLRConfig(center_norm=norm)))
     if p == g:
         assert r == pytest.approx(1.0, abs=1e-12)
     same_centre_area = (
@@ -146,7 +146,7 @@ def test_dclr_is_one_iff_coincide_or_same_centre_and_area(p, g, norm):
 @settings(max_examples=300, deadline=None)
 @given(p=valid_box(), g=valid_box(), norm=st.sampled_from(NORMS))
 def test_sides_dclr_is_one_iff_boxes_coincide(p, g, norm):
-    r = float(dclr(T(p), T(g), center_norm=norm, size_term="sides"))
+    r = float(dclr(T(p), T(g), DCLRConfig(center_norm=norm, size_term="sides")))
     assert 0.0 <= r <= 1.0 + 1e-12 and r >= float(box_iou(T(p), T(g))) - 1e-12
     if p == g:
         assert r == pytest.approx(1.0, abs=1e-12)
@@ -158,7 +158,7 @@ def test_sides_term_closes_the_shape_loophole():
     g = T([100.0, 100.0, 200.0, 150.0])
     strip = T([50.0, 112.5, 250.0, 137.5])  # same centre and area, twice as wide, half as tall
     assert float(dclr(strip, g)) == pytest.approx(1.0)
-    assert float(dclr(strip, g, size_term="sides")) == pytest.approx(0.8)  # IoU 1/3, s_s 0.25
+    assert float(dclr(strip, g, DCLRConfig(size_term="sides"))) == pytest.approx(0.8)  # IoU 1/3, s_s 0.25
     with pytest.raises(ValueError, match="size_term='volume'"):
         DCLRConfig(size_term="volume")
     r = get_dclr_reward(size_term="sides")
@@ -178,8 +178,8 @@ def test_translation_invariance(p, g, dx, dy, norm):
     t = torch.tensor([dx, dy, dx, dy], dtype=torch.float64)
     P, G = torch.tensor(p, dtype=torch.float64), torch.tensor(g, dtype=torch.float64)
     assert float(box_iou(P + t, G + t)) == pytest.approx(float(box_iou(P, G)), abs=1e-6)
-    assert float(consistency_score(P + t, G + t, center_norm=norm)) == pytest.approx(
-        float(consistency_score(P, G, center_norm=norm)), abs=1e-6)
+    assert float(consistency_score(P + t, G + t, DCLRConfig(center_norm=norm))) == pytest.approx(
+        float(consistency_score(P, G, DCLRConfig(center_norm=norm))), abs=1e-6)
 
 
 @settings(max_examples=200, deadline=None)

@@ -357,7 +357,7 @@ def test_plan_invariants(spec, ratio, seed, shuffler):
         assert n_norm == (round(n_anom * ratio / (1 - ratio)) if n_anom else 0)
 
 
-# --- issue 11: relative roots, interruptions, leftovers, file modes --------------------------------
+# --- relative roots, interruptions, leftovers, file modes --------------------------------
 
 
 def test_relative_root_writes_paths_that_resolve_from_the_pairs_file(tmp_path: Path, monkeypatch):

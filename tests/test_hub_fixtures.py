@@ -1,4 +1,4 @@
-"""Hub-shaped fixtures (issue 10): folders laid out like Qwen2-VL-2B / Qwen2.5-VL-3B / Qwen3-VL-2B
+"""Hub-shaped fixtures: folders laid out like Qwen2-VL-2B / Qwen2.5-VL-3B / Qwen3-VL-2B
 Instruct, loaded through the documented code path; and veRL's real ``RLHFDataset`` on 700–1024 px
 pairs with the launch script's own data settings, which must keep every row (item 10).
 """

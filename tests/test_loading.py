@@ -110,7 +110,7 @@ def _changed_fraction(model, steps: int = 3, lr: float = 1e-5, autocast: bool = 
 
 
 def test_training_under_bf16_autocast_updates_most_weights_unlike_bf16_weights():
-    """Issue 10 item 2: with the loader's training rule nearly every weight moves at lr 1e-5; bf16
+    """With the loader's training rule nearly every weight moves at lr 1e-5; bf16
     weights (what the examples used to load) round most updates away."""
     path = str(tiny_model_for("qwen2_5_vl"))
     fp32_master, _ = loading.load_model_and_processor(path, bf16=True)  # training=True

@@ -1,4 +1,4 @@
-"""Protocol metrics while training (issue 9 item 3): REAL TRL 1.16 GRPOTrainer, tiny offline Qwen2.5-VL.
+"""Protocol metrics while training: REAL TRL 1.16 GRPOTrainer, tiny offline Qwen2.5-VL.
 
 The logged ``eval_differad/*`` values must equal a separate ``predict_records`` + ``evaluate`` (the
 ``differad-rl predict`` / ``eval`` path) of the same weights; bad eval datasets fail at start-up.

@@ -1,5 +1,5 @@
 """The TRL example scripts run end to end (subprocess, tiny settings) and write checkpoint + PNG;
-the ``--paper`` preset carries DESIGN §1's hyperparameters."""
+the ``--paper`` preset carries docs/method.md §1's hyperparameters."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The CPU-runnable parts of the GPU benchmark (examples/trl/gpu_bench.py, issue 17): the full-size
+"""The CPU-runnable parts of the GPU benchmark (examples/trl/gpu_bench.py): the full-size
 Qwen2.5-VL-3B fixture's architecture, and the script itself end to end on the tiny hub fixture."""
 
 from __future__ import annotations

@@ -94,7 +94,7 @@ def test_two_processes_equal_one_process(tmp_path):
 
 @pytest.mark.slow
 def test_two_processes_vllm_tensor_parallel_lockstep(tmp_path):
-    """Issue 17: the same step through TRL's vLLM colocate path with tensor parallel 2 (fake engine,
+    """The same step through TRL's vLLM colocate path with tensor parallel 2 (fake engine,
     tests/fake_vllm.py). TRL all-gathers the two ranks' prompts in the TP group before every generate and
     slices the outputs by equal sizes: both ranks must call it in every round with the same number of rows
     (filler rows pad rank 1), and the decisions must still equal one process's."""
@@ -119,7 +119,7 @@ def test_two_processes_vllm_tensor_parallel_lockstep(tmp_path):
 
 @pytest.mark.slow
 def test_two_processes_vllm_server_rows_keep_their_prompts(tmp_path):
-    """Issue 17: the step through TRL's vLLM server path (fake server, tests/fake_vllm.py). The main process
+    """The step through TRL's vLLM server path (fake server, tests/fake_vllm.py). The main process
     gathers both ranks' rows, samples G completions for every G-th prompt and hands them out in order; with
     whole groups per rank (the layout ``check_vllm_regeneration`` requires) every final row's completion was
     sampled from that row's own prompt, also for rank 1's filler rounds, and the decisions equal one process's."""

@@ -1,4 +1,4 @@
-"""The TRL example's ``--paper`` configuration on hub-shaped fixtures (issue 10): ``train_grpo.py --paper
+"""The TRL example's ``--paper`` configuration on hub-shaped fixtures: ``train_grpo.py --paper
 --model <folder laid out like Qwen/Qwen2.5-VL-3B-Instruct>`` runs through its own ``main(argv)`` on CPU
 for 2 optimizer steps, loading the folder through the product loader (no torchvision here: the
 image-only processor), and saves a checkpoint that loads again.

@@ -207,7 +207,7 @@ def test_bad_model_output_never_raises(processors):
 
 
 def test_names_registry_and_errors(processors):
-    peers = ("iou_threshold", "iou_squared", "giou", "diou", "ciou", "matched_hits")  # DESIGN §9
+    peers = ("iou_threshold", "iou_squared", "giou", "diou", "ciou", "matched_hits")  # docs/method.md §9
     assert reward_names() == ("dclr", "iou", "consistency", "multi_box", "format", *peers)
     with pytest.raises(ValueError, match="'dice' is unknown; known rewards: dclr, iou, consistency, multi_box, format, iou_"):
         differad_rewards(processors["qwen2_vl"], names=("dclr", "dice"))
@@ -215,7 +215,7 @@ def test_names_registry_and_errors(processors):
         differad_rewards(processors["qwen2_vl"], names=("dclr", "dclr"))
     with pytest.raises(ValueError, match="at least one"):
         differad_rewards(processors["qwen2_vl"], names=())
-    with pytest.raises(ValueError, match="takes no options"):
+    with pytest.raises(ValueError, match="takes no option center_norm"):
         get_reward("format", "qwen2_vl", center_norm="paper")
     with pytest.raises(ValueError, match="center_norm"):
         differad_rewards(processors["qwen2_vl"], center_norm="diagonal")

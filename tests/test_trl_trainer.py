@@ -261,7 +261,7 @@ class LoggingLocReward:
 
 
 def test_resampling_relogs_every_metric_from_the_final_batch(model_path, tmp_path):
-    # issue 10 item 9: after resampling, the step's logs are the final batch's, not the first generation's
+    # after resampling, the step's logs are the final batch's, not the first generation's
     rows = make_prompt_rows(["easy", "hard", "easy", "hard"])
     batch = expand_groups(rows)
     trainer = make_trainer(SpyTrainer, model_path, [LoggingLocReward(), text_format_reward], rows, 16, tmp_path,
@@ -467,7 +467,7 @@ def test_train_with_weights_and_resampling_logs_metrics(model_path, tmp_path, st
     assert sum(h["differad/rounds_used"] for h in generated) >= 1  # the 2 hard prompts were resampled
 
 
-# ------------------------------------------------------------------ start-up refusals (issue 10, items 3, 4, 5, 7)
+# ------------------------------------------------------------------ start-up refusals
 def _box_rows(n=2):
     rows = make_prompt_rows(["easy"] * n)
     return [{**r, "solution": [4.0, 4.0, 20.0, 20.0], "image_size": [56, 56]} for r in rows]
@@ -514,7 +514,7 @@ def test_two_rewards_with_one_name_are_refused(model_path, tmp_path):
 
 
 def test_resampling_with_rollout_func_refused_before_trl_builds_anything(model_path, tmp_path):
-    """item 5: refused by the trainer before GRPOTrainer.__init__. (vLLM is supported since issue 17:
+    """Refused by the trainer before GRPOTrainer.__init__. (vLLM is supported:
     tests/test_trl_vllm.py; a vLLM server layout it cannot regenerate is refused there.)"""
     cfg = DifferADGRPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], resample_rounds=1,
                              num_generations=G, per_device_train_batch_size=8)
@@ -564,7 +564,7 @@ def test_image_paths_are_measured_and_cross_checked(tmp_path):
 
 
 def test_a_right_padded_processor_is_made_left_padded(tmp_path):
-    """Issue 10 item 1: the trainer never trains with a right-padded Qwen-VL processor."""
+    """The trainer never trains with a right-padded Qwen-VL processor."""
     from differad_rl.integrations.tiny_qwen_vl import load_tiny_processor, tiny_model_for
     from differad_rl.integrations.trl.trainer import _check_before_build
 

@@ -1,4 +1,4 @@
-"""Start-up checks (issue 10, items 11–17): every differad-rl misconfiguration of the veRL recipe is
+"""Start-up checks: every differad-rl misconfiguration of the veRL recipe is
 refused when ``python -m verl.trainer.main_ppo`` validates its config — in the driver, before Ray
 starts — with a message naming the option and the fix; the launch script itself passes.
 
@@ -76,9 +76,9 @@ def test_the_launch_script_passes(argv):
         (["reward.reward_model.enable=True"], r"rewards computed at rollout time.*enable_resource_pool=True"),
         (["++differad.resample.metric=loc"], r"differad.resample.metric='loc' is not returned.*metric=localization"),
         (["++differad.resample.rounds=-1"], r"differad.resample.rounds must be an integer >= 0"),
-        # issue 12: the peers' group rules
-        (["++differad.resample.rule=out_of_band"], r"differad.resample.rule='out_of_band' is not a same-prompt re-roll rule; set \+differad.resample.rule=degenerate or no_correct"),
-        (["++differad.resample.correct_threshold=0.5"], r"correct_threshold=0.5 is read only by rule=no_correct, but differad.resample.rule='degenerate'"),
+        # the peers' group rules
+        (["++differad.resample.rule=out_of_band"], r"differad.resample.rule='out_of_band' is not a same-prompt re-roll rule; set \+differad.resample.rule=differad or emit"),
+        (["++differad.resample.correct_threshold=0.5"], r"correct_threshold=0.5 is read only by rule=emit, but differad.resample.rule='differad'"),
         ([f"++{SK}.online_filter_high=0.9"], rf"{SK}.online_filter_high set without {SK}.online_filter_metric.*online_filter_metric=localization"),
         ([f"++{SK}.online_filter_metric=localization", f"++{SK}.online_filter_low=0.5", f"++{SK}.online_filter_high=0.1"], r"online_filter_low=0.5 must be < online_filter_high=0.1"),
         ([f"++{SK}.online_filter_metric=loc", "data.gen_batch_size=1"], rf"{SK}.online_filter_metric='loc' is not returned by differad's compute_score.*online_filter_metric=localization"),
@@ -112,7 +112,7 @@ def test_fixes_the_messages_offer_pass(argv):
     # item 14: an ablation with another reward and no weights needs no localization key
     validate(argv, "++algorithm.differad.difficulty_weights=false", "reward.custom_reward_function.path=pkg://my.rewards",
              "++differad.resample.metric=reward")
-    # issue 12: EMIT's re-roll rule, EasyR1's online filter (sync: single-prompt refills, batch size passed)
+    # EMIT's re-roll rule, EasyR1's online filter (sync: single-prompt refills, batch size passed)
     validate(argv, "++differad.resample.rule=no_correct", "++differad.resample.correct_threshold=0.5")
     batch = compose(argv).data.train_batch_size
     validate(argv, f"++{SK}.online_filter_metric=localization", "data.gen_batch_size=1", f"++{SK}.train_batch_size={batch}")

@@ -1,6 +1,6 @@
 """examples/verl: the launch script's overrides compose against veRL 0.9.1's own config schema
 (Hydra, ``verl/trainer/config/ppo_trainer.yaml``) and its dataclasses, so a typo fails here; the
-DESIGN §1 hyperparameters are what the script sets; prepare_data.py writes loadable parquet files.
+docs/method.md §1 hyperparameters are what the script sets; prepare_data.py writes loadable parquet files.
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def test_design_hyperparameters(launch):
     assert actor.freeze_vision_tower is True
     # the prompt budget follows the pixel budget: two images of 1,003,520 px = 2 × 1280 visual tokens + text
     assert cfg.data.max_prompt_length == 2 * 1003520 // 28**2 + 512 == 3072
-    assert cfg.algorithm.differad.mask_truncated is True  # DESIGN §1: truncated completions masked
+    assert cfg.algorithm.differad.mask_truncated is True  # docs/method.md §1: truncated completions masked
     assert cfg.trainer.total_epochs == 1
     assert rollout.limit_images == 2
     assert cfg.trainer.use_v1 is True

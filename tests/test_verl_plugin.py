@@ -234,7 +234,7 @@ def test_bridge_without_localization_raises_then_reads_top_level_field(ray_tq):
     stub = types.SimpleNamespace(config=_trainer_config(n))
     with pytest.raises(RuntimeError, match=r"needs the per-sample reward extra info 'localization'"):
         trainer_base.PPOTrainer._compute_advantage(stub, batch, {})
-    # weights off (an ablation with any reward) need no extra info (issue 10, item 14)
+    # weights off (an ablation with any reward) need no extra info
     trainer_base.PPOTrainer._compute_advantage(types.SimpleNamespace(config=_trainer_config(n, difficulty_weights=False)), batch, {})
 
     tq.kv_batch_put(keys=keys, partition_id="train", fields=tu.get_tensordict({"localization": np.asarray(loc)}))

@@ -428,20 +428,20 @@ def localizations(store: MemoryTQ, uid: str) -> list[float]:
     return [store.extra(k)["reward_extra_info"]["localization"] for k in group_keys(store, uid)]
 
 
-@pytest.mark.parametrize("rule", ["degenerate", "no_correct"])
+@pytest.mark.parametrize("rule", ["differad", "emit"])
 def test_resample_rule_picks_the_groups(env, monkeypatch, rule):
     """EMIT's rule re-rolls a group none of whose rewards exceeds the threshold even when they differ
     (``spread``: all in [0, 0.9] < 0.95); the method's rule re-rolls only the all-equal one."""
     from differad_rl.integrations.verl.resampling import RECORD_KEY
 
     options = {"rounds": 2, "rule": rule}
-    if rule == "no_correct":
+    if rule == "emit":
         options["correct_threshold"] = 0.95
     worker, client, store = make_worker(env, monkeypatch, **options)
     rollout(worker, prompt_batch(["real", "spread", "perfect"]))
     spread = localizations(store, "spread1")
     assert len(set(spread)) > 1 and max(spread) <= 0.95  # differs, yet no completion is "correct"
-    rerolled = {"real0", "spread1"} if rule == "no_correct" else {"real0"}
+    rerolled = {"real0", "spread1"} if rule == "emit" else {"real0"}
     assert client.requests == 3 * N + 2 * N * len(rerolled)
     for uid in ("real0", "spread1", "perfect2"):
         assert group_keys(store, uid) == [f"{uid}_{s}_0" for s in range(N)]
@@ -594,8 +594,8 @@ def test_manager_is_loadable_by_verl_and_validates(env):
         ({"tol": 0.0}, "tol must be > 0"),
         ({"perfect": float("nan")}, "perfect must be a finite number"),
         ({"metric": ""}, "metric must be a non-empty string"),
-        ({"rule": "zero_variance"}, r"rule='zero_variance' is not a same-prompt re-roll rule; set \+differad.resample.rule=degenerate or no_correct"),
-        ({"correct_threshold": 0.5}, r"correct_threshold=0.5 is read only by rule=no_correct"),
+        ({"rule": "zero_variance"}, r"rule='zero_variance' is not a same-prompt re-roll rule; set \+differad.resample.rule=differad or emit"),
+        ({"correct_threshold": 0.5}, r"correct_threshold=0.5 is read only by rule=emit"),
         ({"rule": "no_correct", "correct_threshold": "0.5"}, "correct_threshold must be a finite number"),
     ],
 )

@@ -462,6 +462,12 @@ def _default_workers() -> int:
     return max(1, min(4, os.cpu_count() or 1))
 
 
+
+def _size_bins_option(size_bins: Any) -> dict[str, Any]:
+    """``{"size_bins": tuple(size_bins)}``, or no option when ``size_bins`` is None (the config's default)."""
+    return {} if size_bins is None else {"size_bins": tuple(size_bins)}
+
+
 def build_demo_pairs(
     out_dir: str | os.PathLike[str],
     *,
@@ -509,7 +515,7 @@ def build_demo_pairs(
         normal_fraction=normal_fraction,
         categories=tuple(categories) if categories is not None else DEFAULT_CATEGORIES,
         multi_every=multi_every,
-        **({} if size_bins is None else {"size_bins": tuple(size_bins)}),
+        **_size_bins_option(size_bins),
     )
     out = Path(out_dir).absolute()  # image paths are written relative to it: never cwd-relative
     params = cfg.to_json()

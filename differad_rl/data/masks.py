@@ -120,7 +120,7 @@ def load_mask(path: str | os.PathLike[str], image_size: tuple[int, int] | None =
     except (UnidentifiedImageError, OSError) as exc:
         raise ValueError(f"corrupt or unreadable mask {p}: {exc}") from None
     if arr.ndim == 3:
-        arr = arr.any(axis=2)
+        arr = np.asarray(arr.any(axis=2))
     mask = arr.astype(bool)
     if image_size is not None:
         check_mask_size(mask, image_size, p)

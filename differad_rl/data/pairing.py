@@ -1,4 +1,4 @@
-"""Pairing: dataset samples → reference/target pair records (AD-DualDiff style, DESIGN §7).
+"""Pairing: dataset samples → reference/target pair records (AD-DualDiff style, docs/method.md §7).
 
 * **Reference** = a normal image of the same category, chosen by a seeded generator (from the
   dataset's ``train`` normals when there are any, else from all normals; never the target itself).
@@ -30,11 +30,14 @@ from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from differad_rl.data.readers import Sample
+
+if TYPE_CHECKING:
+    from differad_rl.data.masks import BoxMode
 
 __all__ = ["PairingConfig", "PairPlan", "plan_pairs", "build_pairs", "build_pair_dir", "default_textures", "BUILD_MANIFEST"]
 
@@ -66,7 +69,7 @@ class PairingConfig:
     """
 
     normal_ratio: float = 0.25
-    box_mode: str = "all"
+    box_mode: BoxMode = "all"
     min_component_area: int = 1
     seed: int = 0
     split: str = "category"
@@ -135,7 +138,9 @@ def _test_categories(categories: list[str], cfg: PairingConfig) -> set[str]:
     return {categories[i] for i in rng.permutation(len(categories))[:k]}
 
 
-def plan_pairs(samples: Sequence[Sample], config: PairingConfig | None = None, textures: Sequence[Path | str] = ()) -> list[PairPlan]:
+def plan_pairs(
+    samples: Sequence[Sample], config: PairingConfig | None = None, textures: Sequence[Path | str] = ()
+) -> list[PairPlan]:
     """Seeded pairing plan (pure: no image I/O). See the module docstring for the rules.
 
     Raises ``ValueError`` naming the category when it has fewer than 2 normal images (a normal
@@ -274,7 +279,7 @@ class _Job:
     mask_paths: tuple[Path, ...] = ()
     write_to: Path | None = None
     max_side: int | None = None
-    box_mode: str = "all"
+    box_mode: BoxMode = "all"
     min_area: int = 1
     synthetic: str = ""
     donor: Path | None = None
@@ -424,7 +429,8 @@ def build_pairs(
             if cfg.copy_images and out is not None:
                 rel = _copy_name(s, cfg.max_side is not None)
                 write, rel_of[key] = out / rel, rel
-            jobs[key] = _Job(key, s.path, s.mask_paths if with_mask else (), write, cfg.max_side, cfg.box_mode, cfg.min_component_area)
+            jobs[key] = _Job(key, s.path, s.mask_paths if with_mask else (), write, cfg.max_side, cfg.box_mode,
+                             cfg.min_component_area)
         return key
 
     plan_keys: list[tuple[str, str]] = []

@@ -75,7 +75,7 @@ class PairRecord:
     id: str
     reference: str
     target: str
-    boxes: list[list[Number]]
+    boxes: Sequence[Sequence[Number]]
     width: int
     height: int
     category: str
@@ -327,7 +327,7 @@ def to_hf_dataset(records: Sequence[PairRecord]) -> Any:
     """Records → ``datasets.Dataset`` with :func:`hf_features` (image paths kept as strings)."""
     import datasets
 
-    rows = {f.name: [] for f in fields(PairRecord)}
+    rows: dict[str, list[Any]] = {f.name: [] for f in fields(PairRecord)}
     for rec in records:
         d = rec.to_dict()
         d["boxes"] = [[float(c) for c in b] for b in d["boxes"]]

@@ -1,4 +1,4 @@
-"""Synthetic anomalies for RL training pairs (DESIGN §7), seeded and reproducible.
+"""Synthetic anomalies for RL training pairs (docs/method.md §7), seeded and reproducible.
 
 Two recipes, as in the paper:
 

@@ -1,4 +1,4 @@
-"""Evaluation of dual-image anomaly localization (DESIGN §8).
+"""Evaluation of dual-image anomaly localization (docs/method.md §8).
 
 * :mod:`~differad_rl.eval.metrics` — mIoU, Acc@τ, F1@τ: functional API + :class:`LocalizationMetric`;
 * :mod:`~differad_rl.eval.protocol` — prediction files, family formats/spaces, :func:`evaluate`;

@@ -1,4 +1,4 @@
-"""Anomaly map → box, the protocol for PaDiM / PatchCore / WinCLIP-style methods (DESIGN §8).
+"""Anomaly map → box, the protocol for PaDiM / PatchCore / WinCLIP-style methods (docs/method.md §8).
 
 1. Split the samples into a seeded calibration split (30 % by default) and the rest
    (:func:`calibration_split`).

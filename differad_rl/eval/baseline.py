@@ -84,7 +84,7 @@ class BaselineConfig:
         connectivity: 8 or 4 for the connected components.
         workers: threads computing maps (image decoding and FFTs release the GIL).
         objective: what the threshold maximises on the calibration split: ``"pixel_f1"`` (the
-            anomaly-map protocol of DESIGN §8, masks = rasterised boxes) or ``"miou"`` (the box
+            anomaly-map protocol of docs/method.md §8, masks = rasterised boxes) or ``"miou"`` (the box
             mIoU of the whole pipeline, which also weighs false alarms on normal pairs; candidates
             are 101 quantiles of the upper half of the pooled scores plus every map's maximum).
     """
@@ -182,11 +182,11 @@ def _load_rgb(path: str, size: tuple[int, int] | None) -> tuple[np.ndarray, tupl
     from PIL import Image
 
     try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
+        with Image.open(path) as opened:
+            im = opened.convert("RGB")
             orig = im.size
             if size is not None and im.size != size:
-                im = im.resize(size, Image.BILINEAR)
+                im = im.resize(size, Image.Resampling.BILINEAR)
             return np.asarray(im, dtype=np.float32) / 255.0, orig
     except (OSError, ValueError) as exc:
         raise ValueError(f"cannot read image {path}: {exc}") from None

@@ -31,7 +31,7 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "eval",
         help="score a prediction JSONL against pair records (mIoU, Acc@0.3, F1@0.3) and write a report",
-        description="Evaluate model outputs with the DifferAD-R1 protocol (DESIGN §8).",
+        description="Evaluate model outputs with the DifferAD-R1 protocol (docs/method.md §8).",
     )
     p.add_argument("--pred", required=True, help='prediction JSONL: {"id", "output"} or {"id", "box"} per line')
     p.add_argument("--gt", required=True, help="pair records JSONL (differad_rl.data.records schema)")

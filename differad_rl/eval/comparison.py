@@ -1,7 +1,7 @@
 """Several methods on the same held-out pairs, side by side: constant predictors, one table, one report.
 
 A trained model is only worth something against what needs no training. :func:`constant_predictions`
-gives the two floors of the protocol (DESIGN §8) — *always the zero box* (scores every normal target,
+gives the two floors of the protocol (docs/method.md §8) — *always the zero box* (scores every normal target,
 nothing else) and *always the training set's mean box* (the best fixed box in relative coordinates) —
 as prediction sets the protocol scores like any model's. :func:`write_comparison` puts several
 :class:`~differad_rl.eval.protocol.EvalResult` (same pairs, same order) into ``comparison.md`` /

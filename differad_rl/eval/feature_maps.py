@@ -26,10 +26,10 @@ def _read(path: str, size: int) -> np.ndarray:
     from PIL import Image
 
     try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
+        with Image.open(path) as opened:
+            im = opened.convert("RGB")
             if im.size != (size, size):
-                im = im.resize((size, size), Image.BILINEAR)
+                im = im.resize((size, size), Image.Resampling.BILINEAR)
             return np.asarray(im, dtype=np.float32) / 255.0
     except (OSError, ValueError) as exc:
         raise ValueError(f"cannot read image {path}: {exc}") from None

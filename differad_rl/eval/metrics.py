@@ -1,4 +1,4 @@
-"""Localization metrics of the evaluation protocol (DESIGN §8): mIoU, Acc@τ, F1@τ.
+"""Localization metrics of the evaluation protocol (docs/method.md §8): mIoU, Acc@τ, F1@τ.
 
 Two layers over the same code, torchmetrics style:
 
@@ -34,6 +34,8 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
+
+from differad_rl.boxes import inter_union
 
 __all__ = [
     "STAT_FIELDS",
@@ -77,7 +79,7 @@ def _as_pred(pred_boxes: Any, pred_valid: Any | None) -> tuple[np.ndarray, np.nd
                 f"pred_valid has {valid.shape[0]} entries but pred_boxes has {boxes.shape[0]} rows"
             )
         valid = valid & finite
-    return boxes, valid
+    return boxes, np.asarray(valid, dtype=bool)
 
 
 def ragged_ground_truth(gt_boxes: Any, num_samples: int | None = None) -> tuple[np.ndarray, np.ndarray, int]:
@@ -133,17 +135,12 @@ def ragged_ground_truth(gt_boxes: Any, num_samples: int | None = None) -> tuple[
 
 def _pair_iou(p: np.ndarray, g: np.ndarray) -> np.ndarray:
     """Elementwise IoU of ``(K, 4)`` float64 arrays: the formula of :func:`differad_rl.boxes.box_iou`
-    (continuous geometry, 0 where the union is empty), in NumPy.
+    over the same kernel (:func:`differad_rl.boxes.inter_union`), in NumPy.
 
     The evaluation path is NumPy end to end; torch's intra-op threads make the same 100k-element
     op 50-100x slower on an oversubscribed CPU. The tests check equality with the core function.
     """
-    iw = np.clip(np.minimum(p[:, 2], g[:, 2]) - np.maximum(p[:, 0], g[:, 0]), 0.0, None)
-    ih = np.clip(np.minimum(p[:, 3], g[:, 3]) - np.maximum(p[:, 1], g[:, 1]), 0.0, None)
-    inter = iw * ih
-    area_p = np.clip(p[:, 2] - p[:, 0], 0.0, None) * np.clip(p[:, 3] - p[:, 1], 0.0, None)
-    area_g = np.clip(g[:, 2] - g[:, 0], 0.0, None) * np.clip(g[:, 3] - g[:, 1], 0.0, None)
-    union = area_p + area_g - inter
+    inter, union = inter_union(p, g)
     out = np.zeros_like(inter)
     np.divide(inter, union, out=out, where=union > 0)
     return out

@@ -1,4 +1,4 @@
-"""The evaluation protocol (DESIGN §8): prediction file + pair records → per-sample IoUs + metrics.
+"""The evaluation protocol (docs/method.md §8): prediction file + pair records → per-sample IoUs + metrics.
 
 Prediction file (JSONL, one object a line)::
 
@@ -32,7 +32,7 @@ pixel           any of the above                ``pixel`` (e.g. the classic base
 ``space=`` overrides the family's default; ``reasoning=True`` (a DifferAD-R1-style model) makes
 the ``<answer>`` tag mandatory (``require_answer=True``): an output without it is invalid.
 
-**Recorded sizes** (lines written by ``differad-rl predict``, DESIGN §8)::
+**Recorded sizes** (lines written by ``differad-rl predict``, docs/method.md §8)::
 
     {"id": …, "output": …, "family": "qwen2_5_vl", "space": "qwen2_5_vl",
      "image_size": [900, 700], "input_size": [896, 700],
@@ -60,7 +60,7 @@ from typing import Any
 
 import numpy as np
 
-from differad_rl.coords import DEFAULT_FACTOR, SPACES, from_model_space, smart_resize_array
+from differad_rl.coords import DEFAULT_FACTOR, SPACES, Space, check_space, from_model_space, smart_resize_array
 from differad_rl.data.records import iter_jsonl
 from differad_rl.eval.metrics import _as_pred, _compute, _sample_ious, _update, ragged_ground_truth
 from differad_rl.parsing import completion_text, parse_boxes_batch
@@ -144,9 +144,9 @@ class EvalConfig:
         return self.family if self.family is not None else "qwen2_5_vl"
 
     @property
-    def resolved_space(self) -> str:
+    def resolved_space(self) -> Space:
         """The coordinate space actually used."""
-        return self.space if self.space is not None else FAMILIES[self.resolved_family]
+        return check_space(self.space if self.space is not None else FAMILIES[self.resolved_family])
 
     @property
     def budget(self) -> tuple[int, int]:
@@ -264,7 +264,8 @@ def read_predictions(path: str | os.PathLike[str]) -> Predictions:
         where = f"{p}:{lineno}"
         image_sizes.append(_size_field(obj, "image_size", where))
         input_sizes.append(_size_field(obj, "input_size", where))
-        settings = obj.get("settings") if isinstance(obj.get("settings"), dict) else {}
+        raw_settings = obj.get("settings")
+        settings: dict[str, Any] = raw_settings if isinstance(raw_settings, dict) else {}
         budgets.append(
             _size_field({"budget": [settings["min_pixels"], settings["max_pixels"]]}, "budget", where)
             if settings.get("min_pixels") is not None and settings.get("max_pixels") is not None
@@ -331,11 +332,11 @@ def resolve_config(config: EvalConfig, preds: Predictions) -> EvalConfig:
     space = space if space is not None else preds.space
     if preds.budgets is not None and (config.min_pixels is not None or config.max_pixels is not None):
         have = preds.budgets[np.isfinite(preds.budgets).all(axis=1)]
-        for col, name, given in ((0, "min_pixels", config.min_pixels), (1, "max_pixels", config.max_pixels)):
-            bad = have[:, col] != given if given is not None else np.zeros(len(have), dtype=bool)
+        for col, name, pixels in ((0, "min_pixels", config.min_pixels), (1, "max_pixels", config.max_pixels)):
+            bad = have[:, col] != pixels if pixels is not None else np.zeros(len(have), dtype=bool)
             if bad.any():
                 raise ValueError(
-                    f"--{name.replace('_', '-')} {given} disagrees with the predictions' recorded {name} "
+                    f"--{name.replace('_', '-')} {pixels} disagrees with the predictions' recorded {name} "
                     f"{int(have[bad][0, col])}; the recorded input sizes are what the model saw: drop the option"
                 )
     return replace(config, family=family, space=space)

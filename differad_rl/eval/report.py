@@ -94,7 +94,7 @@ def _hist_png(result: EvalResult) -> bytes:
     normal = np.fromiter((len(b) == 0 for b in result.gt_boxes), dtype=bool, count=len(result.gt_boxes))
     fig = Figure(figsize=(6, 3.5))
     ax = fig.add_subplot(1, 1, 1)
-    bins = np.linspace(0.0, 1.0, 21)
+    bins = np.linspace(0.0, 1.0, 21).tolist()
     ax.hist(
         [result.ious[~normal], result.ious[normal]],
         bins=bins,

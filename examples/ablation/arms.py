@@ -15,8 +15,8 @@ class Arm:
         name: short identifier (file names, table keys).
         label: human-readable description for tables and plots.
         reward: localization reward kind, one of ``REWARD_KINDS``.
-        difficulty: scale advantages by ``differad_rl.groups.difficulty_weights`` (DESIGN §5).
-        resample_rounds: K of ``differad_rl.resampling.resample_groups`` (0 = off, DESIGN §6).
+        difficulty: scale advantages by ``differad_rl.groups.difficulty_weights`` (docs/method.md §5).
+        resample_rounds: K of ``differad_rl.resampling.resample_groups`` (0 = off, docs/method.md §6).
         dapo: DAPO-style dynamic sampling: drop groups whose advantages are all zero and draw new
             prompts until the batch is full (at most ``TrainConfig.dapo_max_draws`` draws per step).
     """

@@ -1,4 +1,4 @@
-"""Cold start: a short supervised fit of the policy's means before RL (DESIGN §1, phase 1).
+"""Cold start: a short supervised fit of the policy's means before RL (docs/method.md §1, phase 1).
 
 The method fine-tunes the MLLM on "spot the difference" pairs before GRPO; the stand-in does the
 same in miniature, so that RL starts from a policy that roughly knows where to look (and the arms

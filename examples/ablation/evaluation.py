@@ -1,6 +1,6 @@
 """Held-out evaluation of the stand-in policy with the project's evaluation code.
 
-Metrics come from ``differad_rl.eval.localization_metrics`` (DESIGN §8): mIoU, Acc@0.3, F1@0.3
+Metrics come from ``differad_rl.eval.localization_metrics`` (docs/method.md §8): mIoU, Acc@0.3, F1@0.3
 ("overall" summary). A normal target scores IoU 1 iff the zero box is answered; an anomalous one the
 IoU with its best-matching ground-truth box. F1 at IoU ≥ 0.3: TP = anomalous target hit, FP = a box
 on a normal target or a box with IoU < 0.3, FN = anomalous target not hit. An undefined F1 (no

@@ -1,6 +1,6 @@
 """The six localization rewards the ablation compares, behind one batch function.
 
-Kinds (all scores in [0, 1], the zero-box rule of DESIGN §3 applied by the core):
+Kinds (all scores in [0, 1], the zero-box rule of docs/method.md §3 applied by the core):
 
 - ``"iou"``: plain IoU, ``differad_rl.rewards.localization_scores(kind="iou")``.
 - ``"iou_area_penalty"``: **baseline, implemented here, not in the package.** A reconstruction of the

@@ -5,7 +5,7 @@
 
 Builds (or reuses) the demo pair set offline (``differad_rl.data.demo.build_demo_pairs``), draws a
 seeded 30 % calibration subset of the *train* split, calibrates the threshold there, and evaluates
-on the whole *test* split with the protocol of DESIGN §8 (mIoU, Acc@0.3, F1@0.3, per category).
+on the whole *test* split with the protocol of docs/method.md §8 (mIoU, Acc@0.3, F1@0.3, per category).
 Writes ``preds.jsonl``, ``metrics.json``, ``samples.jsonl``, ``iou_hist.png``, ``cases.png`` and
 ``report.html`` and ``baseline.json`` (threshold, image AUROC, pixel AUROC, AUPRO) into ``--out``
 (``<out>/<method>`` with ``--method all``). The same as::

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# TRL GRPO through vLLM with group regeneration, on a GPU (issue 17 item 3): the paper configuration
+# TRL GRPO through vLLM with group regeneration, on a GPU: the paper configuration
 # (--paper: G = 8, bf16, max_pixels = 1,003,520, frozen vision tower, weights, K = 1 resampling) with
 # --use-vllm (colocate), then the same with the DAPO filter and one refill round instead of resampling.
 # Both regenerate groups through TRL 1.16's own vLLM generation path.

@@ -6,7 +6,7 @@ The model learns the answer format before RL: for each pair the assistant turn i
     <think>…one sentence about where the target differs…</think><answer>(x1,y1),(x2,y2)</answer>
 
 with the box in the MODEL FAMILY's coordinate space (Qwen2-VL / Qwen3-VL 0..1000, Qwen2.5-VL pixels of
-the resized image — read off the processor; DESIGN §2) and the zero box ``(0,0),(0,0)`` for a normal
+the resized image — read off the processor; docs/method.md §2) and the zero box ``(0,0),(0,0)`` for a normal
 target. Prompts are the method's (system prompt, reference image first, target second, a seeded
 instruction from the pool) — the same rows the GRPO example trains on.
 

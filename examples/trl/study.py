@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """The ablation on the real trainer: ARMS × SEEDS of ``DifferADGRPOTrainer`` from one cold start, at an equal
-generation budget, scored on the held-out split by predict + eval (issue 12; issue 9's 3-seed spread).
+generation budget, scored on the held-out split by predict + eval (three seeds for the spread).
 
 Every run is ``train_grpo.py --recipe learner --model COLD_START`` (its own code path, called in process)
 with the arm's options, stopped by :class:`GenerationBudget` as soon as the completions it sampled —

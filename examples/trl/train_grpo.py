@@ -26,7 +26,7 @@ Several processes work the same way (decisions are taken from gathered rewards);
 with two gloo processes: ``torchrun --nproc_per_node 2 examples/trl/train_grpo.py --model tiny --cold-start-steps 0
 --max-steps 2`` (the in-process cold start is meant for the single-process demo).
 
-The paper's GPU recipe (DESIGN §1: G = 8, 8 completions per device, gradient accumulation 2, bf16,
+The paper's GPU recipe (docs/method.md §1: G = 8, 8 completions per device, gradient accumulation 2, bf16,
 frozen vision tower, max_pixels = 1,003,520, one epoch, β = 0.04, truncated completions masked,
 TRL's DAPO loss with ε = 0.2 / ε_high = 0.28, weights on, K = 1 resampling round)::
 
@@ -37,7 +37,7 @@ TRL's DAPO loss with ε = 0.2 / ε_high = 0.28, weights on, K = 1 resampling rou
 config straight to the trainer. Start from the SFT cold start's checkpoint with ``--model``.)
 TRL 1.16 has no ``max_prompt_length``, so the paper's 1024-token prompt cap is not applied: prompt
 length is governed by the pixel budget (two images at 1,003,520 pixels are up to 2 × 1,280 visual
-tokens). The learning rate (1e-6 with ``--paper``) is this script's choice; DESIGN §1 gives none.
+tokens). The learning rate (1e-6 with ``--paper``) is this script's choice; docs/method.md §1 gives none.
 """
 
 from __future__ import annotations
@@ -197,7 +197,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="after training, evaluate on this split: cold start vs final vs constant predictors vs the "
                         "classic baseline ('' = no evaluation)")
     p.add_argument("--output-dir", default="runs/differad_grpo")
-    p.add_argument("--paper", action="store_true", help="the paper's GPU hyperparameters (DESIGN §1)")
+    p.add_argument("--paper", action="store_true", help="the paper's GPU hyperparameters (docs/method.md §1)")
     p.add_argument("--plain-grpo", action="store_true", help="trl.GRPOTrainer without weights/resampling")
     p.add_argument("--max-steps", type=int, default=None, help="default 100 (default run) / 6 (tiny) / -1 = one epoch (--paper)")
     p.add_argument("--num-generations", type=int, default=None, help="G (default 8; 4 tiny)")

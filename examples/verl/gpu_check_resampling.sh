@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-command GPU check of same-prompt group resampling (DESIGN §6) inside veRL 0.9's real rollout:
+# One-command GPU check of same-prompt group resampling (docs/method.md §6) inside veRL 0.9's real rollout:
 # vLLM serving Qwen2.5-VL-3B-Instruct, veRL's V1 trainer, differad's reward, the differad agent-loop
 # manager (regenerates degenerate groups up to K rounds) and replay buffer (logs the statistics).
 # A few training steps on the offline demo pairs, then the logged metrics are checked.

@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="output folder for train.parquet / val.parquet")
     p.add_argument("--space", default="qwen2_5_vl", choices=SPACES, help="coordinate space of the model to train")
     p.add_argument("--min-pixels", type=int, default=DEFAULT_MIN_PIXELS)
-    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="DESIGN §1: 1003520")
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="docs/method.md §1: 1003520")
     p.add_argument("--seed", type=int, default=0, help="seeds the instruction drawn for each row")
     return p
 

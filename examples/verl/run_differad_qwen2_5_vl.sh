@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # DifferAD-R1 GRPO on Qwen2.5-VL with veRL 0.9 (V1 trainer, vLLM rollout):
 # DCLR + format reward, the `differad` advantage estimator (difficulty weights from the localization
-# reward), same-prompt group resampling, the paper's hyperparameters (DESIGN §1).
+# reward), same-prompt group resampling, the paper's hyperparameters (docs/method.md §1).
 #
 #   pip install "differad-rl[verl-vllm]"   # on the GPU machines: veRL's own vllm extra (vllm 0.24.0 with the
 #                                          # torch / torchvision / transformers it pins)
@@ -21,11 +21,11 @@ NNODES=${NNODES:-1}
 NGPUS_PER_NODE=${NGPUS_PER_NODE:-8}
 RESAMPLE_ROUNDS=${RESAMPLE_ROUNDS:-2}        # K regeneration rounds of degenerate groups; 0 = off
 TP=${TP:-2}                                 # vLLM tensor parallel size per replica
-# DESIGN §1: G = 8 completions per prompt, 8 completions per GPU, gradient accumulation 2
+# docs/method.md §1: G = 8 completions per prompt, 8 completions per GPU, gradient accumulation 2
 # -> one update per step over 2 prompts per GPU.
 GROUP_SIZE=8
 PROMPTS_PER_STEP=$((2 * NNODES * NGPUS_PER_NODE))
-# The prompt budget follows the pixel budget (DESIGN §1: max_pixels = 14·14·4·1280). Each image is
+# The prompt budget follows the pixel budget (docs/method.md §1: max_pixels = 14·14·4·1280). Each image is
 # at most MAX_PIXELS / FACTOR² visual tokens (FACTOR = patch 14 × merge 2 for Qwen2/2.5-VL; 32 for
 # Qwen3-VL), two images per prompt, plus the text (system prompt, instruction, chat template: under
 # 300 tokens). The paper's 1024-token cap fits only images under ~560 px; with

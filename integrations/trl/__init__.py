@@ -11,7 +11,7 @@ A GRPO script gets the method by changing a few lines::
         DifferADGRPOConfig, DifferADGRPOTrainer, differad_rewards, to_trl_dataset)
 
     train = to_trl_dataset("pairs.jsonl")                       # validated; ref first, target second
-    args = DifferADGRPOConfig.paper("out")                      # DESIGN §1 + weights + resampling
+    args = DifferADGRPOConfig.paper("out")                      # docs/method.md §1 + weights + resampling
     trainer = DifferADGRPOTrainer(model=model, processing_class=processor, args=args,
                                   reward_funcs=differad_rewards(processor), train_dataset=train)
 """

@@ -1,4 +1,4 @@
-"""``DifferADGRPOConfig``: TRL's ``GRPOConfig`` plus the DifferAD-R1 switches (DESIGN §5, §6).
+"""``DifferADGRPOConfig``: TRL's ``GRPOConfig`` plus the DifferAD-R1 switches (docs/method.md §5, §6).
 
 Every new field defaults to "off", so a :class:`DifferADGRPOConfig` with no DifferAD field set makes
 :class:`~differad_rl.integrations.trl.trainer.DifferADGRPOTrainer` behave exactly like ``trl.GRPOTrainer``.
@@ -31,7 +31,7 @@ class DifferADGRPOConfig(GRPOConfig):
             Multiply every advantage by its group's weight
             :math:`\omega_g = (e^{1-\alpha_g} + \sqrt{1 + \beta_g}) / 2 \in [1, 2.066]`, with
             :math:`\alpha_g` the mean localization reward of the group and :math:`\beta_g` the share of
-            the group whose localization reward is below ``difficulty_tau`` (DESIGN §5). Computed by
+            the group whose localization reward is below ``difficulty_tau`` (docs/method.md §5). Computed by
             :func:`differad_rl.groups.difficulty_weights` on the rewards gathered over all processes.
         difficulty_tau (`float`, defaults to `0.3`):
             Miss threshold :math:`\tau` in [0, 1].
@@ -39,7 +39,7 @@ class DifferADGRPOConfig(GRPOConfig):
             ``"group"``: :math:`\alpha_g, \beta_g` per group (the definition); ``"batch"``: over the whole
             global generation batch (the original code's local-batch mean, generalised to several processes).
         resample_rounds (`int`, defaults to `0`):
-            K, the number of regeneration rounds of degenerate groups (DESIGN §6); 0 turns it off. A group
+            K, the number of regeneration rounds of degenerate groups (docs/method.md §6); 0 turns it off. A group
             is degenerate when its localization rewards are all equal (std < ``degenerate_tol``) and none
             is perfect; all its completions are regenerated, at most K times.
         localization_reward (`str` or `None`, defaults to `None`):
@@ -50,7 +50,7 @@ class DifferADGRPOConfig(GRPOConfig):
         degenerate_tol (`float`, defaults to `1e-6`):
             Standard-deviation tolerance under which a group's localization rewards count as equal.
 
-    The peers' strategies (DESIGN §9; :mod:`differad_rl.integrations.trl.peers`), all off by default:
+    The peers' strategies (docs/method.md §9; :mod:`differad_rl.integrations.trl.peers`), all off by default:
     ``advantage_weighting`` (``None``/``"differad"``/``"emit"``/``"univg"``), ``correct_threshold``,
     ``univg_form``, ``univg_power``, ``degeneracy_rule`` (``"differad"``/``"emit"``), ``group_filter``
     (``None``/``"dapo"``/``"easyr1"``), ``group_filter_low``, ``group_filter_high``,
@@ -75,23 +75,25 @@ class DifferADGRPOConfig(GRPOConfig):
     when the next generation batch starts. Unsafe: a trainable or adapter-wrapped tower, DeepSpeed
     ZeRO-3, FSDP. Results are unchanged (the tower is frozen; the tests check bitwise equality).
 
-    Use :meth:`paper` for the reference hyperparameters of DESIGN §1.
+    Use :meth:`paper` for the reference hyperparameters of docs/method.md §1.
     """
 
     # --- TRL defaults decided by the hardware (integrations/hardware.py) -----------------------------------
-    bf16: bool | None = field(
+    # None is resolved to a bool in __post_init__, before TrainingArguments reads either field (TRL's own
+    # bf16 is typed the same way); hence the narrower base-class annotations are overridden.
+    bf16: bool | None = field(  # type: ignore[assignment]
         default=None,
         metadata={"help": "bf16 autocast. None = on with an accelerator that supports it, off on a CPU; True on a "
                           "CPU without native bf16 runs fp32 with a warning (emulated bf16 is ~10x slower)."},
     )
-    gradient_checkpointing: bool | None = field(
+    gradient_checkpointing: bool | None = field(  # type: ignore[assignment]
         default=None,
         metadata={"help": "Gradient checkpointing. None = on with an accelerator (memory), off on a CPU."},
     )
 
     difficulty_weighting: bool = field(
         default=False,
-        metadata={"help": "Multiply advantages by the difficulty weight of their group (DESIGN §5)."},
+        metadata={"help": "Multiply advantages by the difficulty weight of their group (docs/method.md §5)."},
     )
     difficulty_tau: float = field(
         default=0.3,
@@ -103,7 +105,7 @@ class DifferADGRPOConfig(GRPOConfig):
     )
     resample_rounds: int = field(
         default=0,
-        metadata={"help": "K: regeneration rounds for degenerate groups (DESIGN §6); 0 = off."},
+        metadata={"help": "K: regeneration rounds for degenerate groups (docs/method.md §6); 0 = off."},
     )
     localization_reward: str | None = field(
         default=None,
@@ -113,7 +115,7 @@ class DifferADGRPOConfig(GRPOConfig):
         default=1e-6,
         metadata={"help": "A group is degenerate when its localization-reward std is below this (and none is 1)."},
     )
-    # --- the peers' strategies (DESIGN §9; integrations/trl/peers.py), all off by default -----------------
+    # --- the peers' strategies (docs/method.md §9; integrations/trl/peers.py), all off by default -----------------
     advantage_weighting: str | None = field(
         default=None,
         metadata={"help": "None/'differad' (the method's ω), 'emit' (× 1 + share wrong) or 'univg' (× f(batch mIoU))."},
@@ -202,7 +204,7 @@ class DifferADGRPOConfig(GRPOConfig):
 
     @classmethod
     def paper(cls, output_dir: str, **overrides: Any) -> DifferADGRPOConfig:
-        """The reference RL setup of DifferAD-R1 (DESIGN §1), for a GPU run; ``overrides`` win.
+        """The reference RL setup of DifferAD-R1 (docs/method.md §1), for a GPU run; ``overrides`` win.
 
         G = 8 completions per prompt, 8 completions per device, gradient accumulation 2, bf16, gradient
         checkpointing (memory at 3B, 1024 px; the frozen vision tower is never back-propagated), one epoch,

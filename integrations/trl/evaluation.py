@@ -1,4 +1,4 @@
-"""Protocol metrics while training: held-out mIoU, Acc@τ and F1@τ of greedy generations (DESIGN §8).
+"""Protocol metrics while training: held-out mIoU, Acc@τ and F1@τ of greedy generations (docs/method.md §8).
 
 :class:`~differad_rl.integrations.trl.trainer.DifferADGRPOTrainer` calls :class:`ProtocolEvaluation`
 from its ``evaluate`` / ``evaluation_loop`` hooks, so the numbers appear wherever TRL's eval metrics do

@@ -1,4 +1,4 @@
-"""The peers' strategies (DESIGN §9) in ``DifferADGRPOTrainer``: config checks and the step that applies them.
+"""The peers' strategies (docs/method.md §9) in ``DifferADGRPOTrainer``: config checks and the step that applies them.
 
 The algorithms live in the core (:mod:`differad_rl.group_weights`, :mod:`differad_rl.group_filters`);
 this module maps the :class:`~differad_rl.integrations.trl.config.DifferADGRPOConfig` fields onto them:
@@ -36,8 +36,9 @@ from typing import Any
 
 import torch
 
-from differad_rl.group_filters import Rule, group_rule
-from differad_rl.group_weights import MEAN_REWARD_FORMS, mean_reward_weight, wrong_share_weights
+from differad_rl.group_filters import Rule, group_rule, resolve_rule
+from differad_rl.group_weights import MEAN_REWARD_FORMS
+from differad_rl.registry import advantage_weights, check_weighting, contiguous_ids
 
 __all__ = [
     "ADVANTAGE_WEIGHTINGS",
@@ -50,9 +51,9 @@ __all__ = [
     "resample_rule",
 ]
 
-ADVANTAGE_WEIGHTINGS = (None, "differad", "emit", "univg")
-DEGENERACY_RULES = ("differad", "emit")
-GROUP_FILTERS = (None, "dapo", "easyr1")
+ADVANTAGE_WEIGHTINGS = (None, "differad", "emit", "univg")  # None + differad_rl.registry.WEIGHTINGS
+DEGENERACY_RULES = ("differad", "emit")  # the same-prompt rules of differad_rl.group_filters.GROUP_RULES
+GROUP_FILTERS = (None, "dapo", "easyr1")  # the new-prompt rules of differad_rl.group_filters.GROUP_RULES
 
 _PREFIX = "differad/"
 
@@ -61,6 +62,19 @@ def _finite(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
     return float(value)
+
+
+def _rule_name(field: str, value: Any, accepted: tuple[str | None, ...]) -> Any:
+    """``value`` resolved through the core's rule names (a deprecated alias warns), one of ``accepted``."""
+    if value is None and None in accepted:
+        return None
+    try:
+        name = resolve_rule(value, field=field)
+    except ValueError:
+        name = None
+    if name not in accepted or name is None:
+        raise ValueError(f"{field}={value!r} is not known; expected one of {accepted}")
+    return name
 
 
 def check_peer_fields(cfg: Any) -> None:
@@ -72,10 +86,7 @@ def check_peer_fields(cfg: Any) -> None:
     Raises:
         ValueError: naming the field, the value and the accepted values.
     """
-    if cfg.advantage_weighting not in ADVANTAGE_WEIGHTINGS:
-        raise ValueError(
-            f"advantage_weighting={cfg.advantage_weighting!r} is not known; expected one of {ADVANTAGE_WEIGHTINGS}"
-        )
+    check_weighting(cfg.advantage_weighting, field="advantage_weighting")
     if cfg.advantage_weighting == "differad":
         cfg.difficulty_weighting = True
     elif cfg.advantage_weighting is not None and cfg.difficulty_weighting:
@@ -87,10 +98,8 @@ def check_peer_fields(cfg: Any) -> None:
     if cfg.univg_form not in MEAN_REWARD_FORMS:
         raise ValueError(f"univg_form={cfg.univg_form!r} is not known; expected one of {MEAN_REWARD_FORMS}")
     cfg.univg_power = _finite("univg_power", cfg.univg_power)
-    if cfg.degeneracy_rule not in DEGENERACY_RULES:
-        raise ValueError(f"degeneracy_rule={cfg.degeneracy_rule!r} is not known; expected one of {DEGENERACY_RULES}")
-    if cfg.group_filter not in GROUP_FILTERS:
-        raise ValueError(f"group_filter={cfg.group_filter!r} is not known; expected one of {GROUP_FILTERS}")
+    cfg.degeneracy_rule = _rule_name("degeneracy_rule", cfg.degeneracy_rule, DEGENERACY_RULES)
+    cfg.group_filter = _rule_name("group_filter", cfg.group_filter, GROUP_FILTERS)
     low = _finite("group_filter_low", cfg.group_filter_low)
     high = _finite("group_filter_high", cfg.group_filter_high)
     if not low < high:
@@ -114,17 +123,16 @@ def peers_active(cfg: Any) -> bool:
 def resample_rule(cfg: Any) -> Rule:
     """The rule ``resample_rounds`` regenerates by: the method's degenerate groups or EMIT's "no correct"."""
     if getattr(cfg, "degeneracy_rule", "differad") == "emit":
-        return group_rule("no_correct", threshold=float(getattr(cfg, "correct_threshold", 0.0)))
-    return group_rule("degenerate", tol=float(getattr(cfg, "degenerate_tol", 1e-6)))
+        return group_rule("emit", threshold=float(getattr(cfg, "correct_threshold", 0.0)))
+    return group_rule("differad", tol=float(getattr(cfg, "degenerate_tol", 1e-6)))
 
 
 def filter_rule(cfg: Any) -> Rule | None:
     """The rule of ``group_filter`` (the groups it drops, and the groups ``group_filter_refill_rounds`` replaces)."""
-    if getattr(cfg, "group_filter", None) == "dapo":
-        return group_rule("zero_variance")
-    if getattr(cfg, "group_filter", None) == "easyr1":
-        return group_rule("out_of_band", low=cfg.group_filter_low, high=cfg.group_filter_high)
-    return None
+    name = getattr(cfg, "group_filter", None)
+    if name is None:
+        return None
+    return group_rule(name, low=cfg.group_filter_low, high=cfg.group_filter_high, field="group_filter")
 
 
 def _filtered(cfg: Any, loc: torch.Tensor, g: int) -> torch.Tensor | None:
@@ -154,10 +162,9 @@ def apply_peer_strategies(trainer: Any, inputs: list, output: dict[str, Any], lo
 
     weighting = getattr(cfg, "advantage_weighting", None)
     if weighting in ("emit", "univg"):
-        if weighting == "emit":
-            weights = wrong_share_weights(loc, g, cfg.correct_threshold)
-        else:
-            weights = mean_reward_weight(loc, cfg.univg_form, cfg.univg_power).expand(loc.numel())
+        weights = advantage_weights(weighting, loc, contiguous_ids(loc.numel(), g, loc.device),
+                                    correct_threshold=cfg.correct_threshold, univg_form=cfg.univg_form,
+                                    univg_power=cfg.univg_power)
         w_local = weights[local].to(device=adv.device, dtype=adv.dtype)
         adv = adv * (w_local if adv.dim() == 1 else w_local.unsqueeze(-1))
         metrics[_PREFIX + "weight_mean"].append(weights.float().mean().item())

@@ -7,7 +7,7 @@ where ``columns`` are the dataset's columns (repeated per completion). The datas
 ``[0, 0, 0, 0]`` for a normal target — ``image_size`` = ``[width, height]`` of the target, and
 ``images`` = ``[reference, target]``.
 
-The model writes boxes in its family's space (DESIGN §2): Qwen2-VL / Qwen3-VL integers 0..1000,
+The model writes boxes in its family's space (docs/method.md §2): Qwen2-VL / Qwen3-VL integers 0..1000,
 Qwen2.5-VL pixels of the image the processor actually fed it (``smart_resize`` with the processor's
 own ``min_pixels`` / ``max_pixels`` and ``patch_size × merge_size``). So the adapter:
 
@@ -36,9 +36,8 @@ from typing import Any
 
 import numpy as np
 
-from differad_rl import box_rewards as _peer_core
 from differad_rl import coords as _coords
-from differad_rl import rewards as _core
+from differad_rl import registry as _registry
 
 __all__ = [
     "BOX_REWARDS",
@@ -54,34 +53,18 @@ __all__ = [
     "REWARD_FACTORIES",
 ]
 
-#: name → the core factory (in :mod:`differad_rl.rewards`) that builds it.
-REWARD_FACTORIES: Mapping[str, str] = {
-    "dclr": "get_dclr_reward",
-    "iou": "get_iou_reward",
-    "consistency": "get_consistency_reward",
-    "multi_box": "get_multi_box_reward",
-    "format": "get_format_reward",
-}
-#: the peers' box rewards (DESIGN §9), name → the factory in :mod:`differad_rl.box_rewards`
-PEER_REWARD_FACTORIES: Mapping[str, str] = {
-    "iou_threshold": "get_iou_threshold_reward",
-    "iou_squared": "get_iou_squared_reward",
-    "giou": "get_giou_reward",
-    "diou": "get_diou_reward",
-    "ciou": "get_ciou_reward",
-    "matched_hits": "get_matched_hits_reward",
-}
-REWARD_FACTORIES = {**REWARD_FACTORIES, **PEER_REWARD_FACTORIES}
-_BOX_REWARDS = frozenset({"dclr", "iou", "consistency", "multi_box", *PEER_REWARD_FACTORIES})
-_MULTI_BOX_REWARDS = frozenset({"multi_box", "matched_hits"})
+#: name → the registry entry that builds it (:data:`differad_rl.registry.REWARDS`; kept for callers
+#: that list the names; the registry is the one source).
+REWARD_FACTORIES: Mapping[str, _registry.RewardEntry] = _registry.REWARDS
+#: the peers' box rewards (docs/method.md §9): the registered rewards of :mod:`differad_rl.box_rewards`
+PEER_REWARD_FACTORIES: Mapping[str, _registry.RewardEntry] = {k: e for k, e in _registry.REWARDS.items() if e.peer}
 #: reward names that score a box (the others — ``format`` — judge the text only).
-BOX_REWARDS = _BOX_REWARDS
-_DCLR_OPTIONS = frozenset({"w_center", "w_area", "eps", "center_norm", "size_term"})
+BOX_REWARDS = frozenset(k for k, e in _registry.REWARDS.items() if e.box)
 
 
 def reward_names() -> tuple[str, ...]:
     """Names accepted by :func:`get_reward` / :func:`differad_rewards`."""
-    return tuple(REWARD_FACTORIES)
+    return _registry.reward_names()
 
 
 def localization_reward_name(names: Sequence[str]) -> str:
@@ -94,11 +77,11 @@ def localization_reward_name(names: Sequence[str]) -> str:
     Raises:
         ValueError: ``names`` holds no box reward (difficulty weights and resampling need one).
     """
-    boxes = [n for n in names if n in _BOX_REWARDS]
+    boxes = [n for n in names if n in BOX_REWARDS]
     if not boxes:
         raise ValueError(
             f"rewards {list(names)} hold no box reward: difficulty weights and group resampling are judged on the "
-            f"localization reward; add one of {sorted(_BOX_REWARDS)} (e.g. dclr)"
+            f"localization reward; add one of {sorted(BOX_REWARDS)} (e.g. dclr)"
         )
     return f"{'dclr' if 'dclr' in boxes else boxes[0]}_reward"
 
@@ -119,7 +102,7 @@ class CoordinateSpec:
     they are informational and may be ``None``.
     """
 
-    space: str
+    space: _coords.Space
     min_pixels: int | None = None
     max_pixels: int | None = None
     factor: int | None = None
@@ -141,7 +124,7 @@ class CoordinateSpec:
 
     def to_model_space(self, boxes: Any, width: Any, height: Any) -> Any:
         """Convert original-pixel boxes to this space (thin call of :func:`differad_rl.coords.to_model_space`)."""
-        kw = self.coord_kwargs()
+        kw: dict[str, Any] = dict(self.coord_kwargs())
         return _coords.to_model_space(boxes, width, height, self.space, **kw)
 
     def coord_kwargs(self) -> dict[str, int]:
@@ -213,6 +196,7 @@ def coordinate_spec(
     if isinstance(processor_or_space, CoordinateSpec):
         return processor_or_space
     lo, hi, f = min_pixels, max_pixels, factor
+    found: str | None
     if isinstance(processor_or_space, str):
         found = processor_or_space if processor_or_space in _coords.SPACES else _coords.space_for_model(
             processor_or_space
@@ -247,7 +231,7 @@ def coordinate_spec(
             f"pass space= (one of {_coords.SPACES}) or model="
         )
     return CoordinateSpec(
-        space=found,
+        space=_coords.check_space(found),
         min_pixels=None if lo is None else int(lo),
         max_pixels=None if hi is None else int(hi),
         factor=None if f is None else int(f),
@@ -398,29 +382,25 @@ class TargetSizeReward:
 def get_reward(name: str, spec: CoordinateSpec | Any, /, **options: Any) -> Callable[..., list[float]]:
     """One TRL reward function by ``name`` (see :func:`reward_names`).
 
-    Box rewards are built by the core factory with ``gt_space="pixel"``, ``space=spec.space`` and
-    the spec's pixel budget, then wrapped in :class:`TargetSizeReward`; ``"format"`` is the core's
-    :func:`~differad_rl.rewards.format_reward` (options are not accepted for it). The option
+    Box rewards are built through the registry (:func:`differad_rl.registry.build_reward`) with
+    ``gt_space="pixel"``, ``space=spec.space`` and the spec's pixel budget, then wrapped in
+    :class:`TargetSizeReward`; ``"format"`` is the core's format reward (it takes ``name`` and
+    ``family`` only). The option
     ``name=`` renames the function (its ``__name__``, under which TRL logs it and
     ``localization_reward`` finds it): two variants of one reward in a trainer need distinct names.
 
     Raises:
-        ValueError: unknown ``name`` (the message lists the known ones) or options for ``format``.
+        ValueError: unknown ``name`` (the message lists the known ones) or an option the reward does not take.
     """
-    if name not in REWARD_FACTORIES:
-        raise ValueError(f"reward name {name!r} is unknown; known rewards: {', '.join(reward_names())}")
-    if name not in _BOX_REWARDS:
-        rename = options.pop("name", None)
-        if options:
-            raise ValueError(f"reward {name!r} takes no options, got {sorted(options)}")
-        return getattr(_core, REWARD_FACTORIES[name])(**({"name": rename} if rename else {}))
+    entry = _registry.reward_entry(name)
+    if not entry.box:
+        return _registry.build_reward(name, **options)
     spec = coordinate_spec(spec)
-    factory = getattr(_peer_core if name in PEER_REWARD_FACTORIES else _core, REWARD_FACTORIES[name])
     kw: dict[str, Any] = dict(options)
     kw.update(gt_space="pixel", space=spec.space)
     kw.update(spec.coord_kwargs())
-    inner = factory(**kw)
-    return TargetSizeReward(inner, getattr(inner, "__name__", f"{name}_reward"), multi_box=name in _MULTI_BOX_REWARDS)
+    inner = _registry.build_reward(name, **kw)
+    return TargetSizeReward(inner, getattr(inner, "__name__", f"{name}_reward"), multi_box=entry.multi_box)
 
 
 def differad_rewards(
@@ -452,9 +432,15 @@ def differad_rewards(
         raise ValueError("names=[]: give at least one reward name")
     if "name" in options:
         raise ValueError("name= would give every reward the same name; rename one reward with get_reward(kind, spec, name=...)")
-    unknown = [n for n in names if n not in REWARD_FACTORIES]
+    for n in names:
+        _registry.reward_entry(n)  # raises on an unknown name, listing the known ones
+    # one option set may configure several reward lists (a study's arms): an option the listed rewards do not
+    # take is skipped, but one that no registered reward takes is a mistake
+    taken = set().union(*(e.accepts() for e in _registry.REWARDS.values()))
+    unknown = sorted(set(options) - taken)
     if unknown:
-        raise ValueError(f"reward name {unknown[0]!r} is unknown; known rewards: {', '.join(reward_names())}")
+        raise ValueError(f"option(s) {', '.join(unknown)} are taken by no reward; the rewards' options: "
+                         f"{', '.join(sorted(taken))}")
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise ValueError(f"names={names}: duplicate reward(s) {dup}")
@@ -465,10 +451,7 @@ def differad_rewards(
 
 
 def _options_for(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
-    """The shared ``options`` that reward ``name`` takes: none for ``format``; for ``iou`` all but the
-    DCLR parameters (IoU has none), so one set of options can configure a whole reward list."""
-    if name not in _BOX_REWARDS:
-        return {}
-    if name == "iou" or name in PEER_REWARD_FACTORIES:  # the DCLR parameters are not theirs
-        return {k: v for k, v in options.items() if k not in _DCLR_OPTIONS}
-    return dict(options)
+    """The shared ``options`` that reward ``name`` takes (:func:`differad_rl.registry.reward_options`):
+    the DCLR parameters go to the DCLR rewards only, ``family`` to every reward (the format reward
+    included), so one set of options configures a whole reward list."""
+    return _registry.reward_options(name, options)

@@ -22,7 +22,7 @@ module only wires them into TRL 1.16's generation step:
    recounted.
 3. Weights (``difficulty_weighting``): Â_i = ω_g · A_i, with ω from the gathered localization reward.
 
-4. The peers' strategies (DESIGN §9), opt-in: ``degeneracy_rule="emit"`` changes the groups step 2
+4. The peers' strategies (docs/method.md §9), opt-in: ``degeneracy_rule="emit"`` changes the groups step 2
    regenerates; with ``group_filter="dapo"|"easyr1"`` and ``group_filter_refill_rounds`` = R the filtered
    groups are replaced by groups of new prompts from ``train_dataset`` (the step-2 machinery with new
    inputs, at most R rounds); ``advantage_weighting="emit"|"univg"`` and the filter's drop of the groups
@@ -485,7 +485,7 @@ class DifferADGRPOTrainer(GRPOTrainer):
 
     def _finish_regeneration(self, batch: _Batch, mode: str, tokens_before: int) -> None:
         """After regeneration: TRL's advantages and loss-token count from the final batch, and every metric
-        of the step that TRL computed on the first generation redone on the final batch (item 9 of issue 10):
+        of the step that TRL computed on the first generation redone on the final batch:
         reward means / stds, ``frac_reward_zero_std``, the completions table, completion lengths and
         ``clipped_ratio``, ``num_tokens`` (the final batch's tokens: filler rows and replaced rows are not
         counted) and the reward functions' own ``log_metric`` / ``log_extra`` values (by scoring the final
@@ -728,7 +728,7 @@ def _check_before_build(*args: Any, **kwargs: Any) -> None:
     processor = kwargs.get("processing_class", args[5] if len(args) > 5 else None)
     if processor is not None and getattr(getattr(processor, "tokenizer", processor), "padding_side", "left") != "left":
         # TRL's own loader pads on the left; with a right-padded processor the image-token positions
-        # and the log-probs of padded rows silently change (issue 10 item 1): make it right, loudly.
+        # and the log-probs of padded rows silently change: make it right, loudly.
         import warnings
 
         from differad_rl.integrations.loading import force_left_padding

@@ -21,7 +21,7 @@ as one :class:`ConfigError` (a ``ValueError``). What is checked, when the piece 
   reward builds them.
 - group resampling (the ``DifferadAgentLoopManagerTQ`` manager, :class:`ResampleConfig`): the
   ``differad.resample.*`` options (``rule`` one of :data:`RESAMPLE_RULES`, ``correct_threshold``
-  only with ``rule=no_correct``); the V1 trainer; ``n`` ≥ 2, sampling on (``temperature`` > 0,
+  only with ``rule=emit``); the V1 trainer; ``n`` ≥ 2, sampling on (``temperature`` > 0,
   ``do_sample``) and rewards computed at rollout time when K > 0; the sampler class matching
   ``trainer.v1.trainer_mode`` (``sync`` → ``DifferadReplayBuffer``, async modes →
   ``DifferadReplayBufferAsync``); DAPO ``filter_groups`` settings passed to a differad sampler.
@@ -45,7 +45,7 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from differad_rl.group_filters import Rule, group_rule
+from differad_rl.group_filters import Rule, group_rule, resolve_rule
 
 __all__ = [
     "CONFIG_NODE",
@@ -74,7 +74,7 @@ CONFIG_NODE = "differad.resample"
 MANAGER_FQN = "differad_rl.integrations.verl.resampling.DifferadAgentLoopManagerTQ"
 """Value for ``+actor_rollout_ref.rollout.agent.agent_loop_manager_class``."""
 
-RESAMPLE_RULES: tuple[str, ...] = ("degenerate", "no_correct")
+RESAMPLE_RULES: tuple[str, ...] = ("differad", "emit")
 """Values of ``differad.resample.rule``: the core rules (:data:`differad_rl.group_filters.GROUP_RULES`)
 that ask the same prompt again."""
 
@@ -145,14 +145,16 @@ class ResampleConfig:
         rounds: K, regeneration rounds at most (exactly K when a group stays degenerate); 0 turns
             regeneration off while still reporting the degenerate shares.
         metric: the reward extra judged for degeneracy (a key of the reward's extra info);
-            ``"reward"`` judges the summed score instead (not recommended, DESIGN §6).
+            ``"reward"`` judges the summed score instead (not recommended, docs/method.md §6).
         tol: std under which a group's rewards count as all equal.
         perfect: the reward of a perfect answer; a group holding one is never degenerate.
-        rule: which groups are asked again (:mod:`differad_rl.group_filters`): ``"degenerate"``
-            (the method's: all ``metric`` values equal within ``tol`` and none ``>= perfect``) or
-            ``"no_correct"`` (EMIT's re-roll: every ``metric`` value ``<= correct_threshold``, even
-            when they differ). ``tol`` and ``perfect`` are read by ``"degenerate"`` only.
-        correct_threshold: of ``"no_correct"`` only (None = 0.0, EMIT's ``<= 0`` on its accuracy
+        rule: which groups are asked again (:mod:`differad_rl.group_filters`): ``"differad"``
+            (the method's degenerate groups: all ``metric`` values equal within ``tol`` and none
+            ``>= perfect``) or ``"emit"`` (EMIT's re-roll: every ``metric`` value
+            ``<= correct_threshold``, even when they differ). ``tol`` and ``perfect`` are read by
+            ``"differad"`` only. The former names ``"degenerate"`` / ``"no_correct"`` still resolve
+            (deprecated, with a warning).
+        correct_threshold: of ``"emit"`` only (None = 0.0, EMIT's ``<= 0`` on its accuracy
             reward; on the graded localization reward choose the reward of a hit, e.g. 0.5).
     """
 
@@ -160,7 +162,7 @@ class ResampleConfig:
     metric: str = "localization"
     tol: float = 1e-6
     perfect: float = 1.0
-    rule: str = "degenerate"
+    rule: str = "differad"
     correct_threshold: float | None = None
 
     def __post_init__(self) -> None:
@@ -174,20 +176,25 @@ class ResampleConfig:
                 raise ValueError(f"{CONFIG_NODE}.{name} must be a finite number, got {value!r}")
         if self.tol <= 0:
             raise ValueError(f"{CONFIG_NODE}.tol must be > 0, got {self.tol!r}")
-        if self.rule not in RESAMPLE_RULES:
+        try:  # the core's rule names (a deprecated alias warns and is translated)
+            resolved: str | None = resolve_rule(self.rule, field=f"{CONFIG_NODE}.rule")
+        except ValueError:
+            resolved = None
+        if resolved not in RESAMPLE_RULES:
             raise ValueError(
                 f"{CONFIG_NODE}.rule={self.rule!r} is not a same-prompt re-roll rule; set +{CONFIG_NODE}.rule="
                 f"{' or '.join(RESAMPLE_RULES)} (DAPO's zero-variance eviction is algorithm.filter_groups, "
                 "EasyR1's band filter trainer.v1.sampler.sampler_kwargs.online_filter_metric)"
             )
+        object.__setattr__(self, "rule", resolved)
         if self.correct_threshold is not None:
             value = self.correct_threshold
             if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
                 raise ValueError(f"{CONFIG_NODE}.correct_threshold must be a finite number, got {value!r}")
-            if self.rule != "no_correct":
+            if self.rule != "emit":
                 raise ValueError(
-                    f"{CONFIG_NODE}.correct_threshold={value!r} is read only by rule=no_correct, but "
-                    f"{CONFIG_NODE}.rule={self.rule!r}; set +{CONFIG_NODE}.rule=no_correct or drop the threshold"
+                    f"{CONFIG_NODE}.correct_threshold={value!r} is read only by rule=emit, but "
+                    f"{CONFIG_NODE}.rule={self.rule!r}; set +{CONFIG_NODE}.rule=emit or drop the threshold"
                 )
 
     def group_rule(self) -> Rule:
@@ -404,7 +411,7 @@ def _resample_problems(config: Any, cfg: ResampleConfig) -> list[str]:
         if n is not None and int(n) < 2:
             problems.append(
                 f"{CONFIG_NODE}.rounds={cfg.rounds} needs groups: actor_rollout_ref.rollout.n={n} < 2; "
-                "set actor_rollout_ref.rollout.n=8 (DESIGN §1)"
+                "set actor_rollout_ref.rollout.n=8 (docs/method.md §1)"
             )
         temperature = _get(rollout, "temperature")
         if temperature is not None and float(temperature) <= 0.0:
@@ -502,7 +509,7 @@ def _estimator_problems(config: Any, reward_options: Any) -> list[str]:
         problems.append(
             f"algorithm.adv_estimator=differad compares the completions of a prompt, but "
             f"actor_rollout_ref.rollout.n={n}: every advantage is 0 and nothing trains; set "
-            "actor_rollout_ref.rollout.n=8 (DESIGN §1)"
+            "actor_rollout_ref.rollout.n=8 (docs/method.md §1)"
         )
     bridge = (cfg.difficulty_weights and cfg.weight_source == "localization") or cfg.mask_truncated
     if bridge and _path(config, "trainer.use_v1") is False:

@@ -38,7 +38,8 @@ import logging
 import numbers
 import sys
 import types
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from packaging.specifiers import SpecifierSet

@@ -18,7 +18,7 @@ Why the pixel budget rides on each image: veRL resizes images with ``qwen_vl_uti
 which reads ``min_pixels``/``max_pixels`` from the image entry and otherwise allows up to
 16384·28² ≈ 12.8 M pixels. For Qwen2.5-VL the coordinates the model writes are pixels of that
 resized image, so the budget the reward converts with (``extra_info``) must be the one the images
-are resized with; writing it on both keeps them equal (DESIGN §1: max 1,003,520). veRL's
+are resized with; writing it on both keeps them equal (docs/method.md §1: max 1,003,520). veRL's
 ``RLHFDataset`` opens the ``bytes`` and passes the whole entry on, so the keys reach the resize.
 
 ``extra_info`` carries what :func:`differad_rl.integrations.verl.reward.compute_score` needs to
@@ -78,7 +78,7 @@ class ParquetOptions:
         space: the coordinate space of the model to train (``differad_rl.coords.SPACES``; e.g.
             ``"qwen2_5_vl"`` for Qwen2.5-VL, ``"qwen2_vl"``/``"qwen3_vl"`` for the 0..1000 families).
         min_pixels, max_pixels: the processor's pixel budget (Qwen2.5-VL's coordinates depend on
-            it; DESIGN §1: max 1,003,520). Must match ``data.mm_processor_kwargs`` / the processor.
+            it; docs/method.md §1: max 1,003,520). Must match ``data.mm_processor_kwargs`` / the processor.
         seed: seeds the per-row instruction draw.
         format_hint: key of :data:`differad_rl.prompts.FORMAT_HINTS` (``"reasoning"``: the
             ``<think>``/``<answer>`` training format).

@@ -2,7 +2,7 @@
 
 For the samples of one prompt (veRL's ``uid`` index, any order — the trainer balances and shuffles
 the batch), with ``r`` the summed reward (``token_level_rewards.sum(-1)``) and ``l`` the
-**localization** reward of each sample (DESIGN §4–§5)::
+**localization** reward of each sample (docs/method.md §4–§5)::
 
     A_i = (r_i - mean_g(r)) / (std_g(r) + eps)         # Bessel std; scale="none": r_i - mean_g(r)
     ω_g = (exp(1 - α_g) + sqrt(1 + β_g)) / 2           # α_g = mean_g(l), β_g = mean_g(l < tau)
@@ -35,7 +35,7 @@ TransferQueue keys). As veRL's own GRPO (``compute_advantage_for_multi_trajector
 final output of each session enters the group statistics, and its advantage is broadcast to the
 other outputs of the session; the bridge provides the layout (``session_of_row``).
 
-Truncated completions (``mask_truncated=True``, DESIGN §1): a completion that used the whole
+Truncated completions (``mask_truncated=True``, docs/method.md §1): a completion that used the whole
 response budget (``actor_rollout_ref.rollout.response_length`` generated tokens, provided by the
 bridge) gets advantage 0 after the group statistics are taken — it adds no policy-gradient term,
 as TRL's ``mask_truncated_completions``; its reward still counts in its group's mean and std.
@@ -54,8 +54,9 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from differad_rl.group_weights import MEAN_REWARD_FORMS, mean_reward_weight, wrong_share_weights_by_id
-from differad_rl.groups import difficulty_weights_by_id, group_advantages_by_id
+from differad_rl.group_weights import MEAN_REWARD_FORMS
+from differad_rl.groups import group_advantages_by_id
+from differad_rl.registry import advantage_weights, check_weighting
 
 __all__ = [
     "ESTIMATOR_NAME",
@@ -106,12 +107,12 @@ class DifferadConfig:
             ``"batch"`` — α is the batch mean (the original code's behaviour).
         scale: ``"group"`` divides by the group's Bessel std + ``eps``; ``"none"`` only centres.
             ``None`` (default) follows veRL's ``algorithm.norm_adv_by_std_in_grpo`` (True → group).
-        eps: added to the std (DESIGN §4: 1e-4).
+        eps: added to the std (docs/method.md §4: 1e-4).
         difficulty_weights: ``False`` turns the weights off (plain GRPO advantages; ablation).
         weight_source: ``"localization"`` (the reward's per-sample localization score) or
             ``"score"`` (the summed reward; for rewards that are localization only).
         localization_key: the reward's extra-info key holding the localization score.
-        weighting: the peers' weightings (DESIGN §9), replacing ω when set: ``"emit"`` — × (1 + share
+        weighting: the peers' weightings (docs/method.md §9), replacing ω when set: ``"emit"`` — × (1 + share
             of the group's wrong completions, localization ``<= correct_threshold``), × 1 when all are
             wrong (:func:`differad_rl.group_weights.wrong_share_weights_by_id`); ``"univg"`` — × one
             factor of the batch's mean localization ``m``: ``univg_form`` ``"power"`` ``(1.05 − m)^univg_power``,
@@ -160,10 +161,7 @@ class DifferadConfig:
             raise ValueError(
                 f"algorithm.differad.localization_key must be a non-empty string, got {self.localization_key!r}"
             )
-        if self.weighting not in (None, "differad", "emit", "univg"):
-            raise ValueError(
-                f"algorithm.differad.weighting must be 'differad', 'emit', 'univg' or null, got {self.weighting!r}"
-            )
+        check_weighting(self.weighting, field="algorithm.differad.weighting")
         for name in ("correct_threshold", "univg_power"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
@@ -368,11 +366,9 @@ def _advantages(scores: torch.Tensor, ids: torch.Tensor, loc: torch.Tensor | Non
     weighting = cfg.active_weighting
     if loc is None or weighting is None:
         return adv
-    if weighting == "differad":
-        return adv * difficulty_weights_by_id(loc, ids, tau=cfg.tau, scope=cfg.scope)
-    if weighting == "emit":
-        return adv * wrong_share_weights_by_id(loc, ids, float(cfg.correct_threshold))
-    return adv * mean_reward_weight(loc, cfg.univg_form, float(cfg.univg_power))
+    return adv * advantage_weights(weighting, loc, ids, tau=cfg.tau, scope=cfg.scope,  # type: ignore[arg-type]
+                                   correct_threshold=float(cfg.correct_threshold), univg_form=cfg.univg_form,
+                                   univg_power=float(cfg.univg_power))
 
 
 def _truncated(response_mask: torch.Tensor, response_length: int | None) -> torch.Tensor:

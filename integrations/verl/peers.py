@@ -1,11 +1,11 @@
-"""The peers' box rewards (DESIGN §9) for veRL 0.9's reward loop: ``compute_score`` with ``box_reward=<kind>``.
+"""The peers' box rewards (docs/method.md §9) for veRL 0.9's reward loop: ``compute_score`` with ``box_reward=<kind>``.
 
 Same contract, ground truth and options as :func:`differad_rl.integrations.verl.reward.compute_score`
 (the method's reward), with the localization score replaced by a peer's box reward::
 
     reward.custom_reward_function.path=pkg://differad_rl.integrations.verl.peers
     reward.custom_reward_function.name=compute_score
-    +reward.custom_reward_function.reward_kwargs.box_reward=giou        # one of PEER_BOX_REWARDS
+    +reward.custom_reward_function.reward_kwargs.box_reward=giou        # a registered box reward
 
 ``box_reward``: ``"iou_threshold"`` (1 iff IoU > ``iou_threshold``; AnomalyR1, Visual-RFT),
 ``"iou_squared"`` (Perception-R1), ``"giou"`` / ``"diou"`` / ``"ciou"`` (torchvision's, mapped to
@@ -20,20 +20,29 @@ method's reward reads them; the protocol keys (``iou``, ``acc_0.3``, ...) stay l
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
-import torch
-
-from differad_rl.box_rewards import PEER_BOX_KINDS, matched_hits_score, peer_box_scores
-from differad_rl.parsing import answer_boxes, first_box
+from differad_rl import registry
 
 from .reward import _options_from_kwargs, compute_score as _method_score, ground_truth_boxes
 
 __all__ = ["PEER_BOX_REWARDS", "compute_score"]
 
-PEER_BOX_REWARDS: tuple[str, ...] = (*PEER_BOX_KINDS, "matched_hits")
-"""Values of ``reward_kwargs.box_reward``."""
+PEER_BOX_REWARDS: tuple[str, ...] = tuple(n for n, e in registry.REWARDS.items() if e.peer and e.box)
+"""The peers' values of ``reward_kwargs.box_reward`` (any registered box reward is accepted)."""
+
+
+
+@functools.lru_cache(maxsize=64)
+def _reward(box_reward: str, family: str | None, require_answer: bool, iou_threshold: float,
+            l1_threshold: float) -> Any:
+    """The registry's reward ``box_reward`` on ground truth already in the model's space (cached)."""
+    entry = registry.reward_entry(box_reward)
+    thresholds = {"threshold": iou_threshold, "iou_threshold": iou_threshold, "l1_threshold": l1_threshold}
+    own = {k: v for k, v in thresholds.items() if k in entry.options}
+    return registry.build_reward(box_reward, family=family, require_answer=require_answer, **own)
 
 
 def compute_score(
@@ -50,11 +59,13 @@ def compute_score(
 
     Args:
         data_source, solution_str, ground_truth, extra_info: as veRL passes them.
-        box_reward: one of :data:`PEER_BOX_REWARDS` (required).
+        box_reward: a registered box reward (:data:`differad_rl.registry.REWARDS`; the peers':
+            :data:`PEER_BOX_REWARDS`), required.
         iou_threshold: threshold of ``"iou_threshold"`` and ``"matched_hits"`` (strict ``>``).
         l1_threshold: mean-L1 threshold of ``"matched_hits"``, in the model's coordinate units.
         **kwargs: the method reward's :class:`~differad_rl.integrations.verl.reward.RewardOptions`
-            (weights, ``space``, ``require_answer``, pixel budget...; the DCLR parameters are unused).
+            (weights, ``space``, ``require_answer``, ``family``, pixel budget...; the DCLR parameters
+            are unused).
 
     Returns:
         the method reward's keys (:data:`~differad_rl.integrations.verl.reward.REWARD_KEYS`) with
@@ -64,27 +75,19 @@ def compute_score(
     Raises:
         ValueError: ``box_reward`` missing or unknown, an invalid option, a malformed ground truth.
     """
-    if box_reward not in PEER_BOX_REWARDS:
-        raise ValueError(
-            f"reward_kwargs.box_reward={box_reward!r} is not known; expected one of {', '.join(PEER_BOX_REWARDS)}"
-        )
+    if not (isinstance(box_reward, str) and box_reward in registry.REWARDS and registry.REWARDS[box_reward].box):
+        known = ", ".join(n for n, e in registry.REWARDS.items() if e.box)
+        raise ValueError(f"reward_kwargs.box_reward={box_reward!r} is not known; expected one of {known}")
     for name, value, top in (("iou_threshold", iou_threshold, 1.0), ("l1_threshold", l1_threshold, float("inf"))):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= top:
             raise ValueError(f"reward_kwargs.{name} must be a number in [0, {top}], got {value!r}")
     base = _method_score(data_source, solution_str, ground_truth, extra_info, **kwargs)
     options = _options_from_kwargs(kwargs)
-    gt = ground_truth_boxes(ground_truth, extra_info, options)
+    gt = ground_truth_boxes(ground_truth, extra_info, options).tolist()
     text = solution_str if isinstance(solution_str, str) else ""
-    # the box is read in the format of the prompt family only (options.fmt), as the method's reward reads it
-    if box_reward == "matched_hits":
-        preds = answer_boxes(text, require_answer=options.require_answer, fmt=options.fmt)
-        loc = matched_hits_score(preds, gt.tolist(), iou_threshold=float(iou_threshold),
-                                 l1_threshold=float(l1_threshold))
-    else:
-        box = first_box(text, options.require_answer, options.fmt)
-        pred = torch.tensor([box if box is not None else (0.0, 0.0, 0.0, 0.0)], dtype=torch.float64)
-        first_gt = torch.tensor(gt[:1] if gt.shape[0] else [[0.0] * 4], dtype=torch.float64)
-        loc = float(peer_box_scores(pred, torch.tensor([box is not None]), first_gt, box_reward,
-                                    threshold=float(iou_threshold))[0])
+    reward = _reward(box_reward, options.family, options.require_answer, float(iou_threshold), float(l1_threshold))
+    # the registry's reward: the box read in the prompt family's format, the core's scoring rules
+    solution = [gt] if registry.reward_entry(box_reward).multi_box else [gt[0] if gt else [0.0, 0.0, 0.0, 0.0]]
+    loc = float(reward([text], solution=solution)[0])
     score = options.localization_weight * loc + options.format_weight * base["format"]
-    return {**base, "score": float(score), "localization": float(loc)}  # the protocol keys stay the method's
+    return {**base, "score": float(score), "localization": loc}  # the protocol keys stay the method's

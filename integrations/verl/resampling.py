@@ -1,4 +1,4 @@
-"""Same-prompt group resampling (DESIGN §6) and EasyR1's online filter inside veRL 0.9's V1 trainer.
+"""Same-prompt group resampling (docs/method.md §6) and EasyR1's online filter inside veRL 0.9's V1 trainer.
 
 No plugin import is needed: veRL loads these classes from the configuration by name
 (``actor_rollout_ref.rollout.agent.agent_loop_manager_class`` and
@@ -14,8 +14,8 @@ are known together): it runs the ``n`` agent loops as veRL does, scores them thr
 loop, and hands the localization rewards to the core driver
 :func:`differad_rl.group_filters.regenerate_groups`, which asks for the whole group again — same
 prompt, ``n`` fresh samples, re-scored — for at most K rounds while the rule selects it.
-``differad.resample.rule`` picks the core rule: ``degenerate`` (the default, the method's,
-:func:`differad_rl.groups.degenerate_groups`) or ``no_correct`` (EMIT's re-roll: no completion
+``differad.resample.rule`` picks the core rule: ``differad`` (the default, the method's degenerate
+groups, :func:`differad_rl.groups.degenerate_groups`) or ``emit`` (EMIT's re-roll: no completion
 with reward ``> correct_threshold``, even when the rewards differ,
 :func:`differad_rl.group_filters.no_correct_groups`). Only the final group is written to the
 TransferQueue (``{uid}_{session}_{index}`` keys, exactly veRL's layout), then the prompt is marked
@@ -57,8 +57,8 @@ veRL's conversion of the rollout node to its ``RolloutConfig`` dataclass in ever
     +differad.resample.metric=localization
     +differad.resample.tol=1e-6
     +differad.resample.perfect=1.0
-    +differad.resample.rule=degenerate   # or no_correct (EMIT's re-roll)
-    +differad.resample.correct_threshold=0.5   # no_correct only: "correct" = reward > this (default 0)
+    +differad.resample.rule=differad   # or emit (EMIT's re-roll)
+    +differad.resample.correct_threshold=0.5   # emit only: "correct" = reward > this (default 0)
 
 Statistics, per training step, in the logged metrics (``training/differad_resample/...``):
 ``groups/total`` (groups in the batch that carry a record), ``groups_resampled/total``,

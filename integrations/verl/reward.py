@@ -8,7 +8,7 @@ Configure (0.9 ``reward.*`` keys; veRL silently ignores the legacy top-level
     reward.custom_reward_function.name=compute_score
     +reward.custom_reward_function.reward_kwargs.center_norm=enclosing   # options, see RewardOptions
 
-Per sample (DESIGN §3), with ``p`` the first box of the first ``<answer>`` and ``g`` the ground truth
+Per sample (docs/method.md §3), with ``p`` the first box of the first ``<answer>`` and ``g`` the ground truth
 in the model's coordinate space::
 
     localization = DCLR(p, g)      (zero-box, degenerate-box and sane-bound rules; multi_box=True: Hungarian)
@@ -18,7 +18,7 @@ in the model's coordinate space::
 ``p`` is read in the format of the prompt ``family`` (default ``"reasoning"``: ``(x1,y1),(x2,y2)``),
 the rule of the format reward too (:data:`differad_rl.prompts.FAMILY_BOX_FORMATS`).
 
-**Evaluation-protocol indicators** (DESIGN §8), so that veRL's validation logs — which average every
+**Evaluation-protocol indicators** (docs/method.md §8), so that veRL's validation logs — which average every
 returned key per data source — carry held-out mIoU, Acc@0.3 and F1@0.3. They follow the protocol:
 the first box of the answer in *any* format (lenient parsing, as ``differad-rl eval``), IoU against
 the best-matching ground-truth box, a normal target scoring IoU 1 iff it answers the zero box::
@@ -69,11 +69,11 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from differad_rl.boxes import MAX_COORD
-from differad_rl.coords import DEFAULT_FACTOR, DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, SPACES, box_to_model_grid
-from differad_rl.parsing import answer_boxes, first_box, is_well_formatted, parse_boxes
+from differad_rl.coords import DEFAULT_FACTOR, DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, SPACES, box_to_model_grid, check_space
+from differad_rl.parsing import BoxFormat, answer_boxes, first_box, is_well_formatted, parse_boxes
 from differad_rl.prompts import FAMILY_BOX_FORMATS, box_format
-from differad_rl.rewards import DCLRConfig, multi_box_score, score_box
+from differad_rl.boxes import PAPER_DCLR, CenterNorm, SizeTerm
+from differad_rl.rewards import DCLRConfig, gt_row_error, multi_box_score, score_box
 
 __all__ = ["RewardOptions", "REWARD_KEYS", "PROTOCOL_IOU_THRESHOLD", "compute_score", "ground_truth_boxes"]
 
@@ -81,7 +81,7 @@ REWARD_KEYS = ("score", "localization", "format", "iou", "acc_0.3", "tp", "fp", 
 """Keys of every :func:`compute_score` result, in this order."""
 
 PROTOCOL_IOU_THRESHOLD = 0.3
-"""τ of the evaluation protocol's Acc@τ and F1@τ (DESIGN §8)."""
+"""τ of the evaluation protocol's Acc@τ and F1@τ (docs/method.md §8)."""
 
 # Passed by veRL's naive reward manager when a reward-model router is configured; not ours.
 _VERL_PASSTHROUGH = frozenset({"reward_router_address", "reward_model_tokenizer"})
@@ -97,7 +97,7 @@ class RewardOptions:
             functions with weight 1 each).
         w_center, w_area, eps, center_norm, size_term: DCLR parameters
             (:class:`differad_rl.rewards.DCLRConfig`).
-        multi_box: ``True`` scores all predicted vs all ground-truth boxes (Hungarian, DESIGN §3);
+        multi_box: ``True`` scores all predicted vs all ground-truth boxes (Hungarian, docs/method.md §3);
             ``False`` (paper) the first predicted box vs the first (largest) ground-truth box.
         require_answer: boxes only count inside ``<answer>…</answer>`` (default ``True``).
         space, gt_space, min_pixels, max_pixels: defaults for the per-sample metadata (module
@@ -109,11 +109,11 @@ class RewardOptions:
 
     localization_weight: float = 1.0
     format_weight: float = 1.0
-    w_center: float = 0.6
-    w_area: float = 0.4
-    eps: float = 1e-6
-    center_norm: Literal["paper", "enclosing"] = "paper"
-    size_term: Literal["area", "sides"] = "area"
+    w_center: float = PAPER_DCLR.w_center
+    w_area: float = PAPER_DCLR.w_area
+    eps: float = PAPER_DCLR.eps
+    center_norm: CenterNorm = PAPER_DCLR.center_norm
+    size_term: SizeTerm = PAPER_DCLR.size_term
     multi_box: bool = False
     require_answer: bool = True
     space: str | None = None
@@ -142,7 +142,7 @@ class RewardOptions:
         if self.family is not None and self.family not in FAMILY_BOX_FORMATS:
             raise ValueError(f"reward_kwargs.family must be one of {', '.join(FAMILY_BOX_FORMATS)} or null, "
                              f"got {self.family!r}")
-        self.dclr  # validates w_center / w_area / eps / center_norm / size_term (raises ValueError)
+        _ = self.dclr  # validates w_center / w_area / eps / center_norm / size_term (raises ValueError)
 
     @functools.cached_property
     def dclr(self) -> DCLRConfig:
@@ -150,13 +150,8 @@ class RewardOptions:
                           size_term=self.size_term)
 
     @functools.cached_property
-    def fmt(self) -> str | None:
+    def fmt(self) -> BoxFormat | None:
         return box_format(self.family)
-
-    @functools.cached_property
-    def score_args(self) -> tuple[float, float, float, bool, bool]:
-        c = self.dclr
-        return c.w_center, c.w_area, c.eps, c.center_norm == "enclosing", c.size_term == "sides"
 
     @classmethod
     def known_options(cls) -> tuple[str, ...]:
@@ -310,14 +305,10 @@ def _ground_truth_rows(
     width, height = _lookup("width", gt_meta, info), _lookup("height", gt_meta, info)
     if gt_space is None:
         gt_space = "pixel" if (space is not None or width is not None or height is not None) else "model"
-    for b in rows:
-        if not (-MAX_COORD <= b[0] <= MAX_COORD and -MAX_COORD <= b[1] <= MAX_COORD
-                and -MAX_COORD <= b[2] <= MAX_COORD and -MAX_COORD <= b[3] <= MAX_COORD):
-            raise ValueError(f"ground_truth box {list(b)} has a coordinate beyond the sane bound "
-                             f"|v| <= MAX_COORD = {MAX_COORD:g}")
-        if not (b[2] > b[0] and b[3] > b[1]):
-            raise ValueError(f"ground_truth box {list(b)} has zero or negative size (x2 <= x1 or y2 <= y1); "
-                             "use [] or [0, 0, 0, 0] for a normal target")
+    for b in rows:  # the core's ground-truth rule (zero boxes are already dropped)
+        why = gt_row_error(b)
+        if why is not None:
+            raise ValueError(f"ground_truth box {list(b)} {why}; use [] or [0, 0, 0, 0] for a normal target")
     if gt_space == "model" or not rows:
         return rows
     if space is None:
@@ -338,7 +329,8 @@ def _ground_truth_rows(
         raise ValueError(f"image size must be positive, got width={width!r}, height={height!r}")
     min_pixels = _lookup("min_pixels", gt_meta, info) or options.min_pixels
     max_pixels = _lookup("max_pixels", gt_meta, info) or options.max_pixels
-    args = (int(width), int(height), space, int(min_pixels), int(max_pixels), options.factor)
+    grid = check_space(space)
+    args = (int(width), int(height), grid, int(min_pixels), int(max_pixels), options.factor)
     return [box_to_model_grid(b, *args) for b in rows]
 
 
@@ -389,7 +381,7 @@ def compute_score(
     options = _options_from_kwargs(kwargs)
     gt = _ground_truth_rows(ground_truth, extra_info, options)
     text = solution_str if isinstance(solution_str, str) else ""
-    require, w_center, w_area, eps, enclosing, sides = options.require_answer, *options.score_args
+    require = options.require_answer
 
     fmt = 1.0 if is_well_formatted(text, fmt=options.fmt) else 0.0
     box = first_box(text, require, options.fmt)
@@ -397,8 +389,8 @@ def compute_score(
         preds = answer_boxes(text, require_answer=require, fmt=options.fmt)
         loc = float(multi_box_score(preds, gt, options.dclr))
     else:
-        loc = score_box(box, gt[0] if gt else _ZERO, "dclr", w_center, w_area, eps, enclosing, sides)
-    # evaluation protocol (DESIGN §8): lenient parsing, best-matching ground-truth box. A
+        loc = score_box(box, gt[0] if gt else _ZERO, "dclr", options.dclr)
+    # evaluation protocol (docs/method.md §8): lenient parsing, best-matching ground-truth box. A
     # well-formatted answer holds one box and no other number, so the lenient parse finds that box.
     pbox = box if fmt == 1.0 else first_box(text, require, None)
     if gt:
