@@ -13,6 +13,12 @@ differs.
   the adapter's own work is the robust number.
 - ``test_resampling_round_cost``: one resampling round (every group forced degenerate, K = 1, so the whole
   batch is regenerated once) relative to a step without resampling, in ``extra_info``.
+- ``test_vision_cache_step[off|on]`` and ``test_vision_cache_ratio``: the frozen-vision feature cache
+  (issue 17). A paper-shaped step at G = 8, K = 1 (half the groups degenerate, so one resampling
+  round runs), β = 0.04 (a reference pass), the vision tower frozen: cache off vs on side by side.
+  Reported in ``extra_info``: the step-time ratio, the images the towers (policy + reference) encode
+  per step and the seconds spent inside them (forward hooks), for both. Asserted: each distinct
+  image encoded once per step with the cache on, the tower time down at least 4x.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from trl import GRPOTrainer  # noqa: E402
 
 from differad_rl.integrations.tiny_qwen_vl import tiny_model_for  # noqa: E402
 from differad_rl.integrations.trl.trainer import DifferADGRPOTrainer  # noqa: E402
+from differad_rl.integrations.vision_cache import TowerMeter  # noqa: E402
 from tests.trl_mp_worker import (  # noqa: E402
     expand_groups,
     make_prompt_rows,
@@ -152,3 +159,89 @@ def test_resampling_round_cost(benchmark, setup):
     )
     print(f"\none resampling round (all {len(batch) // 4} groups) costs {(t_res - t_base) / t_base:.2f} steps "
           f"({t_base * 1e3:.0f} ms → {t_res * 1e3:.0f} ms)")
+
+
+# ------------------------------------------------------------------ frozen-vision feature cache (issue 17)
+CACHE_KINDS = ["easy", "hard", "easy", "hard"]  # 4 prompts x 2 images = 8 distinct images per step
+CACHE_G = 8
+
+
+@pytest.fixture(scope="module")
+def cache_setup(tmp_path_factory):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    path = tiny_model_for("qwen2_5_vl")
+    rows = make_prompt_rows(CACHE_KINDS)
+    out = tmp_path_factory.mktemp("bench_trl_cache")
+    trainers = {
+        name: make_trainer(DifferADGRPOTrainer, path, REWARDS, rows, len(rows) * CACHE_G, out / name,
+                           freeze_vision=True, vision_feature_cache=on, num_generations=CACHE_G, beta=0.04,
+                           difficulty_weighting=True, resample_rounds=1, **CFG)
+        for name, on in (("off", False), ("on", True))
+    }
+    for trainer in trainers.values():
+        trainer.current_gradient_accumulation_steps = 1
+    assert trainers["on"].vision_cache is not None and trainers["off"].vision_cache is None
+    yield trainers, expand_groups(rows, CACHE_G)
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("variant", ["off", "on"])
+def test_vision_cache_step(benchmark, cache_setup, variant):
+    trainers, batch = cache_setup
+    seeds = iter(range(10_000))
+    benchmark.group = "trl-vision-cache"
+    if variant == "on":
+        benchmark.extra_info.update(peer="test_vision_cache_step[off]", target="cache on no slower", ratio_min=1.0)
+    benchmark.pedantic(lambda: _step(trainers[variant], batch, next(seeds) % 5), rounds=8, iterations=1,
+                       warmup_rounds=1)
+
+
+def test_vision_cache_ratio(benchmark, cache_setup):
+    trainers, batch = cache_setup
+    distinct = 2 * len(CACHE_KINDS)
+    times: dict[str, list[float]] = {"off": [], "on": []}
+    images = {"off": 0, "on": 0}
+    tower_s = {"off": 0.0, "on": 0.0}
+    rounds, warm = 12, 2
+    meters = {name: [TowerMeter(t.model), TowerMeter(t.ref_model)] for name, t in trainers.items()}
+    try:
+        for i in range(rounds):  # interleaved, alternating order, same seeds -> same completions
+            order = ("off", "on") if i % 2 == 0 else ("on", "off")
+            for name in order:
+                for m in meters[name]:
+                    m.reset()
+                times[name].append(_step(trainers[name], batch, seed=i % 6))
+                if i >= warm:
+                    images[name] += sum(m.images for m in meters[name])
+                    tower_s[name] += sum(m.seconds for m in meters[name])
+                if name == "on":
+                    assert sum(m.images for m in meters[name]) == distinct  # each distinct image once per step
+    finally:
+        for ms in meters.values():
+            for m in ms:
+                m.remove()
+    assert trainers["on"]._metrics["train"]["differad/rounds_used"][-1] == 1  # a resampling round ran
+    n = rounds - warm
+    t_off, t_on = statistics.median(times["off"][warm:]), statistics.median(times["on"][warm:])
+    info = {
+        "step_off_s": t_off,
+        "step_on_s": t_on,
+        "step_ratio_off_over_on": t_off / t_on,
+        "step_ratio_best": min(times["off"][warm:]) / min(times["on"][warm:]),
+        "images_per_step_off": images["off"] / n,
+        "images_per_step_on": images["on"] / n,
+        "distinct_images_per_step": distinct,
+        "tower_s_per_step_off": tower_s["off"] / n,
+        "tower_s_per_step_on": tower_s["on"] / n,
+        "tower_ratio_off_over_on": tower_s["off"] / max(tower_s["on"], 1e-12),
+    }
+    benchmark.group = "trl-vision-cache-ratio"
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+    benchmark.extra_info.update(info)
+    print(f"\nvision cache: step {t_off * 1e3:.0f} ms off, {t_on * 1e3:.0f} ms on (medians; ratio "
+          f"{t_off / t_on:.2f}, best-of {info['step_ratio_best']:.2f}); images encoded per step "
+          f"{info['images_per_step_off']:.0f} off, {info['images_per_step_on']:.0f} on ({distinct} distinct); "
+          f"tower {info['tower_s_per_step_off'] * 1e3:.1f} ms off, {info['tower_s_per_step_on'] * 1e3:.1f} ms on "
+          f"per step ({info['tower_ratio_off_over_on']:.1f}x)")
+    assert info["tower_ratio_off_over_on"] >= 4.0

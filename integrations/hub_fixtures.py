@@ -33,6 +33,12 @@ What differs from the hub, on purpose:
   special-token ids in ``config.json`` / ``generation_config.json`` are its ids, not 151643+.
 - weights are one ``model.safetensors`` file (the hub shards the 2B/3B checkpoints).
 
+Full size (``full_size=True``, recorded for ``Qwen/Qwen2.5-VL-3B-Instruct``; :data:`FULL_SIZES`): the
+published sizes instead of the shrunk ones (text 36 layers x 2048, vision 32 blocks x 1280, vocabulary
+151,936; 3.755 B parameters), random weights saved in bf16 (7.5 GB): what a GPU run of the paper's
+recipe costs, without the checkpoint. The tokenizer stays the local one (its ids are below 600; the
+other embedding rows are never used by it).
+
 Provenance of the values: the files are written from the published hub files as recorded in
 this module (:data:`HUB_FILES`); they were NOT fetched here (the hub is unreachable from this
 machine) and a byte-for-byte comparison was not possible. The Qwen2-VL / Qwen2.5-VL chat template
@@ -68,6 +74,7 @@ from differad_rl.integrations.loading import image_only_processor  # re-exported
 from differad_rl.integrations.tiny_qwen_vl import QWEN_VL_CHAT_TEMPLATE
 
 __all__ = [
+    "FULL_SIZES",
     "HUB_FILES",
     "HUB_REPOS",
     "build_hub_fixture",
@@ -350,6 +357,43 @@ HUB_FILES: dict[str, dict[str, Any]] = {
 }
 
 
+#: the published sizes (``config.json`` keys; ``vision_config`` nested) a full-size fixture restores
+FULL_SIZES: dict[str, dict[str, Any]] = {
+    "Qwen/Qwen2.5-VL-3B-Instruct": {
+        "hidden_size": 2048,
+        "intermediate_size": 11008,
+        "max_window_layers": 70,
+        "num_attention_heads": 16,
+        "num_hidden_layers": 36,
+        "num_key_value_heads": 2,
+        "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+        "vocab_size": 151936,
+        "vision_config": {
+            "depth": 32,
+            "hidden_size": 1280,
+            "intermediate_size": 3420,
+            "num_heads": 16,
+            "out_hidden_size": 2048,
+            "fullatt_block_indexes": [7, 15, 23, 31],
+        },
+    },
+}
+
+
+def hub_config(repo: str, ids: dict[str, int], vocab_size: int, full_size: bool = False) -> dict[str, Any]:
+    """``config.json`` of the fixture of ``repo`` (token ids from ``ids``; the published sizes with
+    ``full_size``). Raises ``ValueError`` when no full sizes are recorded for ``repo``."""
+    config = _fill(copy.deepcopy(HUB_FILES[repo]["config.json"]), ids, vocab_size)
+    if full_size:
+        if repo not in FULL_SIZES:
+            raise ValueError(f"full_size=True: the published sizes are recorded for {sorted(FULL_SIZES)} only, "
+                             f"not {repo!r}")
+        sizes = copy.deepcopy(FULL_SIZES[repo])
+        config["vision_config"].update(sizes.pop("vision_config"))
+        config.update(sizes)
+    return config
+
+
 def family_of(repo: str) -> str:
     """``"Qwen/Qwen2.5-VL-3B-Instruct"`` → ``"qwen2_5_vl"`` (the model type = coordinate space)."""
     try:
@@ -409,7 +453,8 @@ def _tokenizer_files(out: Path, tokenizer: Any, repo: str) -> None:
     _write_json(out / "tokenizer_config.json", config)
 
 
-def build_hub_fixture(repo: str, out_dir: str | os.PathLike[str], *, seed: int = 0, vocab_size: int = 600) -> Path:
+def build_hub_fixture(repo: str, out_dir: str | os.PathLike[str], *, seed: int = 0, vocab_size: int = 600,
+                      full_size: bool = False, device: str | None = None) -> Path:
     """Write the hub-shaped tiny fixture of ``repo`` into ``out_dir`` (cached); return its path.
 
     Args:
@@ -417,9 +462,12 @@ def build_hub_fixture(repo: str, out_dir: str | os.PathLike[str], *, seed: int =
         out_dir: the folder to write (replaced when it holds an older or different build).
         seed: seeds the tokenizer corpus and the random weights.
         vocab_size: BPE vocabulary of the local tokenizer (special tokens included).
+        full_size: the published sizes (:data:`FULL_SIZES`), random weights saved in bf16.
+        device: where the random weights are initialised (``"cuda"`` makes a full-size build take
+            seconds instead of minutes); the saved files do not depend on it beyond the random draw.
 
     Raises:
-        ValueError: an unknown ``repo``.
+        ValueError: an unknown ``repo``, or ``full_size`` for a repo without recorded sizes.
     """
     import torch
     from transformers import AutoConfig, AutoModelForImageTextToText
@@ -428,7 +476,12 @@ def build_hub_fixture(repo: str, out_dir: str | os.PathLike[str], *, seed: int =
 
     family = family_of(repo)
     out = Path(out_dir)
-    manifest = {"repo": repo, "seed": seed, "vocab_size": vocab_size, "version": _BUILD_VERSION}
+    manifest: dict[str, Any] = {"repo": repo, "seed": seed, "vocab_size": vocab_size, "version": _BUILD_VERSION}
+    if full_size:
+        if repo not in FULL_SIZES:
+            raise ValueError(f"full_size=True: the published sizes are recorded for {sorted(FULL_SIZES)} only, "
+                             f"not {repo!r}")
+        manifest["full_size"] = True
     try:
         if json.loads((out / _MANIFEST).read_text()) == manifest:
             return out
@@ -440,11 +493,17 @@ def build_hub_fixture(repo: str, out_dir: str | os.PathLike[str], *, seed: int =
         tokenizer = _train_tokenizer(_tokenizer_corpus(seed), vocab_size)
         ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
         files = _fill(copy.deepcopy(HUB_FILES[repo]), ids, len(tokenizer))
+        files["config.json"] = hub_config(repo, ids, len(tokenizer), full_size=full_size)
+        if full_size:
+            files["config.json"]["torch_dtype"] = "bfloat16"
         _write_json(tmp / "config.json", files["config.json"])
         config = AutoConfig.from_pretrained(tmp)  # the hub's config.json, as transformers reads it
         torch.manual_seed(seed)
-        model = AutoModelForImageTextToText.from_config(config)
+        with torch.device(device or "cpu"):
+            model = AutoModelForImageTextToText.from_config(
+                config, **({"dtype": torch.bfloat16} if full_size else {}))
         model.save_pretrained(tmp)
+        del model
         for name in ("config.json", "generation_config.json", "preprocessor_config.json",
                      "video_preprocessor_config.json", "chat_template.json"):
             if name in files:
@@ -460,7 +519,10 @@ def build_hub_fixture(repo: str, out_dir: str | os.PathLike[str], *, seed: int =
     return out
 
 
-def hub_fixture_for(repo: str, cache_dir: str | os.PathLike[str] | None = None) -> Path:
-    """The cached fixture of ``repo`` under ``cache_dir`` (default: ``$DIFFERAD_FIXTURES`` or the temp dir)."""
+def hub_fixture_for(repo: str, cache_dir: str | os.PathLike[str] | None = None, *, full_size: bool = False,
+                    device: str | None = None) -> Path:
+    """The cached fixture of ``repo`` under ``cache_dir`` (default: ``$DIFFERAD_FIXTURES`` or the temp dir);
+    ``full_size`` / ``device`` as in :func:`build_hub_fixture` (a full-size build has its own folder)."""
     root = Path(cache_dir or os.environ.get("DIFFERAD_FIXTURES") or Path(tempfile.gettempdir()) / "differad_hub_fixtures")
-    return build_hub_fixture(repo, root / repo.replace("/", "--"))
+    name = repo.replace("/", "--") + ("-full" if full_size else "")
+    return build_hub_fixture(repo, root / name, full_size=full_size, device=device)

@@ -96,15 +96,21 @@ def make_trainer(
     train_rows: list[dict[str, Any]],
     per_device_batch: int,
     output_dir: str | os.PathLike[str],
+    freeze_vision: bool = False,
     **config: Any,
 ):
-    """A trainer on the tiny model with CPU-friendly settings; ``config`` goes to the config class."""
+    """A trainer on the tiny model with CPU-friendly settings; ``config`` goes to the config class
+    (``freeze_vision``: the vision tower frozen before the trainer is built, as ``--freeze-vision`` does)."""
     from datasets import Dataset
 
     from differad_rl.integrations.tiny_qwen_vl import load_tiny_qwen_vl
     from differad_rl.integrations.trl.config import DifferADGRPOConfig
 
     model, processor = load_tiny_qwen_vl(model_path)
+    if freeze_vision:
+        from differad_rl.integrations.loading import freeze_vision_tower
+
+        freeze_vision_tower(model)
     values = {
         "output_dir": str(output_dir),
         "per_device_train_batch_size": per_device_batch,
@@ -166,7 +172,10 @@ def run_scripted_step(trainer: Any, rows: list[dict[str, Any]], rank: int, world
 
 
 def main(argv: list[str]) -> int:
+    """``argv``: out_dir, model_path[, "vision-cache"] (the last: frozen tower with the feature cache on)."""
     out_dir, model_path = Path(argv[1]), argv[2]
+    cache = len(argv) > 3 and argv[3] == "vision-cache"
+    extra: dict[str, Any] = {"freeze_vision": True, "vision_feature_cache": True} if cache else {}
     from accelerate import PartialState
 
     from differad_rl.integrations.trl.trainer import DifferADGRPOTrainer
@@ -184,9 +193,13 @@ def main(argv: list[str]) -> int:
         difficulty_weighting=True,
         resample_rounds=2,
         localization_reward="scripted_loc_reward",
+        **extra,
     )
     result = run_scripted_step(trainer, rows, rank, world)
     result["world"] = world
+    if cache:
+        result["images_encoded"] = trainer.vision_cache.stats.images_encoded
+        result["images_served"] = trainer.vision_cache.stats.images_served
     write_rank_result(out_dir, rank, result)
     state.wait_for_everyone()
     return 0

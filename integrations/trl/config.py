@@ -61,6 +61,14 @@ class DifferADGRPOConfig(GRPOConfig):
     ``protocol_eval_batch_size``, ``protocol_eval_max_new_tokens`` (``None`` = ``max_completion_length``),
     ``protocol_eval_prompt`` (``"reasoning"``/``"qwen"``).
 
+    Frozen vision tower (:mod:`differad_rl.integrations.trl.vision`): ``vision_feature_cache``
+    (``None`` = on when every vision-tower parameter is frozen and nothing makes it unsafe, ``True`` =
+    required: an unsafe setup raises at start-up, ``False`` = off). While on, each distinct image of a
+    generation batch is encoded once and its features serve the G copies, the generation prefill, the
+    reference / old-policy / policy passes and every resampling or refill round; the cache is emptied
+    when the next generation batch starts. Unsafe: a trainable or adapter-wrapped tower, DeepSpeed
+    ZeRO-3, FSDP. Results are unchanged (the tower is frozen; the tests check bitwise equality).
+
     Use :meth:`paper` for the reference hyperparameters of DESIGN §1.
     """
 
@@ -134,8 +142,17 @@ class DifferADGRPOConfig(GRPOConfig):
         metadata={"help": "Protocol prompt: 'reasoning' (<think>/<answer>, answer tag required) or 'qwen'."},
     )
 
+    # --- frozen vision tower (integrations/trl/vision.py) --------------------------------------------------
+    vision_feature_cache: bool | None = field(
+        default=None,
+        metadata={"help": "Encode each distinct image once per generation batch (frozen vision tower): None = on "
+                          "when the tower is frozen and the setup is safe, True = required, False = off."},
+    )
+
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.vision_feature_cache is not None and not isinstance(self.vision_feature_cache, bool):
+            raise ValueError(f"vision_feature_cache must be None (auto), True or False, got {self.vision_feature_cache!r}")
         if not isinstance(self.difficulty_weighting, bool):
             raise ValueError(f"difficulty_weighting must be a bool, got {self.difficulty_weighting!r}")
         tau = self.difficulty_tau

@@ -58,6 +58,7 @@ from .compat import KNOWN_OUTPUT_KEYS, UnsupportedOutputError, check_output_keys
 from .config import DifferADGRPOConfig
 from .evaluation import ProtocolEvaluation
 from .peers import apply_peer_strategies, filter_rule, peers_active, resample_rule
+from .vision import setup_vision
 
 __all__ = ["DifferADGRPOTrainer", "check_dataset_columns", "splice_rows", "trl_advantages"]
 
@@ -263,6 +264,8 @@ class DifferADGRPOTrainer(GRPOTrainer):
                 raise ValueError(_resample_blocked_message(cfg, used))
         # protocol metrics on eval_dataset (evaluation.py): checked here, run by evaluate/evaluation_loop below
         self._protocol_eval = ProtocolEvaluation.from_trainer(self)
+        # frozen vision tower (vision.py): out of autograd; the feature cache, started per generation batch
+        self.vision_cache = setup_vision(self)
 
     def _resolve_localization_reward(self, name: str | None) -> int:
         known = list(self.reward_func_names)
@@ -311,6 +314,8 @@ class DifferADGRPOTrainer(GRPOTrainer):
         return super()._log_completion_extra(column, values)
 
     def _generate_and_score_completions(self, inputs):
+        if self.vision_cache is not None and self.model.training:  # a new training generation batch:
+            self.vision_cache.start_batch()  # the previous one's image features go
         tokens_before = self.state.num_input_tokens_seen
         self._reward_logged = False
         output = super()._generate_and_score_completions(inputs)
@@ -540,9 +545,22 @@ class DifferADGRPOTrainer(GRPOTrainer):
     # ------------------------------------------------------------- protocol metrics (evaluation.py)
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
         """TRL's evaluation, plus the protocol metrics (``<prefix>_differad/…``) of the dataset evaluated."""
-        with self._protocol_eval.target(self, eval_dataset):
+        with self._protocol_eval.target(self, eval_dataset), self._vision_cache_paused():
             return super().evaluate(eval_dataset=eval_dataset, ignore_keys=ignore_keys,
                                     metric_key_prefix=metric_key_prefix)
+
+    def _vision_cache_paused(self) -> Any:
+        from contextlib import nullcontext
+
+        return self.vision_cache.paused() if self.vision_cache is not None else nullcontext()
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        """TRL's training; the vision feature cache is emptied and stopped when it ends."""
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            if self.vision_cache is not None:
+                self.vision_cache.stop()
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                         metric_key_prefix="eval"):
