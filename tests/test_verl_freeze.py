@@ -10,7 +10,8 @@ validation for the start-up check.
 What is replaced, and why: the accelerator — veRL's platform is the CPU one of
 :func:`differad_rl.integrations.verl.cpu_backend.use_cpu_platform` over a one-process gloo group;
 FSDP1's guard against CPU parameters under ``sync_module_states=True`` is lifted (a broadcast from
-rank 0 to itself); veRL's process-wide patches of transformers' Qwen-VL classes (applied when it
+rank 0 to itself) and the reference model's forced parameter CPU offload is off where its forward runs
+(offloaded FSDP1 computes on the accelerator); veRL's process-wide patches of transformers' Qwen-VL classes (applied when it
 builds an engine) are undone after the module and around the tiny model's generation; the TransferQueue is the in-memory one of test_verl_resampling; the tiny
 processor gets Qwen's ``get_rope_index`` bound as veRL binds it to the stock processor classes
 (veRL does not recognise the tiny processor class), so position ids are veRL's 4-row M-RoPE ones.
@@ -70,6 +71,9 @@ def test_the_launch_script_freezes_and_passes(argv):
          r"strategy=fsdp and .*wrap_policy.min_num_params=1000.*use_orig_params=True"),
         (["++actor_rollout_ref.actor.fsdp_config.wrap_policy.transformer_layer_cls_to_wrap=[Qwen2_5_VLDecoderLayer]"],
          r"wrap_policy.transformer_layer_cls_to_wrap=\['Qwen2_5_VLDecoderLayer'\].*use_orig_params"),
+        (["+actor_rollout_ref.differad_vision_cache=maybe"], r"differad_vision_cache must be true or false, got 'maybe'"),
+        (["+actor_rollout_ref.differad_vision_cache=true", "actor_rollout_ref.actor.freeze_vision_tower=False"],
+         r"exact only for a frozen tower.*set actor_rollout_ref.actor.freeze_vision_tower=True"),
     ],
 )
 def test_freeze_it_cannot_honour_is_refused_at_start_up(argv, overrides, match):
@@ -90,6 +94,7 @@ def test_freeze_it_cannot_honour_is_refused_at_start_up(argv, overrides, match):
          "actor_rollout_ref.actor.fsdp_config.use_orig_params=True"],
         ["++actor_rollout_ref.actor.fsdp_config.wrap_policy.min_num_params=1000", "actor_rollout_ref.actor.strategy=fsdp2"],
         ["actor_rollout_ref.actor.strategy=megatron", "actor_rollout_ref.actor.freeze_vision_tower=False"],
+        ["+actor_rollout_ref.differad_vision_cache=false"],
     ],
 )
 def test_freeze_fixes_pass(argv, overrides):
@@ -191,8 +196,10 @@ def cpu_verl():
     _restore(_PRISTINE)
 
 
-def worker_config(model_path, *, strategy: str = "fsdp", freeze: bool = True, lr: float = 1e-2):
+def worker_config(model_path, *, strategy: str = "fsdp", freeze: bool = True, lr: float = 1e-2,
+                  cache: bool | None = None):
     cfg = compose([
+        *([] if cache is None else [f"+actor_rollout_ref.differad_vision_cache={cache}"]),
         f"actor_rollout_ref.model.path={model_path}",
         "+actor_rollout_ref.model.override_config.attn_implementation=sdpa",
         "actor_rollout_ref.model.use_remove_padding=False",
@@ -219,6 +226,17 @@ def build(role: str, model_path, **kw):
     worker = ActorRolloutRefWorker(worker_config(model_path, **kw), role=role)
     worker.init_model()
     return worker
+
+
+def build_cpu_ref(model_path, **kw):
+    """The reference worker with FSDP1's parameter CPU offload off: veRL forces it on for the reference,
+    and its forward then computes on the accelerator (a CPU-only stand-in, like the guard above)."""
+    from torch.distributed import fsdp
+
+    real = fsdp.CPUOffload
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fsdp, "CPUOffload", lambda offload_params=False: real(offload_params=False))
+        return build("ref", model_path, **kw)
 
 
 def tower_flags(module) -> tuple[list[bool], list[bool]]:
@@ -365,3 +383,54 @@ def test_without_the_option_the_same_step_changes_the_tower(cpu_verl, trajectori
     worker = build("actor", tiny_model_for("qwen2_5_vl"), freeze=False)
     tower, _, changed = changed_weights(worker, trajectories)
     assert len(set(changed) & set(tower)) >= len(tower) // 2
+
+
+# ------------------------------------------------------------------------------------------------
+# the feature cache in veRL's passes
+
+IMAGES = 2 * 4 * 2  # prompts × n × images per prompt, per pass
+DISTINCT = 2 * 2
+
+
+def passes(worker, role: str = "actor"):
+    from differad_rl.integrations.verl.freeze import TOWER_PASSES_ATTR
+
+    return getattr(getattr(worker, role).engine, TOWER_PASSES_ATTR).passes
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "fsdp2"])
+def test_cache_on_and_off_give_equal_log_probs_and_updates(cpu_verl, trajectories, strategy):
+    from differad_rl.integrations.tiny_qwen_vl import tiny_model_for
+
+    path = tiny_model_for("qwen2_5_vl")
+    on = build("actor", path, strategy=strategy)
+    off = build("actor", path, strategy=strategy, cache=False)
+    meta = {"calculate_entropy": False, "compute_loss": False}
+    lp_on = on.compute_log_prob(with_meta(trajectories, **meta))["log_probs"]
+    lp_off = off.compute_log_prob(with_meta(trajectories, **meta))["log_probs"]
+    assert torch.equal(lp_on.values(), lp_off.values())
+    assert passes(on)[-1] == ("compute_log_prob", IMAGES, DISTINCT)
+    assert passes(off)[-1] == ("compute_log_prob", IMAGES, IMAGES)
+    # a whole PPO step (old log-probs, update): the same weights after it, bit for bit
+    ppo_step(on, trajectories)
+    ppo_step(off, trajectories)
+    a, b = tower_state(on), tower_state(off)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_images_encoded_per_pass(cpu_verl, trajectories):
+    """Each distinct image once per step on the actor (the update reuses the old-log-prob pass's
+    features, then the cache is cleared), once per reference pass; copies always served."""
+    from differad_rl.integrations.tiny_qwen_vl import tiny_model_for
+
+    path = tiny_model_for("qwen2_5_vl")
+    actor = build("actor", path)
+    for _ in range(2):
+        ppo_step(actor, trajectories)
+    assert passes(actor) == [("compute_log_prob", IMAGES, DISTINCT), ("update_actor", IMAGES, 0)] * 2
+    ref = build_cpu_ref(path)
+    for _ in range(2):
+        ref.compute_ref_log_prob(with_meta(trajectories, calculate_entropy=False, compute_loss=False))
+    assert passes(ref, "ref") == [("compute_ref_log_prob", IMAGES, DISTINCT)] * 2
+    cache = actor.actor.engine.differad_tower_passes.cache
+    assert len(cache) == 0  # cleared after the update: nothing grows across steps

@@ -37,7 +37,8 @@ as one :class:`ConfigError` (a ``ValueError``). What is checked, when the piece 
   engine would silently train the tower); with LoRA (``model.lora_rank`` > 0) no adapter on a
   vision-tower linear layer (``model.exclude_modules='.*visual.*'``); with FSDP1 and
   ``use_orig_params=False`` no custom ``fsdp_config.wrap_policy`` (it would mix frozen and trainable
-  tensors in one flat parameter).
+  tensors in one flat parameter); ``+actor_rollout_ref.differad_vision_cache`` a boolean, and true only
+  with a frozen tower.
 
 This module imports neither veRL's trainer nor Ray (only the core, the estimator's config and the
 reward's options), so it is cheap in every process.
@@ -55,6 +56,7 @@ from typing import Any
 from differad_rl.group_filters import Rule, group_rule
 
 __all__ = [
+    "CACHE_OPTION",
     "CONFIG_NODE",
     "ConfigError",
     "FREEZE_OPTION",
@@ -542,6 +544,9 @@ def _estimator_problems(config: Any, reward_options: Any) -> list[str]:
 FREEZE_OPTION = "actor_rollout_ref.actor.freeze_vision_tower"
 """The option :mod:`differad_rl.integrations.verl.freeze` makes veRL's FSDP engine honour."""
 
+CACHE_OPTION = "actor_rollout_ref.differad_vision_cache"
+"""Off switch of the frozen tower's feature cache (:mod:`differad_rl.integrations.verl.freeze`; default on)."""
+
 FREEZE_STRATEGIES = ("fsdp", "fsdp2")
 """The ``actor.strategy`` values whose engine (veRL's ``FSDPEngine``) the plugin freezes the tower in."""
 
@@ -577,7 +582,15 @@ def _vision_freeze_problems(config: Any) -> list[str]:
     """``freeze_vision_tower=True``: an engine the plugin freezes, no LoRA adapter on the tower, and an
     FSDP1 wrap policy that keeps the frozen tower out of trainable units."""
     actor = _path(config, "actor_rollout_ref.actor")
+    cache = _path(config, CACHE_OPTION)
+    if cache is not None and not isinstance(cache, bool):
+        return [f"+{CACHE_OPTION} must be true or false, got {cache!r}"]
     if not _get(actor, "freeze_vision_tower"):
+        if cache:
+            return [
+                f"+{CACHE_OPTION}=true caches the vision tower's features, which is exact only for a frozen tower, "
+                f"but {FREEZE_OPTION}=False; set {FREEZE_OPTION}=True (or drop +{CACHE_OPTION})"
+            ]
         return []
     problems: list[str] = []
     strategy = str(_get(actor, "strategy") or "fsdp")
