@@ -120,6 +120,25 @@ def test_plugin_patches_verls_engine_and_worker():
     assert monkey_patch.is_trl_available() is False
 
 
+def test_a_fresh_veRL_process_patches_the_worker_and_engine_on_import():
+    """As in a Ray worker: ``import verl`` loads the plugin, the worker and engine modules imported later
+    are patched by the post-import hooks."""
+    import subprocess
+    import sys
+
+    code = (
+        "import verl\n"
+        "from verl.workers import engine_workers as w\n"
+        "from verl.workers.engine.fsdp import transformer_impl as t\n"
+        "m = '__differad_vision_freeze__'\n"
+        "print(all(getattr(f, m, False) for f in (w.ActorRolloutRefWorker.init_model, "
+        "w.ActorRolloutRefWorker.update_actor, w.ActorRolloutRefWorker.compute_ref_log_prob, "
+        "t.FSDPEngine._build_module, t.FSDPEngine._build_optimizer)))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
+    assert out.stdout.strip().splitlines()[-1] == "True", out.stderr[-2000:]
+
+
 # ------------------------------------------------------------------------------------------------
 # veRL's workers on the CPU
 
@@ -395,7 +414,7 @@ DISTINCT = 2 * 2
 def passes(worker, role: str = "actor"):
     from differad_rl.integrations.verl.freeze import TOWER_PASSES_ATTR
 
-    return getattr(getattr(worker, role).engine, TOWER_PASSES_ATTR).passes
+    return list(getattr(getattr(worker, role).engine, TOWER_PASSES_ATTR).passes)
 
 
 @pytest.mark.parametrize("strategy", ["fsdp", "fsdp2"])
@@ -434,3 +453,37 @@ def test_images_encoded_per_pass(cpu_verl, trajectories):
     assert passes(ref, "ref") == [("compute_ref_log_prob", IMAGES, DISTINCT)] * 2
     cache = actor.actor.engine.differad_tower_passes.cache
     assert len(cache) == 0  # cleared after the update: nothing grows across steps
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_MODEL))
+def test_tower_router_equals_the_tower_on_the_three_families(family):
+    """The call veRL's Qwen-VL forward makes (``model.visual(pixel_values, grid_thw=...)``) answered by the
+    router equals the tower's own output field by field (Qwen3-VL's deepstack features too), bitwise; a
+    group's copies are encoded once; the whole model's logits are unchanged."""
+    from differad_rl.integrations.loading import vision_tower
+    from differad_rl.integrations.tiny_qwen_vl import load_tiny_qwen_vl, tiny_model_for
+    from differad_rl.integrations.verl.freeze import TowerPasses, freeze_for_fsdp
+
+    from tests.test_vision_cache import _batch
+
+    model, processor = load_tiny_qwen_vl(tiny_model_for(family))
+    model.eval()
+    frozen = freeze_for_fsdp(model)
+    assert frozen.unwrapped and frozen.tower_class in model._no_split_modules
+    assert not set(frozen.unwrapped) & set(model._no_split_modules)  # the tower is one unit, blocks inside
+    inputs = _batch(processor)
+    pv, grid = inputs["pixel_values"], inputs["image_grid_thw"]
+    tower = vision_tower(model)
+    with torch.no_grad(), pristine_qwen_classes():  # transformers' own forward (veRL's patches may be active)
+        stock = tower(pv, grid_thw=grid)
+        stock_logits = model(**inputs).logits
+        router = TowerPasses(tower, cache=True)
+        with router.pass_("compute_log_prob"):
+            served = tower(pv, grid_thw=grid)
+            logits = model(**inputs).logits
+    assert torch.equal(served.pooler_output, stock.pooler_output)
+    assert torch.equal(served.last_hidden_state, stock.last_hidden_state)
+    if family == "qwen3_vl":
+        assert all(torch.equal(a, b) for a, b in zip(served.deepstack_features, stock.deepstack_features, strict=True))
+    assert torch.equal(logits, stock_logits)
+    assert list(router.passes) == [("compute_log_prob", 20, 4)]  # 2 calls × 10 images, 4 distinct

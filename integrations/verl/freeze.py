@@ -76,6 +76,7 @@ against veRL 0.9.1's.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import contextvars
 import dataclasses
@@ -92,6 +93,7 @@ __all__ = [
     "ENGINE_TARGET",
     "FROZEN_TOWER_ATTR",
     "PASSES",
+    "PASSES_KEPT",
     "TOWER_PASSES_ATTR",
     "WORKER_TARGET",
     "FreezeRequest",
@@ -120,6 +122,9 @@ TOWER_PASSES_ATTR = "differad_tower_passes"
 
 PASSES = {"compute_log_prob": "actor", "compute_ref_log_prob": "ref", "update_actor": "actor"}
 """The worker passes that run the tower, and the engine (``worker.actor`` / ``worker.ref``) each uses."""
+
+PASSES_KEPT = 64
+"""How many finished passes :attr:`TowerPasses.passes` keeps (the newest)."""
 
 _MARK = "__differad_vision_freeze__"
 
@@ -239,7 +244,7 @@ class TowerPasses:
             self.cache.start_batch()
         self.images = 0
         self.encoded = 0
-        self.passes: list[tuple[str, int, int]] = []
+        self.passes: collections.deque[tuple[str, int, int]] = collections.deque(maxlen=PASSES_KEPT)
         def routed(pixel_values: Any, grid_thw: Any = None, **kwargs: Any) -> Any:
             return self._forward(pixel_values, grid_thw, **kwargs)
 
@@ -252,7 +257,8 @@ class TowerPasses:
         n = int(grid_thw.size(0)) if grid_thw is not None else 0
         self.images += n
         cache = self.cache
-        if cache is None or not cache.active or grid_thw is None or kwargs:
+        plain = all(k == "return_dict" and v is not False for k, v in kwargs.items())  # Qwen3-VL passes return_dict=True
+        if cache is None or not cache.active or grid_thw is None or not plain:
             self.encoded += n
             return self.raw_forward(pixel_values, grid_thw=grid_thw, **kwargs)
         encoded, passed = cache.stats.images_encoded, cache.stats.passthrough_calls
