@@ -139,6 +139,29 @@ def test_a_fresh_veRL_process_patches_the_worker_and_engine_on_import():
     assert out.stdout.strip().splitlines()[-1] == "True", out.stderr[-2000:]
 
 
+@pytest.mark.slow
+def test_a_ray_worker_process_has_the_patched_worker_and_engine():
+    """Where veRL runs ``ActorRolloutRefWorker``: a Ray worker process (the plugin loads with ``import verl``)."""
+    import ray
+
+    def probe():  # shipped by value: the worker imports nothing of ours itself
+        from verl.workers import engine_workers as w
+        from verl.workers.engine.fsdp import transformer_impl as t
+
+        mark = "__differad_vision_freeze__"
+        return [getattr(f, mark, False) for f in (w.ActorRolloutRefWorker.init_model, w.ActorRolloutRefWorker.update_actor,
+                                                   t.FSDPEngine._build_module, t.FSDPEngine._build_optimizer)]
+
+    owned = not ray.is_initialized()
+    if owned:
+        ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        assert ray.get(ray.remote(num_cpus=1)(probe).remote(), timeout=300) == [True] * 4
+    finally:
+        if owned:
+            ray.shutdown()
+
+
 # ------------------------------------------------------------------------------------------------
 # veRL's workers on the CPU
 
