@@ -120,6 +120,7 @@ def test_plugin_patches_verls_engine_and_worker():
     assert monkey_patch.is_trl_available() is False
 
 
+@pytest.mark.slow
 def test_a_fresh_veRL_process_patches_the_worker_and_engine_on_import():
     """As in a Ray worker: ``import verl`` loads the plugin, the worker and engine modules imported later
     are patched by the post-import hooks."""
