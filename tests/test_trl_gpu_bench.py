@@ -42,6 +42,28 @@ def test_full_size_fixture_is_the_published_architecture(tmp_path):
             build_hub_fixture(repo, tmp_path / "x", full_size=True)
 
 
+def test_full_size_build_path(tmp_path, monkeypatch):
+    """build_hub_fixture(full_size=True) end to end with the recorded sizes swapped for small ones (the real
+    ones are 7.5 GB): the sizes land in config.json, the weights are bf16, and the build has its own manifest."""
+    from differad_rl.integrations import hub_fixtures
+
+    small = {"hidden_size": 96, "num_hidden_layers": 3, "intermediate_size": 160, "vocab_size": 4096,
+             "vision_config": {"depth": 5, "hidden_size": 48, "num_heads": 3, "out_hidden_size": 96,
+                               "fullatt_block_indexes": [4]}}
+    monkeypatch.setitem(hub_fixtures.FULL_SIZES, REPO, small)
+    folder = build_hub_fixture(REPO, tmp_path / "full", full_size=True)
+    config = json.loads((folder / "config.json").read_text())
+    assert (config["hidden_size"], config["num_hidden_layers"], config["vocab_size"]) == (96, 3, 4096)
+    assert config["vision_config"]["depth"] == 5 and config["torch_dtype"] == "bfloat16"
+    assert json.loads((folder / "hub_fixture.json").read_text())["full_size"] is True
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+    tiny = build_hub_fixture(REPO, tmp_path / "full")  # same folder, other arguments: rebuilt tiny
+    assert json.loads((tiny / "config.json").read_text())["hidden_size"] == 64
+
+
 @pytest.fixture()
 def bench(monkeypatch):
     monkeypatch.syspath_prepend(str(EXAMPLES))

@@ -218,3 +218,30 @@ def test_adapter_wrapped_tower_is_refused(tmp_path):
     with pytest.warns(UserWarning, match="vision feature cache off.*adapter-wrapped"):
         trainer, _ = _peft_trainer(path, tmp_path / "n", None, ["qkv", "q_proj"])
     assert trainer.vision_cache is None
+
+
+def test_reference_tower_that_differs_gets_its_own_features(tmp_path, monkeypatch):
+    """A policy whose frozen tower differs from the checkpoint TRL loads the reference model from: the
+    reference pass is never served the policy's features (its tower encodes its own), and the step still
+    equals the cache-off step bit for bit."""
+    from differad_rl.integrations import loading
+
+    def freeze_and_perturb(model):
+        n = loading.freeze_vision_tower.__wrapped_original__(model)
+        with torch.no_grad():
+            for p in find_vision_model(model).visual.merger.parameters():
+                p.mul_(1.5)
+        return n
+
+    freeze_and_perturb.__wrapped_original__ = loading.freeze_vision_tower  # type: ignore[attr-defined]
+    monkeypatch.setattr(loading, "freeze_vision_tower", freeze_and_perturb)
+    path = tiny_model_for("qwen2_5_vl")
+    on, rows = _trainer(path, tmp_path / "on", True)
+    off, _ = _trainer(path, tmp_path / "off", False)
+    batch = expand_groups([{k: v for k, v in r.items() if k != "row"} for r in rows])
+    with TowerMeter(on.model) as policy, TowerMeter(on.ref_model) as ref:
+        out_on, loss_on, _ = _step_and_grads(on, batch)
+    out_off, loss_off, _ = _step_and_grads(off, batch)
+    assert (policy.images, ref.images) == (DISTINCT, DISTINCT)
+    assert torch.equal(out_on["ref_per_token_logps"], out_off["ref_per_token_logps"])
+    assert torch.equal(loss_on, loss_off)

@@ -30,6 +30,7 @@ vLLM colocate path with resampling, issue 17 item 3); see the marked place in :f
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import time
@@ -65,6 +66,7 @@ class StepMeter:
         self.rows: list[dict[str, Any]] = []
         self.meters: list[Any] = []
         self._start = 0.0
+        self._start_gib: float | None = None
 
     def callback(self) -> Any:
         from transformers import TrainerCallback
@@ -101,6 +103,7 @@ class StepMeter:
             cuda.reset_peak_memory_stats()
         for m in self.meters:
             m.reset()
+        self._start_gib = cuda.memory_allocated() / 2**30 if cuda is not None else None
         self._start = time.perf_counter()
 
     def step_end(self, step: int) -> None:
@@ -110,6 +113,7 @@ class StepMeter:
         row = {
             "step": step,
             "seconds": time.perf_counter() - self._start,
+            "start_gib": self._start_gib,
             "peak_gib": cuda.max_memory_allocated() / 2**30 if cuda is not None else None,
             "tower_seconds": sum(m.seconds for m in self.meters),
             "tower_calls": sum(m.calls for m in self.meters),
@@ -124,6 +128,7 @@ class StepMeter:
     def close(self) -> None:
         for m in self.meters:
             m.remove()
+        self.meters = []
 
 
 def variants(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
@@ -203,6 +208,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 meter.close()
             cache = getattr(built[-1], "vision_cache", None) if built else None
             summary["runs"][label] = {"steps": meter.rows, "cache_on": cache is not None}
+            del cache
+            built.clear()  # release the run's model, optimizer and reference model before the next one
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
     finally:
         DifferADGRPOTrainer.__init__ = original_init  # type: ignore[method-assign]
     runs = summary["runs"]
