@@ -511,3 +511,49 @@ def test_tower_router_equals_the_tower_on_the_three_families(family):
         assert all(torch.equal(a, b) for a, b in zip(served.deepstack_features, stock.deepstack_features, strict=True))
     assert torch.equal(logits, stock_logits)
     assert list(router.passes) == [("compute_log_prob", 20, 4)]  # 2 calls × 10 images, 4 distinct
+
+
+def _gpu_check_freeze_script() -> str:
+    """The frozen-tower check embedded in examples/verl/gpu_check_resampling.sh (its last Python block)."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "examples" / "verl" / "gpu_check_resampling.sh").read_text()
+    block = text.rsplit("<<'PY'\n", 1)[1]
+    return block.split("\nPY\n", 1)[0]
+
+
+def test_the_gpu_checks_tower_assertion_on_a_cpu_checkpoint(cpu_verl, trajectories, tmp_path, capsys, monkeypatch):
+    """The GPU script's check, run on a checkpoint veRL's worker saved after a PPO step on the CPU: it reads the
+    model folder and the saved ``actor/huggingface`` weights, finds the tower unchanged and the language model
+    changed, and reads the per-pass lines the workers print. (veRL moves a CPU-resident model "to the GPU"
+    before saving; on the CPU that move is skipped.)"""
+    import subprocess
+    import sys
+
+    from verl.workers.engine.fsdp import transformer_impl
+
+    monkeypatch.setattr(transformer_impl, "load_fsdp_model_to_gpu", lambda module: None)
+
+    from differad_rl.integrations.tiny_qwen_vl import tiny_model_for
+
+    path = tiny_model_for("qwen2_5_vl")
+    cfg = worker_config(path)
+    from omegaconf import open_dict
+
+    with open_dict(cfg):
+        cfg.actor.checkpoint.save_contents = ["hf_model"]
+    from verl.workers.engine_workers import ActorRolloutRefWorker
+
+    worker = ActorRolloutRefWorker(cfg, role="actor")
+    worker.init_model()
+    capsys.readouterr()
+    ppo_step(worker, trajectories)
+    log = capsys.readouterr().out
+    worker.save_checkpoint(str(tmp_path / "checkpoints" / "global_step_1" / "actor"), global_step=1)
+    (tmp_path / "train.log").write_text(log)
+    script = _gpu_check_freeze_script()
+    out = subprocess.run([sys.executable, "-c", script, str(path), str(tmp_path), "1", "4", "true"],
+                         capture_output=True, text=True, timeout=300, check=False)
+    assert out.returncode == 0, out.stdout + out.stderr[-3000:]
+    assert "tensors bit-for-bit unchanged" in out.stdout and "OK: frozen tower unchanged, 2 passes logged" in out.stdout
+    assert "images encoded per pass: compute_log_prob: 4 of 16" in out.stdout
