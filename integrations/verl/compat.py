@@ -353,7 +353,7 @@ def _patch_monkey_patch_module(module: types.ModuleType) -> None:
         return bool(original()) and _trl_has_value_head()
 
     setattr(is_trl_available, _TRL_GUARD_MARK, True)
-    module.is_trl_available = is_trl_available
+    setattr(module, "is_trl_available", is_trl_available)  # noqa: B010 - a module attribute mypy cannot see
 
 
 def install_trl_value_head_guard() -> bool:
