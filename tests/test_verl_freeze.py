@@ -347,15 +347,39 @@ def bind_rope_index(processor, family: str, model_path) -> None:
         processor.get_vision_position_ids = types.MethodType(model_class.get_vision_position_ids, processor)
 
 
-@pytest.fixture(scope="module")
-def trajectories(env):  # noqa: F811 (the imported fixture)
+def family_env(family: str) -> dict:
+    """test_verl_resampling's ``env`` (config, reward worker, tiny model and processor) for another family."""
+    from differad_rl.integrations.tiny_qwen_vl import load_tiny_qwen_vl, tiny_model_for
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+    from verl.experimental.reward_loop.reward_loop import RewardLoopWorker
+
+    import tests.test_verl_resampling as resampling
+
+    path = tiny_model_for(family)
+    with initialize_config_module(config_module="verl.trainer.config", version_base=None):
+        cfg = hydra_compose(config_name="ppo_trainer", overrides=[
+            f"actor_rollout_ref.model.path={path}", "actor_rollout_ref.rollout.name=vllm",
+            f"actor_rollout_ref.rollout.n={resampling.N}", "actor_rollout_ref.rollout.prompt_length=512",
+            f"actor_rollout_ref.rollout.response_length={resampling.RESPONSE_LENGTH}",
+            f"reward.custom_reward_function.path={resampling.__file__}", "reward.custom_reward_function.name=score_for_test",
+            f"+reward.custom_reward_function.reward_kwargs.space={family}",
+            f"data.custom_cls.path={resampling.__file__}", "data.custom_cls.name=PILImagesDataset",
+            "data.train_batch_size=3", "+differad.resample.rounds=0",
+        ])
+    model, processor = load_tiny_qwen_vl(path)
+    return {"cfg": cfg, "reward": resampling.InProcessRewardHandle(RewardLoopWorker(cfg)), "model": model,
+            "processor": processor}
+
+
+def agent_loop_batch(setup: dict, family: str):
     """veRL agent-loop trajectories (2 prompts × n = 4) as veRL's workers receive them (nested tensors)."""
     from differad_rl.integrations.tiny_qwen_vl import tiny_model_for
     from verl.utils import tensordict_utils as tu
 
-    bind_rope_index(env["processor"], "qwen2_5_vl", tiny_model_for("qwen2_5_vl"))
+    bind_rope_index(setup["processor"], family, tiny_model_for(family))
     with pytest.MonkeyPatch.context() as monkeypatch, pristine_qwen_classes():
-        worker, _, store = make_worker(env, monkeypatch, rounds=0)
+        worker, _, store = make_worker(setup, monkeypatch, rounds=0)
         rollout(worker, prompt_batch(["real", "spread"]))
     rows = [store.fields["train"][key] for key in sorted(store.fields["train"])]
     seq = ("prompts", "responses", "response_mask", "loss_mask", "input_ids", "position_ids")
@@ -363,6 +387,11 @@ def trajectories(env):  # noqa: F811 (the imported fixture)
     batch = tu.get_tensordict(data, non_tensor_dict={})
     tu.assign_non_tensor_stack(batch, "multi_modal_inputs", [tu.unwrap_non_tensor_data(row["multi_modal_inputs"]) for row in rows])
     return batch
+
+
+@pytest.fixture(scope="module")
+def trajectories(env):  # noqa: F811 (the imported fixture)
+    return agent_loop_batch(env, "qwen2_5_vl")
 
 
 def with_meta(batch, **meta):
@@ -459,6 +488,21 @@ def test_cache_on_and_off_give_equal_log_probs_and_updates(cpu_verl, trajectorie
     ppo_step(off, trajectories)
     a, b = tower_state(on), tower_state(off)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl"])
+def test_cache_on_and_off_give_equal_log_probs_on_the_other_families(cpu_verl, family):
+    """Qwen2-VL and Qwen3-VL (deepstack features) through veRL's own forward: log-probs bitwise equal."""
+    from differad_rl.integrations.tiny_qwen_vl import tiny_model_for
+
+    batch = agent_loop_batch(family_env(family), family)
+    path = tiny_model_for(family)
+    meta = {"calculate_entropy": False, "compute_loss": False}
+    on, off = build("actor", path), build("actor", path, cache=False)
+    lp_on = on.compute_log_prob(with_meta(batch, **meta))["log_probs"]
+    lp_off = off.compute_log_prob(with_meta(batch, **meta))["log_probs"]
+    assert torch.equal(lp_on.values(), lp_off.values())
+    assert (passes(on), passes(off)) == ([("compute_log_prob", IMAGES, DISTINCT)], [("compute_log_prob", IMAGES, IMAGES)])
 
 
 def test_images_encoded_per_pass(cpu_verl, trajectories):
