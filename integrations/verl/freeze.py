@@ -64,8 +64,9 @@ calls the tower once per micro-batch with images, with a dummy image where it mu
 aligned); the cache does not change it. Without step 2 (blocks as separate units) a cache hit
 would skip the blocks' all-gathers on one rank while another rank runs them: a hang.
 
-Each pass logs ``[differad] vision tower <pass>: <images> images, <encoded> encoded`` (worker
-stdout; Ray forwards it to the driver), and :attr:`TowerPasses.passes` keeps the figures.
+Each pass logs ``[differad] vision tower <pass>: <images> images, <encoded> encoded`` (every rank at
+INFO; rank 0 also prints it to stdout, which Ray forwards to the driver), and
+:attr:`TowerPasses.passes` keeps the figures.
 
 The patches wrap veRL's ``ActorRolloutRefWorker.init_model`` / ``compute_log_prob`` /
 ``compute_ref_log_prob`` / ``update_actor`` and ``FSDPEngine._build_module`` / ``_build_optimizer``,
@@ -280,12 +281,19 @@ class TowerPasses:
             self.passes.append(record)
             message = f"[differad] vision tower {name}: {record[1]} images, {record[2]} encoded"
             logger.info(message)
-            print(message, flush=True)  # worker stdout: Ray forwards it to the driver's log
+            if _rank() == 0:
+                print(message, flush=True)  # worker stdout: Ray forwards it to the driver's log
 
     def clear(self) -> None:
         """Drop the cached images (the cache stays on)."""
         if self.cache is not None:
             self.cache.start_batch()
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 class _Trainable:
