@@ -17,7 +17,10 @@
 #        "model <fixture>: space=qwen2_5_vl min_pixels=3136 max_pixels=1003520 factor=28"
 #        one line per step "   1  <reward> ..." then a JSON line with "steps": 2
 #   3. veRL, same-prompt resampling through vLLM on the Qwen2.5-VL fixture (examples/verl/gpu_check_resampling.sh):
-#        "step N: degenerate_after=..., groups/total=8, ..." per step, then "OK: 2 steps, ..."
+#        "step N: degenerate_after=..., groups/total=8, ..." per step, then "OK: 2 steps, ...";
+#        the frozen vision tower: "vision tower: N tensors bit-for-bit unchanged; language model:
+#        M of K tensors changed after 2 steps", one "images encoded per pass: <pass>: <encoded> of <images>"
+#        per pass (old-log-prob passes at most 1/4 of their images, updates 0), then "OK: frozen tower unchanged, ..."
 #   4. with REAL_MODEL set (a local folder): steps 2 and 3 again on the real model; step 2 must print
 #      "space=qwen2_5_vl min_pixels=3136 max_pixels=1003520 factor=28" for a Qwen2.5-VL checkpoint.
 #   5. TRL through vLLM colocate with group resampling, then with group refill (examples/trl/gpu_check_vllm.sh):

@@ -62,6 +62,7 @@ __all__ = [
     "resolve_model",
     "set_pixel_budget",
     "tiny_spec_family",
+    "vision_tower",
     "weights_dtype",
 ]
 
@@ -488,11 +489,23 @@ def load_model_and_processor(
     return net, processor
 
 
-def freeze_vision_tower(model: Any) -> int:
-    """Freeze the vision encoder (``visual`` sub-module), as in the paper; returns #frozen params."""
+def vision_tower(model: Any) -> Any:
+    """The vision encoder of a Qwen-VL (its ``visual`` sub-module, patch embedding to merger).
+
+    Found as ``model.visual`` or ``model.model.visual`` (transformers 5 nests it in the inner model).
+
+    Raises:
+        ValueError: the model has no ``visual`` sub-module.
+    """
     visual = getattr(model, "visual", None) or getattr(getattr(model, "model", None), "visual", None)
     if visual is None:
-        raise ValueError(f"{type(model).__name__}: no 'visual' sub-module to freeze")
+        raise ValueError(f"{type(model).__name__}: no 'visual' sub-module (vision tower)")
+    return visual
+
+
+def freeze_vision_tower(model: Any) -> int:
+    """Freeze the vision encoder (``visual`` sub-module), as in the paper; returns #frozen params."""
+    visual = vision_tower(model)
     n = 0
     for p in visual.parameters():
         p.requires_grad_(False)

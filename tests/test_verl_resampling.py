@@ -725,10 +725,16 @@ def test_gpu_check_script_overrides_compose(tmp_path):
     env = {**os.environ, "PATH": f"{shim.parent}:{os.environ['PATH']}", "WORK": str(tmp_path / "work")}
     subprocess.run(["bash", str(script)], check=True, env=env, timeout=60)
     argvs = [p.read_text().splitlines() for p in sorted(calls.iterdir())]
-    assert [a[:2] for a in argvs][1] == ["-m", "verl.trainer.main_ppo"] and len(argvs) == 3
+    assert [a[:2] for a in argvs][1] == ["-m", "verl.trainer.main_ppo"] and len(argvs) == 4
     with initialize_config_module(config_module="verl.trainer.config", version_base=None):
         cfg = compose(config_name="ppo_trainer", overrides=argvs[1][2:])
     assert validate_trainer_config(cfg).rounds == 2
+    # the tower frozen (the plugin makes it real), its cache on, the final HF checkpoint for the check
+    from differad_rl.integrations.verl.checks import config_problems
+
+    assert cfg.actor_rollout_ref.actor.freeze_vision_tower is True and cfg.actor_rollout_ref.differad_vision_cache is True
+    assert list(cfg.actor_rollout_ref.actor.checkpoint.save_contents) == ["hf_model"]
+    assert cfg.trainer.save_freq == 3 and config_problems(cfg) == []
     rollout = omega_conf_to_dataclass(cfg.actor_rollout_ref.rollout)  # as veRL's workers convert it
     assert rollout.agent.agent_loop_manager_class.endswith("DifferadAgentLoopManagerTQ")
     assert rollout.limit_images == 2 and rollout.n == 4

@@ -12,8 +12,12 @@
 # WORK (output folder; $OUT or a fresh temp folder). Extra arguments are appended as Hydra overrides.
 # Passes (exit 0) when every step logged training/differad_resample/* with groups = the batch's
 # prompts, rounds_used/max <= K, degenerate_after <= degenerate_before, and regenerations >= 1 whenever
-# a degenerate group was seen with K > 0. The overrides are checked against veRL 0.9.1's config
-# schema on CPU by tests/test_verl_resampling.py.
+# a degenerate group was seen with K > 0; and when the vision tower, frozen by
+# actor.freeze_vision_tower=True (made real by the plugin, differad_rl.integrations.verl.freeze), is
+# bit-for-bit unchanged in the final checkpoint while the language model changed, and every
+# old-log-prob pass encoded at most 1/GROUP_SIZE of the images it was asked for (the feature cache;
+# each pass's "images, encoded" is printed; VISION_CACHE=false turns the cache off and the bound).
+# The overrides are checked against veRL 0.9.1's config schema on CPU by tests/test_verl_resampling.py.
 set -euo pipefail
 
 MODEL_PATH=${MODEL_PATH:-Qwen/Qwen2.5-VL-3B-Instruct}
@@ -22,6 +26,7 @@ ROUNDS=${ROUNDS:-2}
 STEPS=${STEPS:-3}
 ADV_ESTIMATOR=${ADV_ESTIMATOR:-differad}
 WORK=${WORK:-${OUT:-$(mktemp -d)}}
+VISION_CACHE=${VISION_CACHE:-true}
 PROMPTS=8                 # prompts per step
 GROUP_SIZE=4              # rollout.n
 MAX_PIXELS=200704         # 256 visual tokens per image keeps the check fast
@@ -33,6 +38,8 @@ python3 "$HERE/prepare_data.py" --demo "$WORK/pairs" --demo-pairs 48 --out "$WOR
 
 export VERL_FILE_LOGGER_PATH="$WORK/metrics.jsonl"
 rm -f "$VERL_FILE_LOGGER_PATH"
+rm -rf "$WORK/checkpoints"
+set -o pipefail
 python3 -m verl.trainer.main_ppo \
     trainer.use_v1=True \
     trainer.v1.trainer_mode=sync \
@@ -58,6 +65,9 @@ python3 -m verl.trainer.main_ppo \
     actor_rollout_ref.model.path="$MODEL_PATH" \
     actor_rollout_ref.model.use_remove_padding=True \
     actor_rollout_ref.model.enable_gradient_checkpointing=True \
+    actor_rollout_ref.actor.freeze_vision_tower=True \
+    +actor_rollout_ref.differad_vision_cache="$VISION_CACHE" \
+    actor_rollout_ref.actor.checkpoint.save_contents='[hf_model]' \
     actor_rollout_ref.actor.optim.lr=1e-6 \
     actor_rollout_ref.actor.ppo_mini_batch_size="$PROMPTS" \
     actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=4 \
@@ -80,9 +90,9 @@ python3 -m verl.trainer.main_ppo \
     trainer.total_training_steps="$STEPS" \
     trainer.val_before_train=False \
     trainer.test_freq=-1 \
-    trainer.save_freq=-1 \
+    trainer.save_freq="$STEPS" \
     trainer.default_local_dir="$WORK/checkpoints" \
-    "$@"
+    "$@" 2>&1 | tee "$WORK/train.log"
 
 python3 - "$VERL_FILE_LOGGER_PATH" "$ROUNDS" "$PROMPTS" <<'PY'
 import json, sys
@@ -108,4 +118,48 @@ for s in steps:
 if rounds > 0 and seen_degenerate:
     assert regenerations >= 1, "degenerate groups were seen but none was regenerated"
 print(f"OK: {len(steps)} steps, {regenerations:g} group regenerations")
+PY
+
+python3 - "$MODEL_PATH" "$WORK" "$STEPS" "$GROUP_SIZE" "$VISION_CACHE" <<'PY'
+import glob, os, re, sys
+
+import torch
+from safetensors.torch import load_file
+
+model_path, work, steps, group, cache = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+
+
+def weights(folder):
+    out = {}
+    for f in sorted(glob.glob(os.path.join(folder, "*.safetensors"))):
+        for k, v in load_file(f).items():  # hub names (visual.*, model.layers.*) and transformers 5 names alike
+            out[k.removeprefix("model.").removeprefix("language_model.").removeprefix("model.")] = v.float()
+    return out
+
+
+if not os.path.isdir(model_path):
+    from huggingface_hub import snapshot_download
+
+    model_path = snapshot_download(model_path, local_files_only=True)
+saved_dir = os.path.join(work, "checkpoints", f"global_step_{steps}", "actor", "huggingface")
+before, after = weights(model_path), weights(saved_dir)
+tower = [k for k in before if k.startswith("visual.")]
+assert tower and all(k in after for k in tower), f"tower weights missing in {saved_dir}"
+moved = [k for k in tower if not torch.equal(before[k], after[k])]
+assert not moved, f"frozen vision tower changed: {moved[:5]} ({len(moved)} of {len(tower)} tensors)"
+language = [k for k in before if not k.startswith("visual.") and k in after]
+changed = [k for k in language if not torch.equal(before[k], after[k])]
+print(f"vision tower: {len(tower)} tensors bit-for-bit unchanged; language model: {len(changed)} of "
+      f"{len(language)} tensors changed after {steps} steps")
+assert changed, "the language model did not change: nothing trained"
+
+passes = re.findall(r"\[differad\] vision tower (\w+): (\d+) images, (\d+) encoded", open(os.path.join(work, "train.log")).read())
+assert passes, "no '[differad] vision tower' pass line in the log: the plugin's freeze did not run in the workers"
+for name, images, encoded in passes:
+    print(f"images encoded per pass: {name}: {encoded} of {images}")
+    if cache == "true" and name == "compute_log_prob":
+        assert int(encoded) * group <= int(images), (name, images, encoded)
+    if cache == "true" and name == "update_actor":
+        assert int(encoded) == 0, (name, images, encoded)
+print(f"OK: frozen tower unchanged, {len(passes)} passes logged")
 PY

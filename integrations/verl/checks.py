@@ -32,6 +32,14 @@ as one :class:`ConfigError` (a ``ValueError``). What is checked, when the piece 
   rollout time; a metric differad's ``compute_score`` returns; in sync mode ``data.gen_batch_size=1``
   and ``sampler_kwargs.train_batch_size`` (unless DAPO is on, which veRL already handles).
 
+- ``actor_rollout_ref.actor.freeze_vision_tower=True`` (made real by
+  :mod:`differad_rl.integrations.verl.freeze`): ``actor.strategy`` ``fsdp`` or ``fsdp2`` (another
+  engine would silently train the tower); with LoRA (``model.lora_rank`` > 0) no adapter on a
+  vision-tower linear layer (``model.exclude_modules='.*visual.*'``); with FSDP1 and
+  ``use_orig_params=False`` no custom ``fsdp_config.wrap_policy`` (it would mix frozen and trainable
+  tensors in one flat parameter); ``+actor_rollout_ref.differad_vision_cache`` a boolean, and true only
+  with a frozen tower.
+
 This module imports neither veRL's trainer nor Ray (only the core, the estimator's config and the
 reward's options), so it is cheap in every process.
 """
@@ -48,8 +56,11 @@ from typing import Any
 from differad_rl.group_filters import Rule, group_rule, resolve_rule
 
 __all__ = [
+    "CACHE_OPTION",
     "CONFIG_NODE",
     "ConfigError",
+    "FREEZE_OPTION",
+    "FREEZE_STRATEGIES",
     "MANAGER_FQN",
     "ONLINE_FILTER_KWARGS",
     "OnlineFilterConfig",
@@ -60,6 +71,7 @@ __all__ = [
     "SAMPLER_FOR_MODE",
     "SAMPLER_KWARGS",
     "SAMPLER_KWARGS_NODE",
+    "TOWER_LINEAR_NAMES",
     "check_config",
     "config_problems",
     "install_startup_check",
@@ -534,6 +546,99 @@ def _estimator_problems(config: Any, reward_options: Any) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------
+# the vision-tower freeze
+
+FREEZE_OPTION = "actor_rollout_ref.actor.freeze_vision_tower"
+"""The option :mod:`differad_rl.integrations.verl.freeze` makes veRL's FSDP engine honour."""
+
+CACHE_OPTION = "actor_rollout_ref.differad_vision_cache"
+"""Off switch of the frozen tower's feature cache (:mod:`differad_rl.integrations.verl.freeze`; default on)."""
+
+FREEZE_STRATEGIES = ("fsdp", "fsdp2")
+"""The ``actor.strategy`` values whose engine (veRL's ``FSDPEngine``) the plugin freezes the tower in."""
+
+TOWER_LINEAR_NAMES: tuple[str, ...] = (
+    # Qwen2-VL
+    "model.visual.blocks.0.attn.qkv", "model.visual.blocks.0.attn.proj", "model.visual.blocks.0.mlp.fc1",
+    "model.visual.blocks.0.mlp.fc2", "model.visual.merger.mlp.0", "model.visual.merger.mlp.2",
+    # Qwen2.5-VL
+    "model.visual.blocks.0.mlp.gate_proj", "model.visual.blocks.0.mlp.up_proj", "model.visual.blocks.0.mlp.down_proj",
+    # Qwen3-VL
+    "model.visual.blocks.0.mlp.linear_fc1", "model.visual.blocks.0.mlp.linear_fc2", "model.visual.merger.linear_fc1",
+    "model.visual.merger.linear_fc2", "model.visual.deepstack_merger_list.0.linear_fc1",
+)
+"""Linear layers of the Qwen2-VL / Qwen2.5-VL / Qwen3-VL vision towers (module names as peft sees them),
+against which the LoRA settings are checked."""
+
+_TOWER_LORA_FIX = "actor_rollout_ref.model.exclude_modules='.*visual.*'"
+
+
+def _peft_matches(spec: Any, name: str) -> bool:
+    """Whether peft's ``target_modules`` / ``exclude_modules`` value ``spec`` selects the module ``name``
+    (a string is a full-match regular expression, a list matches names equal to or ending in ``.item``)."""
+    import re
+
+    if spec is None:
+        return False
+    if isinstance(spec, str):
+        return spec == "all-linear" or re.fullmatch(spec, name) is not None
+    return any(name == str(item) or name.endswith(f".{item}") for item in spec)
+
+
+def _vision_freeze_problems(config: Any) -> list[str]:
+    """``freeze_vision_tower=True``: an engine the plugin freezes, no LoRA adapter on the tower, and an
+    FSDP1 wrap policy that keeps the frozen tower out of trainable units."""
+    actor = _path(config, "actor_rollout_ref.actor")
+    cache = _path(config, CACHE_OPTION)
+    if cache is not None and not isinstance(cache, bool):
+        return [f"+{CACHE_OPTION} must be true or false, got {cache!r}"]
+    if not _get(actor, "freeze_vision_tower"):
+        if cache:
+            return [
+                f"+{CACHE_OPTION}=true caches the vision tower's features, which is exact only for a frozen tower, "
+                f"but {FREEZE_OPTION}=False; set {FREEZE_OPTION}=True (or drop +{CACHE_OPTION})"
+            ]
+        return []
+    problems: list[str] = []
+    strategy = str(_get(actor, "strategy") or "fsdp")
+    if strategy not in FREEZE_STRATEGIES:
+        problems.append(
+            f"{FREEZE_OPTION}=True is read nowhere in veRL 0.9.1; differad-rl honours it in the FSDP engine only, "
+            f"but actor_rollout_ref.actor.strategy={strategy}: the tower would silently train; set "
+            f"actor_rollout_ref.actor.strategy=fsdp (or fsdp2), or {FREEZE_OPTION}=False"
+        )
+    model = _path(config, "actor_rollout_ref.model")
+    lora_rank = _get(model, "lora_rank") or 0
+    if int(lora_rank) > 0:
+        target = _plain(_get(model, "target_modules"))
+        exclude = _plain(_get(model, "exclude_modules"))
+        adapted = [n for n in TOWER_LINEAR_NAMES if _peft_matches(target, n) and not _peft_matches(exclude, n)]
+        if adapted:
+            problems.append(
+                f"{FREEZE_OPTION}=True with actor_rollout_ref.model.lora_rank={lora_rank} and "
+                f"target_modules={target!r}, exclude_modules={exclude!r}: LoRA adapters would train inside the "
+                f"vision tower (e.g. {adapted[0]}); set {_TOWER_LORA_FIX} (or {FREEZE_OPTION}=False)"
+            )
+    fsdp = _get(actor, "fsdp_config")
+    if strategy == "fsdp" and not _get(fsdp, "use_orig_params"):
+        wrap = _get(fsdp, "wrap_policy")
+        custom = [
+            f"actor_rollout_ref.actor.fsdp_config.wrap_policy.{key}={_plain(_get(wrap, key))!r}"
+            for key, off in (("disable", False), ("min_num_params", 0), ("transformer_layer_cls_to_wrap", None))
+            if _get(wrap, key) not in (off, None)
+        ]
+        if custom:
+            problems.append(
+                f"{FREEZE_OPTION}=True with strategy=fsdp and {', '.join(custom)}: the plugin wraps the frozen tower "
+                "as its own FSDP unit through the default policy (the model's _no_split_modules); this policy "
+                "would put frozen and trainable tensors into one flat parameter, which FSDP1 refuses without "
+                "use_orig_params; remove the wrap_policy setting, or set "
+                "actor_rollout_ref.actor.fsdp_config.use_orig_params=True"
+            )
+    return problems
+
+
+# ------------------------------------------------------------------------------------------------
 # entry points
 
 
@@ -554,6 +659,7 @@ def config_problems(config: Any) -> list[str]:
         else:
             problems += _resample_problems(config, cfg)
     problems += _sampler_problems(config) + _online_filter_problems(config)
+    problems += _vision_freeze_problems(config)
     return problems
 
 

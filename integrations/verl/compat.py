@@ -1,4 +1,4 @@
-"""Supported veRL / transformers versions and the one version-checked patch of veRL.
+"""Supported veRL / transformers versions and the version-checked patches of veRL.
 
 Supported: veRL ``>=0.9.1,<0.10`` (:data:`SUPPORTED_VERL`), with the transformers range veRL 0.9.1
 itself pins (:data:`SUPPORTED_TRANSFORMERS`; 5.6.0 is excluded by veRL). :func:`check_versions`
@@ -24,7 +24,13 @@ For every other estimator the wrapper is a pass-through. veRL's code is not copi
 
 The wrap is installed lazily: ``trainer_base`` costs ~2 s to import and is only needed in the
 trainer process, so :func:`install_localization_bridge` patches it now if it is already imported
-and otherwise the moment it is imported (a one-module post-import hook on ``sys.meta_path``).
+and otherwise the moment it is imported (:func:`patch_when_imported`, a one-module post-import hook
+on ``sys.meta_path``).
+
+TRL in the same environment
+---------------------------
+:func:`install_trl_value_head_guard`: veRL 0.9.1's FSDP engine cannot build a model while TRL 1.16
+is installed (it imports a TRL class that 1.16 removed); the guard skips that one TRL patch.
 """
 
 from __future__ import annotations
@@ -53,6 +59,9 @@ __all__ = [
     "install_localization_bridge",
     "localization_from_extra_fields",
     "BRIDGE_TARGET",
+    "TRL_GUARD_TARGET",
+    "install_trl_value_head_guard",
+    "patch_when_imported",
 ]
 
 logger = logging.getLogger(__name__)
@@ -283,13 +292,86 @@ def install_localization_bridge() -> bool:
             not the one this bridge wraps.
     """
     check_versions()
-    module = sys.modules.get(BRIDGE_TARGET)
-    if module is not None and getattr(module, "PPOTrainer", None) is not None:
-        _patch_trainer_base(module)
+    return patch_when_imported(BRIDGE_TARGET, _patch_trainer_base, ready="PPOTrainer")
+
+
+def patch_when_imported(fullname: str, patch: Callable[[types.ModuleType], None], *, ready: str) -> bool:
+    """Run ``patch(module)`` on the module ``fullname`` now if it is imported, else right after its import.
+
+    The patches of this adapter touch heavy veRL modules (trainer, workers, engine) that only some
+    processes import; this keeps ``import verl`` cheap everywhere. Idempotence is the patch's job
+    (it marks what it wrapped); one pending hook per module name.
+
+    Args:
+        fullname: the module's dotted name.
+        patch: called with the executed module.
+        ready: an attribute the module defines once it has executed (a module seen half-imported,
+            inside an import cycle, waits for the hook instead).
+
+    Returns:
+        ``True`` if patched now, ``False`` if the patch waits for the import.
+    """
+    module = sys.modules.get(fullname)
+    if module is not None and getattr(module, ready, None) is not None:
+        patch(module)
         return True
-    if not any(isinstance(f, _PostImportPatch) and f.fullname == BRIDGE_TARGET for f in sys.meta_path):
-        sys.meta_path.insert(0, _PostImportPatch(BRIDGE_TARGET, _patch_trainer_base))
+    if not any(isinstance(f, _PostImportPatch) and f.fullname == fullname for f in sys.meta_path):
+        sys.meta_path.insert(0, _PostImportPatch(fullname, patch))
     return False
+
+
+# ----------------------------------------------------------------------------------------------
+# TRL beside veRL: veRL's value-head patch
+
+TRL_GUARD_TARGET = "verl.models.transformers.monkey_patch"
+"""Module whose ``is_trl_available`` :func:`install_trl_value_head_guard` wraps."""
+
+_TRL_GUARD_MARK = "__differad_trl_value_head_guard__"
+
+
+def _trl_has_value_head() -> bool:
+    """Whether the installed TRL still defines ``AutoModelForCausalLMWithValueHead`` (TRL 1.16 does not)."""
+    for name in ("trl.experimental.ppo", "trl"):
+        try:
+            if hasattr(importlib.import_module(name), "AutoModelForCausalLMWithValueHead"):
+                return True
+        except ImportError:
+            continue
+    return False
+
+
+def _patch_monkey_patch_module(module: types.ModuleType) -> None:
+    original = getattr(module, "is_trl_available", None)
+    if original is None:
+        raise UnsupportedVersionError(
+            f"{module.__name__}.is_trl_available not found: the TRL value-head guard supports veRL{SUPPORTED_VERL}"
+        )
+    if getattr(original, _TRL_GUARD_MARK, False):
+        return
+
+    @functools.wraps(original)
+    def is_trl_available() -> bool:
+        return bool(original()) and _trl_has_value_head()
+
+    setattr(is_trl_available, _TRL_GUARD_MARK, True)
+    setattr(module, "is_trl_available", is_trl_available)  # noqa: B010 - a module attribute mypy cannot see
+
+
+def install_trl_value_head_guard() -> bool:
+    """Let veRL's FSDP engine build its model in an environment that also holds TRL 1.16.
+
+    veRL 0.9.1's ``apply_monkey_patch`` (called by the FSDP engine for every actor, reference and
+    critic model) imports ``AutoModelForCausalLMWithValueHead`` from TRL whenever TRL is importable,
+    to patch its ``state_dict``; TRL 1.16 no longer has that class, so the import raises and no model
+    can be built — although differad-rl's ``[trl]`` and ``[verl]`` extras are meant to share one
+    environment. The guard makes veRL's ``is_trl_available`` (as that module sees it) true only
+    when the class exists: with TRL 1.16 the value-head patch, which concerns a TRL class that no
+    longer exists, is skipped; with a TRL that has the class nothing changes. Idempotent.
+
+    Returns:
+        ``True`` if patched now, ``False`` if the patch waits for the module's import.
+    """
+    return patch_when_imported(TRL_GUARD_TARGET, _patch_monkey_patch_module, ready="apply_monkey_patch")
 
 
 def bridge_installed() -> bool:

@@ -9,6 +9,12 @@ On a GPU machine the client forwards to vLLM or SGLang servers. Neither runs on 
 :mod:`differad_rl.integrations.tiny_qwen_vl` — so veRL's real agent-loop code (prompt building,
 multimodal inputs, reward loop, post-processing) can be exercised end to end on a laptop or in CI.
 
+:func:`use_cpu_platform` does the same for veRL's training side: a veRL platform for the CPU
+(:class:`CPUPlatform`; veRL 0.9.1 registers CUDA, NPU and ROCm only and otherwise falls back to CUDA)
+and veRL's FSDP engine registered for it, so veRL's own ``ActorRolloutRefWorker`` builds its actor
+and reference engines (``init_model``), computes log-probs and runs PPO updates on a gloo process
+group in one CPU process.
+
 It is a test/demo backend: one request at a time (a lock around the model), no batching, no
 prefix cache. It pickles (model included), so veRL can hand it to its Ray agent-loop workers.
 Sampling parameters map as vLLM reads them: ``temperature`` (0 = greedy), ``top_p``,
@@ -27,10 +33,11 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
+from verl.plugin.platform.platform_base import PlatformBase
 from verl.workers.rollout.llm_server import LLMServerClient
 from verl.workers.rollout.replica import TokenOutput
 
-__all__ = ["HFGenerationClient"]
+__all__ = ["CPUPlatform", "HFGenerationClient", "use_cpu_platform"]
 
 
 class HFGenerationClient(LLMServerClient):
@@ -171,3 +178,127 @@ class HFGenerationClient(LLMServerClient):
             },
         )
 
+
+
+# ------------------------------------------------------------------------------------------------
+# training side: veRL's workers and FSDP engine on the CPU
+
+
+class _CPUDeviceModule:
+    """``torch.cpu`` plus the ``torch.cuda``-style calls veRL makes on its device module (memory
+    statistics read as 0, cache and seeding calls do nothing device-specific)."""
+
+    _ZERO = ("memory_allocated", "memory_reserved", "max_memory_allocated", "max_memory_reserved")
+
+    def __getattr__(self, name: str) -> Any:
+        if hasattr(torch.cpu, name):
+            return getattr(torch.cpu, name)
+        if name in self._ZERO:
+            return lambda *args, **kwargs: 0
+        if name == "mem_get_info":
+            return lambda *args, **kwargs: (0, 0)
+        if name == "get_device_name":  # veRL's FLOPs counter looks the name up in its table: "CPU" is in it
+            return lambda *args, **kwargs: "CPU"
+        if name in ("empty_cache", "ipc_collect", "reset_peak_memory_stats", "set_device"):
+            return lambda *args, **kwargs: None
+        if name in ("manual_seed", "manual_seed_all"):
+            return torch.manual_seed
+        raise AttributeError(f"the CPU device module has no {name!r}")
+
+
+class CPUPlatform(PlatformBase):
+    """veRL's platform interface for a CPU-only process (device ``cpu``, collectives over gloo)."""
+
+    _module = _CPUDeviceModule()
+
+    @property
+    def device_name(self) -> str:
+        return "cpu"
+
+    @property
+    def vendor_name(self) -> str:
+        return "cpu"
+
+    @property
+    def device_module(self) -> Any:
+        return self._module
+
+    def is_available(self) -> bool:
+        return True
+
+    def current_device(self) -> Any:  # FSDP1's device_id: the CPU device, not an index
+        return torch.device("cpu")
+
+    def device_count(self) -> int:
+        return 1
+
+    def set_device(self, device_index: int) -> None:
+        pass
+
+    def synchronize(self, device_index: int | None = None) -> None:
+        pass
+
+    def manual_seed(self, seed: int) -> None:
+        torch.manual_seed(seed)
+
+    def manual_seed_all(self, seed: int) -> None:
+        torch.manual_seed(seed)
+
+    def set_allocator_settings(self, settings: str) -> None:
+        pass
+
+    def empty_cache(self) -> None:
+        pass
+
+    def get_device_capability(self, device_index: int = 0) -> tuple[int | None, int | None]:
+        return (None, None)
+
+    def communication_backend_name(self) -> str:
+        return "gloo"
+
+    def visible_devices_envvar(self) -> str:
+        return "CUDA_VISIBLE_DEVICES"
+
+    @contextlib.contextmanager
+    def nvtx_range(self, msg: str) -> Any:
+        yield
+
+    def profiler_start(self) -> None:
+        pass
+
+    def profiler_stop(self) -> None:
+        pass
+
+    def ray_resource_name(self) -> str:
+        return "CPU"
+
+    def ray_noset_envvars(self) -> list[str]:
+        return []
+
+    def is_ipc_supported(self) -> bool:
+        return False
+
+    def cudart(self) -> Any:
+        return None
+
+
+def use_cpu_platform() -> None:
+    """Make veRL run its workers and FSDP engine on the CPU in this process (idempotent).
+
+    Sets :class:`CPUPlatform` as veRL's platform and registers veRL's ``FSDPEngineWithLMHead`` (the
+    actor / reference engine) for the ``cpu`` device. The caller initialises a gloo process group
+    (``torch.distributed.init_process_group("gloo", ...)``) before building workers; veRL's workers
+    reuse an initialised group. FSDP2 (``strategy=fsdp2``) then runs as is; FSDP1 additionally
+    refuses CPU parameters with ``sync_module_states=True`` (veRL's setting), a guard the tests lift.
+    """
+    from verl.plugin.platform import platform_manager
+    from verl.workers.engine import EngineRegistry
+    from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
+
+    if not isinstance(platform_manager._current_platform, CPUPlatform):
+        platform_manager.set_platform(CPUPlatform())
+    engines = EngineRegistry._engines["language_model"]
+    if any("cpu" not in engines[backend] for backend in ("fsdp", "fsdp2")):
+        EngineRegistry.register(model_type="language_model", backend=["fsdp", "fsdp2"], device="cpu")(
+            FSDPEngineWithLMHead
+        )

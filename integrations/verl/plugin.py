@@ -8,9 +8,14 @@ trainer and every Ray worker without user code. Importing this module
 2. registers the ``differad`` advantage estimator (:func:`differad_rl.integrations.verl.estimator.register`);
 3. installs the localization bridge (:func:`differad_rl.integrations.verl.compat.install_localization_bridge`),
    which lets the reward's per-sample localization score reach the estimator in the V1 trainer;
-4. installs the start-up check (:func:`differad_rl.integrations.verl.checks.install_startup_check`):
+4. makes ``actor_rollout_ref.actor.freeze_vision_tower=True`` freeze the vision tower in veRL's FSDP
+   engine, which otherwise ignores the option
+   (:func:`differad_rl.integrations.verl.freeze.install_vision_freeze`);
+5. lets veRL's FSDP engine build models beside TRL 1.16
+   (:func:`differad_rl.integrations.verl.compat.install_trl_value_head_guard`);
+6. installs the start-up check (:func:`differad_rl.integrations.verl.checks.install_startup_check`):
    ``verl.trainer.main_ppo`` validates every differad-rl option (estimator, reward kwargs,
-   resampling, sampler class) in the driver, before Ray starts, instead of after the first rollout
+   resampling, sampler class, the vision-tower freeze) in the driver, before Ray starts, instead of after the first rollout
    or inside a Ray worker.
 
 The group-resampling classes (:mod:`differad_rl.integrations.verl.resampling`) need no import here:
@@ -37,11 +42,13 @@ REGISTERED: tuple[str, ...] = ()
 
 def load() -> tuple[str, ...]:
     """Register everything (idempotent); returns :data:`REGISTERED`."""
-    from differad_rl.integrations.verl import checks, compat, estimator
+    from differad_rl.integrations.verl import checks, compat, estimator, freeze
 
     compat.check_versions()
     estimator.register()
     compat.install_localization_bridge()
+    freeze.install_vision_freeze()
+    compat.install_trl_value_head_guard()
     checks.install_startup_check()
     return (estimator.ESTIMATOR_NAME,)
 
