@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -46,10 +45,10 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "trl"))  # sft_cold_start: the project's SFT recipe
 
-import sft_cold_start  # noqa: E402
+import sft_cold_start
 
-from differad_rl.data.atomic import atomic_write_bytes, atomic_write_text  # noqa: E402
-from differad_rl.data.records import PairRecord, load_pairs, write_pairs  # noqa: E402
+from differad_rl.data.atomic import atomic_write_bytes, atomic_write_text
+from differad_rl.data.records import PairRecord, load_pairs, write_pairs
 
 RUNGS = ("r1", "r2", "r3", "r4")
 PASS_MARGIN = 0.1
@@ -194,7 +193,11 @@ def build_model(args: argparse.Namespace, work: Path) -> str:
     """The untrained tiny Qwen3-VL of the run (``--init``: a checkpoint to continue from)."""
     if args.init:
         return args.init
-    from differad_rl.integrations.tiny_qwen_vl import LEARNER_ARCH, TinyArch, tiny_model_for
+    from differad_rl.integrations.tiny_qwen_vl import (
+        LEARNER_ARCH,
+        TinyArch,
+        tiny_model_for,
+    )
 
     arch = TinyArch(hidden_size=args.hidden or LEARNER_ARCH.hidden_size,
                     num_layers=args.layers or LEARNER_ARCH.num_layers,
@@ -279,9 +282,13 @@ def main(argv: list[str] | None = None) -> int:
     res_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     train, test = rung_data(args, work)
-    from differad_rl.eval.protocol import EvalConfig, evaluate_records, read_predictions
-    from differad_rl.integrations.loading import keep_tiny_manifest, load_model_and_processor
+    from differad_rl.integrations.loading import (
+        keep_tiny_manifest,
+        load_model_and_processor,
+    )
     from differad_rl.integrations.predict import PredictConfig, predict_records
+
+    from differad_rl.eval.protocol import EvalConfig, evaluate_records, read_predictions
 
     model_path = build_model(args, work)
     model, processor = load_model_and_processor(model_path)
