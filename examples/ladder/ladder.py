@@ -211,6 +211,98 @@ def build_model(args: argparse.Namespace, work: Path) -> str:
                               seed=args.seed, min_pixels=px, max_pixels=px, arch=arch))
 
 
+def visual_features(model: Any, processor: Any, records: list[PairRecord], tokens: str = "all",
+                    batch: int = 50) -> np.ndarray:
+    """``(N, F)`` features of the vision tower's output tokens (what the language model receives in place
+    of the ``<|image_pad|>`` tokens). ``tokens="all"``: the target's then the reference's tokens, flattened
+    (a token's slot says where it is); ``"odd"``: only the content of the target token farthest from the
+    target's mean token (no slot index: is *where* in the token's content, as attention would read it?)."""
+    import torch
+    from PIL import Image
+
+    feats = []
+    with torch.inference_mode():
+        for start in range(0, len(records), batch):
+            imgs = []
+            for r in records[start:start + batch]:
+                imgs += [Image.open(r.target).convert("RGB"), Image.open(r.reference).convert("RGB")]
+            enc = processor.image_processor(images=imgs, return_tensors="pt")
+            out = model.model.get_image_features(enc["pixel_values"], enc["image_grid_thw"]).pooler_output
+            for k in range(len(imgs) // 2):
+                tgt = out[2 * k]
+                if tokens == "odd":
+                    feats.append(tgt[int((tgt - tgt.mean(0)).norm(dim=1).argmax())].numpy())
+                else:
+                    feats.append(torch.cat([tgt, out[2 * k + 1]]).flatten().numpy())
+    return np.asarray(feats, dtype=np.float64)
+
+
+def _ridge_fit(x: np.ndarray, y: np.ndarray, ridge: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    mu, sd = x.mean(axis=0), x.std(axis=0) + 1e-6
+    z = (x - mu) / sd
+    ym = y.mean(axis=0)
+    a = np.linalg.solve(z @ z.T + ridge * len(z) * np.eye(len(z)), y - ym)  # dual form (F may exceed N)
+    return mu, sd, z.T @ a, ym
+
+
+def _ridge_predict(fit: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray], x: np.ndarray) -> np.ndarray:
+    mu, sd, w, ym = fit
+    return ((x - mu) / sd) @ w + ym
+
+
+def probe_predictions(model: Any, processor: Any, train: list[PairRecord], test: list[PairRecord],
+                      tokens: str = "all", ridges: tuple[float, ...] = (0.01, 0.1, 1.0)) -> tuple[Any, float]:
+    """A ridge-regression readout of the relative box (x1, y1, x2, y2; the zero box for a normal pair)
+    from :func:`visual_features`: does the position reach the visual tokens? The ridge strength is chosen
+    on the last fifth of ``train`` (never on ``test``), then refitted on all of ``train``.
+    Returns ``(pixel predictions for test, chosen ridge)``."""
+    from differad_rl.eval.metrics import sample_ious
+    from differad_rl.eval.protocol import Predictions
+
+    def rel(rs: list[PairRecord]) -> np.ndarray:
+        return np.array([np.asarray(r.box, dtype=np.float64) / [r.width, r.height, r.width, r.height] for r in rs])
+
+    def to_boxes(pred: np.ndarray, rs: list[PairRecord]) -> np.ndarray:
+        pred = np.clip(pred, 0.0, 1.0)
+        lo, hi = np.minimum(pred[:, :2], pred[:, 2:]), np.maximum(pred[:, :2], pred[:, 2:])
+        size = np.array([[r.width, r.height] for r in rs], dtype=np.float64)
+        return np.concatenate([lo * size, hi * size], axis=1)
+
+    xtr, xte = visual_features(model, processor, train, tokens), visual_features(model, processor, test, tokens)
+    ytr = rel(train)
+    cut = len(train) * 4 // 5
+    val = train[cut:]
+    scores = [sample_ious(to_boxes(_ridge_predict(_ridge_fit(xtr[:cut], ytr[:cut], lam), xtr[cut:]), val), None,
+                          [r.boxes for r in val]).mean() for lam in ridges]
+    ridge = ridges[int(np.argmax(scores))]
+    boxes = to_boxes(_ridge_predict(_ridge_fit(xtr, ytr, ridge), xte), test)
+    n = len(test)
+    return Predictions(ids=[r.id for r in test], outputs=[None] * n, boxes=boxes, given=np.ones(n, bool)), ridge
+
+
+def sincos_positions(model: Any, scale: float) -> None:
+    """Overwrite the vision tower's learned position embedding (a ``g × g`` grid, interpolated to the
+    image's patch grid) with a fixed-form 2-D sine/cosine code times ``scale``: half the channels code the
+    row, half the column, at geometric frequencies (the ViT / MAE form). A lever on how *where* enters a
+    visual token's content; the embedding stays trainable."""
+    import torch
+
+    emb = model.model.visual.pos_embed
+    n, dim = emb.weight.shape
+    g = round(n ** 0.5)
+    quarter = dim // 4
+    freq = 1.0 / (10.0 ** (torch.arange(quarter, dtype=torch.float64) / max(1, quarter)))
+    ys, xs = torch.meshgrid(torch.arange(g, dtype=torch.float64), torch.arange(g, dtype=torch.float64), indexing="ij")
+    parts = []
+    for coord in (ys.flatten(), xs.flatten()):
+        ang = coord[:, None] * freq[None, :] * (torch.pi / g)
+        parts += [ang.sin(), ang.cos()]
+    code = torch.cat(parts, dim=1)
+    code = torch.nn.functional.pad(code, (0, dim - code.shape[1]))
+    with torch.no_grad():
+        emb.weight.copy_((scale * code).to(emb.weight.dtype))
+
+
 def answers_png(result: Any, path: Path, title: str, k: int = 8) -> None:
     """The first ``k`` held-out targets with the ground truth (green) and the greedy answer (red)."""
     from matplotlib.figure import Figure
@@ -255,7 +347,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vision-hidden", type=int, default=0, help="vision width (0 = LEARNER_ARCH)")
     p.add_argument("--vision-depth", type=int, default=0, help="vision depth (0 = LEARNER_ARCH)")
     p.add_argument("--vision-positions", type=int, default=0, help="learned position grid cells (0 = LEARNER_ARCH)")
+    p.add_argument("--pos-init", default="learned", choices=("learned", "sincos"),
+                   help="vision position embedding at the start: the build's random init, or a 2-D sin/cos code")
+    p.add_argument("--pos-scale", type=float, default=1.0, help="--pos-init sincos: amplitude of the code")
     p.add_argument("--init", default=None, help="start from this checkpoint (curriculum) instead of a fresh build")
+    p.add_argument("--probe", action="store_true",
+                   help="no SFT: fit a ridge readout of the box from the (untrained or --init) visual tokens")
+    p.add_argument("--probe-tokens", default="all", choices=("all", "odd"),
+                   help="--probe: all tokens by slot, or the content of the odd target token alone")
     p.add_argument("--seed", type=int, default=0, help="model init + SFT seed")
     p.add_argument("--data-seed", type=int, default=0, help="training pairs' seed (held out: +1000; r4: the demo seed)")
     p.add_argument("--data-root", default="runs/ladder/data")
@@ -292,8 +391,31 @@ def main(argv: list[str] | None = None) -> int:
 
     model_path = build_model(args, work)
     model, processor = load_model_and_processor(model_path)
+    if args.pos_init == "sincos":
+        sincos_positions(model, args.pos_scale)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{args.rung}: {len(train)} train / {len(test)} held-out pairs, {n_params:,} parameters", flush=True)
+    if args.probe:
+        from differad_rl.eval.comparison import comparison_table
+
+        preds, ridge = probe_predictions(model, processor, train, test, args.probe_tokens)
+        results = {f"linear probe, {args.probe_tokens} visual tokens (ridge {ridge:g})": evaluate_records(
+            preds, test, EvalConfig(family="pixel"))}
+        results.update(constant_results(train, test))
+        table = comparison_table(results)
+        row = next(iter(results.values())).metrics["overall"]
+        best = max(r.metrics["overall"]["miou"] for k, r in list(results.items())[1:])
+        cmd = "OMP_NUM_THREADS=1 python examples/ladder/ladder.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        summary = {"rung": args.rung, "name": args.name, "command": cmd, "probe": args.probe_tokens, "ridge": ridge,
+                   "model_path": model_path,
+                   "probe_miou": row["miou"], "probe_acc": row["acc"], "best_constant_miou": best,
+                   "margin": row["miou"] - best, "n_train": len(train), "n_test": len(test)}
+        atomic_write_text(res_dir / "results.json", json.dumps(summary, indent=2) + "\n")
+        atomic_write_text(res_dir / "comparison.md", f"# {args.name} ({args.rung}, probe)\n\n`{cmd}`\n\n{table}")
+        answers_png(next(iter(results.values())), res_dir / "answers.png",
+                    f"{args.name}: probe held-out mIoU {row['miou']:.3f} (best constant {best:.3f})")
+        print(table)
+        return 0
     if args.answer == "bare":
         sft_cold_start.answer_text = bare_answer_text  # sft_rows looks it up at call time
     t1 = time.time()
