@@ -325,8 +325,9 @@ def answers_png(result: Any, path: Path, title: str, k: int = 8) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rung", required=True, choices=RUNGS)
-    p.add_argument("--name", required=True, help="results folder name under examples/ladder/results/")
+    p.add_argument("--rung", choices=RUNGS)
+    p.add_argument("--name", help="results folder name under examples/ladder/results/")
+    p.add_argument("--table", action="store_true", help="print the Markdown table of every committed result and exit")
     p.add_argument("--steps", type=int, default=600, help="SFT steps (batch --batch-size)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=3e-3)
@@ -360,11 +361,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data-root", default="runs/ladder/data")
     p.add_argument("--smoke", action="store_true", help="a few steps; results under runs/ladder/smoke only")
     p.add_argument("--force", action="store_true", help="overwrite an existing committed result")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not args.table and (args.rung is None or args.name is None):
+        p.error("--rung and --name are required (or --table)")
+    return args
+
+
+def results_table(root: Path = HERE / "results") -> str:
+    """One Markdown row per committed result (SFT runs and probes), sorted by name."""
+    head = ("| run | rung | what | held-out mIoU | Acc@0.3 | unparsable | distinct answers | best constant | "
+            "margin | passes |\n|---|---|---|---:|---:|---:|---:|---:|---:|---|\n")
+    rows = []
+    for path in sorted(root.glob("*/results.json")):
+        r = json.loads(path.read_text())
+        if r.get("probe"):
+            rows.append(f"| {r['name']} | {r['rung']} | probe ({r['probe']} tokens) | {r['probe_miou']:.3f} | "
+                        f"{r['probe_acc']:.3f} | – | – | {r['best_constant_miou']:.3f} | {r['margin']:+.3f} | "
+                        f"{'yes' if r['margin'] >= PASS_MARGIN else 'no'} |")
+        else:
+            m = r["model"]
+            best = max(c["miou"] for c in r["constants"])
+            rows.append(f"| {r['name']} | {r['rung']} | SFT {r['config']['steps']} steps | {m['miou']:.3f} | "
+                        f"{m['acc']:.3f} | {m['invalid_rate']:.2f} | {r['distinct_answers']} | {best:.3f} | "
+                        f"{r['margin']:+.3f} | {'yes' if r['passes'] else 'no'} |")
+    return head + "\n".join(rows) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.table:
+        print(results_table())
+        return 0
     import torch
 
     torch.set_num_threads(1)
