@@ -369,19 +369,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def results_table(root: Path = HERE / "results") -> str:
     """One Markdown row per committed result (SFT runs and probes), sorted by name."""
-    head = ("| run | rung | what | held-out mIoU | Acc@0.3 | unparsable | distinct answers | best constant | "
+    head = ("| run | rung | what (changes from the defaults) | held-out mIoU | Acc@0.3 | unparsable | distinct answers | best constant | "
             "margin | passes |\n|---|---|---|---:|---:|---:|---:|---:|---:|---|\n")
+    defaults = vars(parse_args(["--table"]))
+    skip = {"rung", "name", "table", "probe", "probe_tokens", "force", "smoke", "data_root"}
+
+    def changes(cmd: str) -> str:
+        given = vars(parse_args(cmd.split("ladder.py", 1)[1].split()))
+        diff = [f"{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, (list, tuple)) else v}"
+                for k, v in given.items() if k not in skip and v != defaults[k]
+                and not (isinstance(v, (list, tuple)) and list(v) == list(defaults[k]))]
+        return ", ".join(diff) or "–"
+
     rows = []
     for path in sorted(root.glob("*/results.json")):
         r = json.loads(path.read_text())
         if r.get("probe"):
-            rows.append(f"| {r['name']} | {r['rung']} | probe ({r['probe']} tokens) | {r['probe_miou']:.3f} | "
+            rows.append(f"| {r['name']} | {r['rung']} | probe ({r['probe']} tokens); {changes(r['command'])} | "
+                        f"{r['probe_miou']:.3f} | "
                         f"{r['probe_acc']:.3f} | – | – | {r['best_constant_miou']:.3f} | {r['margin']:+.3f} | "
                         f"{'yes' if r['margin'] >= PASS_MARGIN else 'no'} |")
         else:
             m = r["model"]
             best = max(c["miou"] for c in r["constants"])
-            rows.append(f"| {r['name']} | {r['rung']} | SFT {r['config']['steps']} steps | {m['miou']:.3f} | "
+            rows.append(f"| {r['name']} | {r['rung']} | SFT; {changes(r['command'])} | {m['miou']:.3f} | "
                         f"{m['acc']:.3f} | {m['invalid_rate']:.2f} | {r['distinct_answers']} | {best:.3f} | "
                         f"{r['margin']:+.3f} | {'yes' if r['passes'] else 'no'} |")
     return head + "\n".join(rows) + "\n"
