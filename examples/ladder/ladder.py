@@ -1,0 +1,509 @@
+#!/usr/bin/env python
+"""A diagnostic ladder for the tiny learner Qwen-VL: which step of the task does it fail at?
+
+Each rung is a short from-scratch SFT run (fp32, TRL ``SFTTrainer`` through ``sft_cold_start.run_sft``,
+completion-only loss) on pairs of one kind, scored GREEDILY with the evaluation protocol (the
+``differad-rl predict`` prompt and code, ``evaluate_records``) on held-out pairs of the same kind drawn
+from seeds the run never trained on, beside the constant predictors:
+
+- R1 ``r1``: one image — a single high-contrast square on a plain background (a random colour); the
+  reference is the same all-black image for every pair, so everything is in the target. Can the
+  architecture read a position out of its visual tokens and write it as coordinates?
+- R2 ``r2``: a pair — the same plain background in both images, the square in the target only.
+- R3 ``r3``: R2 on the demo set's photographic backgrounds (``skimage.data`` windows), no shift,
+  lighting or noise changes.
+- R4 ``r4``: the demo set as the main job uses it (``sft_cold_start.LEARNER_DEMO``; held out = its
+  ``test`` split, pairs whose seeds ``[seed, i]`` are never trained on).
+
+A rung passes when the held-out mIoU beats the best constant predictor (zero box, training mean box,
+best constant box fitted on the training pairs) by at least 0.1.
+
+Levers (one change at a time): ``--square`` (defect size in pixels, i.e. visual tokens per defect),
+``--image-size`` (tokens per image), ``--feed-size`` (the same
+images fed larger: more tokens per defect), ``--answer`` (``centre``: the shipped answer with the centre in
+``<think>``; ``bare``: no centre), ``--hidden/--layers/--vision-hidden/--vision-depth`` (width, depth),
+``--lr``, ``--steps``, ``--schedule``, ``--init`` (curriculum: start from an earlier rung's checkpoint).
+
+    OMP_NUM_THREADS=1 python examples/ladder/ladder.py --rung r1 --name r1_base
+
+writes ``examples/ladder/results/<name>/{results.json,answers.png,comparison.md}`` (data, model and
+predictions under ``runs/ladder/<name>/``, not committed). An existing result is never overwritten
+(``--force`` does; ``--smoke`` writes under ``runs/ladder/smoke`` only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "trl"))  # sft_cold_start: the project's SFT recipe
+
+import sft_cold_start
+
+from differad_rl.data.atomic import atomic_write_bytes, atomic_write_text
+from differad_rl.data.records import PairRecord, load_pairs, write_pairs
+
+RUNGS = ("r1", "r2", "r3", "r4")
+PASS_MARGIN = 0.1
+
+
+# ------------------------------------------------------------------------------- data
+def _png(img: np.ndarray, path: Path) -> None:
+    from PIL import Image
+
+    Image.fromarray(np.round(np.clip(img, 0, 1) * 255).astype(np.uint8), mode="RGB").save(path)
+
+
+def _photo_window(rng: np.random.Generator, size: int, category: str) -> np.ndarray:
+    """A random square window of a demo category's photograph, resized to ``size`` (bilinear)."""
+    from PIL import Image
+
+    from differad_rl.data.demo import load_source_image
+
+    src = load_source_image(category)
+    h, w = src.shape[:2]
+    side = int(min(h, w) / rng.uniform(1.15, 2.0))  # the demo set's zoom range
+    y0, x0 = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+    crop = Image.fromarray(np.round(src[y0:y0 + side, x0:x0 + side] * 255).astype(np.uint8))
+    return np.asarray(crop.resize((size, size), Image.BILINEAR), dtype=np.float64) / 255.0
+
+
+def square_pairs(out: Path, rung: str, *, n: int, seed: int, split: str, size: int,
+                 square: tuple[int, int], background: str = "random") -> list[PairRecord]:
+    """R1-R3 pairs: one axis-aligned high-contrast square of side ``square`` px in the target
+    (``background`` of R1/R2: ``random`` — a plain random colour, the square dark on bright and bright on
+    dark; ``grey`` — always mid grey with a white square, so the square is known by its colour alone).
+
+    Pair ``i`` draws from ``default_rng([seed, i])`` (train and held-out sets use different seeds)."""
+    from tqdm.auto import tqdm
+
+    from differad_rl.data.demo import DEFAULT_CATEGORIES, _contrast_color
+
+    out = out.absolute()  # write_pairs stores paths relative to the JSONL's folder
+    done = out / "pairs.jsonl"
+    if done.is_file():
+        return load_pairs(done)
+    img_dir = out / "images"
+    img_dir.mkdir(parents=True, exist_ok=True)
+    blank = img_dir / "blank.png"
+    _png(np.zeros((size, size, 3)), blank)
+    records = []
+    for i in tqdm(range(n), desc=f"{rung} {split} pairs", unit="pair"):
+        rng = np.random.default_rng([seed, i])
+        if rung == "r3":
+            category = DEFAULT_CATEGORIES[i % len(DEFAULT_CATEGORIES)]
+            bg = _photo_window(rng, size, category)
+        else:
+            category = "plain"
+            colour = np.full(3, 0.5) if background == "grey" else rng.uniform(0, 1, size=3)
+            bg = np.broadcast_to(colour, (size, size, 3)).copy()
+        s = int(rng.integers(square[0], square[1] + 1))
+        x1, y1 = int(rng.integers(0, size - s + 1)), int(rng.integers(0, size - s + 1))
+        mask = np.zeros((size, size), dtype=bool)
+        mask[y1:y1 + s, x1:x1 + s] = True
+        tgt = bg.copy()
+        tgt[mask] = 1.0 if background == "grey" else _contrast_color(bg, mask, rng)
+        ref_path, tgt_path = img_dir / f"{i:05d}_ref.png", img_dir / f"{i:05d}_tgt.png"
+        if rung != "r1":
+            _png(bg, ref_path)
+        _png(tgt, tgt_path)
+        records.append(PairRecord(id=f"{category}/square/{i:05d}", reference=str(blank if rung == "r1" else ref_path),
+                                  target=str(tgt_path), boxes=[[x1, y1, x1 + s, y1 + s]], width=size, height=size,
+                                  category=category, defect="square", source=f"ladder_{rung}", split=split))
+    write_pairs(records, done)
+    return load_pairs(done)
+
+
+def rung_data(args: argparse.Namespace, work: Path) -> tuple[list[PairRecord], list[PairRecord]]:
+    """``(train, held_out)`` records of the rung."""
+    if args.rung == "r4":
+        demo = dict(sft_cold_start.LEARNER_DEMO, size=args.image_size, seed=args.data_seed)
+        if args.n_train:
+            demo["n_pairs"] = args.n_train + args.n_test
+            demo["test_fraction"] = args.n_test / demo["n_pairs"]
+        root = Path(args.data_root) / f"r4_s{demo['seed']}_n{demo['n_pairs']}_px{demo['size']}"
+        train = sft_cold_start.demo_or_data(None, root, split="train", **demo)
+        test = sft_cold_start.demo_or_data(None, root, split="test", **demo)
+        return train, test
+    sq = tuple(args.square)
+    tag = f"{args.rung}_px{args.image_size}_sq{sq[0]}-{sq[1]}" + ("_grey" if args.background == "grey" else "")
+    root = Path(args.data_root)
+    train = square_pairs(root / f"{tag}_train_s{args.data_seed}_n{args.n_train}", args.rung, n=args.n_train,
+                         seed=args.data_seed, split="train", size=args.image_size, square=sq,
+                         background=args.background)
+    test = square_pairs(root / f"{tag}_test_s{args.data_seed + 1000}_n{args.n_test}", args.rung, n=args.n_test,
+                        seed=args.data_seed + 1000, split="test", size=args.image_size, square=sq,
+                        background=args.background)
+    return train, test
+
+
+# ------------------------------------------------------------------------------- answers
+def bare_answer_text(record: PairRecord, spec: Any) -> str:
+    """The shipped answer without the centre in ``<think>`` (the box digits must come from the images)."""
+    text = _SHIPPED_ANSWER(record, spec)
+    return "<think>No difference.</think>" + text.split("</think>", 1)[1] if record.is_normal else (
+        "<think>A difference.</think>" + text.split("</think>", 1)[1])
+
+
+_SHIPPED_ANSWER = sft_cold_start.answer_text
+
+
+# ------------------------------------------------------------------------------- constants
+def best_constant_box(train: list[PairRecord], max_candidates: int = 400) -> np.ndarray:
+    """The relative box (``(4,)``, [0, 1]) with the best mean IoU on ``train`` among the zero box, the
+    mean box, the median box and up to ``max_candidates`` training boxes (the protocol's IoU)."""
+    from differad_rl.eval.metrics import sample_ious
+
+    scale = np.array([[r.width, r.height, r.width, r.height] for r in train], dtype=np.float64)
+    rel = np.array([r.box for r in train], dtype=np.float64) / scale
+    anomalous = rel[[not r.is_normal for r in train]]
+    cands = [np.zeros(4), anomalous.mean(axis=0), np.median(anomalous, axis=0)]
+    pick = np.random.default_rng(0).permutation(len(anomalous))[:max_candidates]
+    cands += list(anomalous[pick])
+    gts = [r.boxes for r in train]
+    scores = [sample_ious(np.broadcast_to(c, scale.shape) * scale, None, gts).mean() for c in cands]
+    return np.asarray(cands[int(np.argmax(scores))], dtype=np.float64)
+
+
+def constant_results(train: list[PairRecord], test: list[PairRecord]) -> dict[str, Any]:
+    from differad_rl.eval.comparison import constant_predictions
+    from differad_rl.eval.protocol import EvalConfig, Predictions, evaluate_records
+
+    pixel = EvalConfig(family="pixel")
+    out = {label: evaluate_records(constant_predictions(kind, test, train), test, pixel)
+           for kind, label in (("zero_box", "always zero box"), ("mean_box", "always train mean box"))}
+    rel = best_constant_box(train)
+    size = np.array([[r.width, r.height, r.width, r.height] for r in test], dtype=np.float64)
+    n = len(test)
+    out["best constant box (train fit)"] = evaluate_records(
+        Predictions(ids=[r.id for r in test], outputs=[None] * n, boxes=rel[None] * size, given=np.ones(n, bool)),
+        test, pixel)
+    return out
+
+
+# ------------------------------------------------------------------------------- model
+def build_model(args: argparse.Namespace, work: Path) -> str:
+    """The untrained tiny Qwen3-VL of the run (``--init``: a checkpoint to continue from)."""
+    if args.init:
+        return args.init
+    from differad_rl.integrations.tiny_qwen_vl import (
+        LEARNER_ARCH,
+        TinyArch,
+        tiny_model_for,
+    )
+
+    arch = TinyArch(hidden_size=args.hidden or LEARNER_ARCH.hidden_size,
+                    num_layers=args.layers or LEARNER_ARCH.num_layers,
+                    num_heads=LEARNER_ARCH.num_heads, num_kv_heads=LEARNER_ARCH.num_kv_heads,
+                    vision_hidden_size=args.vision_hidden or LEARNER_ARCH.vision_hidden_size,
+                    vision_depth=args.vision_depth or LEARNER_ARCH.vision_depth,
+                    vision_heads=LEARNER_ARCH.vision_heads,
+                    vision_positions=args.vision_positions or LEARNER_ARCH.vision_positions)
+    px = (args.feed_size or args.image_size) ** 2
+    return str(tiny_model_for(sft_cold_start.LEARNER_FAMILY, cache_dir=Path(args.data_root) / "tiny_models",
+                              seed=args.seed, min_pixels=px, max_pixels=px, arch=arch))
+
+
+def visual_features(model: Any, processor: Any, records: list[PairRecord], tokens: str = "all",
+                    batch: int = 50) -> np.ndarray:
+    """``(N, F)`` features of the vision tower's output tokens (what the language model receives in place
+    of the ``<|image_pad|>`` tokens). ``tokens="all"``: the target's then the reference's tokens, flattened
+    (a token's slot says where it is); ``"odd"``: only the content of the target token farthest from the
+    target's mean token (no slot index: is *where* in the token's content, as attention would read it?)."""
+    import torch
+    from PIL import Image
+
+    feats = []
+    with torch.inference_mode():
+        for start in range(0, len(records), batch):
+            imgs = []
+            for r in records[start:start + batch]:
+                imgs += [Image.open(r.target).convert("RGB"), Image.open(r.reference).convert("RGB")]
+            enc = processor.image_processor(images=imgs, return_tensors="pt")
+            out = model.model.get_image_features(enc["pixel_values"], enc["image_grid_thw"]).pooler_output
+            for k in range(len(imgs) // 2):
+                tgt = out[2 * k]
+                if tokens == "odd":
+                    feats.append(tgt[int((tgt - tgt.mean(0)).norm(dim=1).argmax())].numpy())
+                else:
+                    feats.append(torch.cat([tgt, out[2 * k + 1]]).flatten().numpy())
+    return np.asarray(feats, dtype=np.float64)
+
+
+def _ridge_fit(x: np.ndarray, y: np.ndarray, ridge: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    mu, sd = x.mean(axis=0), x.std(axis=0) + 1e-6
+    z = (x - mu) / sd
+    ym = y.mean(axis=0)
+    a = np.linalg.solve(z @ z.T + ridge * len(z) * np.eye(len(z)), y - ym)  # dual form (F may exceed N)
+    return mu, sd, z.T @ a, ym
+
+
+def _ridge_predict(fit: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray], x: np.ndarray) -> np.ndarray:
+    mu, sd, w, ym = fit
+    return ((x - mu) / sd) @ w + ym
+
+
+def probe_predictions(model: Any, processor: Any, train: list[PairRecord], test: list[PairRecord],
+                      tokens: str = "all", ridges: tuple[float, ...] = (0.01, 0.1, 1.0)) -> tuple[Any, float]:
+    """A ridge-regression readout of the relative box (x1, y1, x2, y2; the zero box for a normal pair)
+    from :func:`visual_features`: does the position reach the visual tokens? The ridge strength is chosen
+    on the last fifth of ``train`` (never on ``test``), then refitted on all of ``train``.
+    Returns ``(pixel predictions for test, chosen ridge)``."""
+    from differad_rl.eval.metrics import sample_ious
+    from differad_rl.eval.protocol import Predictions
+
+    def rel(rs: list[PairRecord]) -> np.ndarray:
+        return np.array([np.asarray(r.box, dtype=np.float64) / [r.width, r.height, r.width, r.height] for r in rs])
+
+    def to_boxes(pred: np.ndarray, rs: list[PairRecord]) -> np.ndarray:
+        pred = np.clip(pred, 0.0, 1.0)
+        lo, hi = np.minimum(pred[:, :2], pred[:, 2:]), np.maximum(pred[:, :2], pred[:, 2:])
+        size = np.array([[r.width, r.height] for r in rs], dtype=np.float64)
+        return np.concatenate([lo * size, hi * size], axis=1)
+
+    xtr, xte = visual_features(model, processor, train, tokens), visual_features(model, processor, test, tokens)
+    ytr = rel(train)
+    cut = len(train) * 4 // 5
+    val = train[cut:]
+    scores = [sample_ious(to_boxes(_ridge_predict(_ridge_fit(xtr[:cut], ytr[:cut], lam), xtr[cut:]), val), None,
+                          [r.boxes for r in val]).mean() for lam in ridges]
+    ridge = ridges[int(np.argmax(scores))]
+    boxes = to_boxes(_ridge_predict(_ridge_fit(xtr, ytr, ridge), xte), test)
+    n = len(test)
+    return Predictions(ids=[r.id for r in test], outputs=[None] * n, boxes=boxes, given=np.ones(n, bool)), ridge
+
+
+def sincos_positions(model: Any, scale: float) -> None:
+    """Overwrite the vision tower's learned position embedding (a ``g × g`` grid, interpolated to the
+    image's patch grid) with a fixed-form 2-D sine/cosine code times ``scale``: half the channels code the
+    row, half the column, at geometric frequencies (the ViT / MAE form). A lever on how *where* enters a
+    visual token's content; the embedding stays trainable."""
+    import torch
+
+    emb = model.model.visual.pos_embed
+    n, dim = emb.weight.shape
+    g = round(n ** 0.5)
+    quarter = dim // 4
+    freq = 1.0 / (10.0 ** (torch.arange(quarter, dtype=torch.float64) / max(1, quarter)))
+    ys, xs = torch.meshgrid(torch.arange(g, dtype=torch.float64), torch.arange(g, dtype=torch.float64), indexing="ij")
+    parts = []
+    for coord in (ys.flatten(), xs.flatten()):
+        ang = coord[:, None] * freq[None, :] * (torch.pi / g)
+        parts += [ang.sin(), ang.cos()]
+    code = torch.cat(parts, dim=1)
+    code = torch.nn.functional.pad(code, (0, dim - code.shape[1]))
+    with torch.no_grad():
+        emb.weight.copy_((scale * code).to(emb.weight.dtype))
+
+
+def answers_png(result: Any, path: Path, title: str, k: int = 8) -> None:
+    """The first ``k`` held-out targets with the ground truth (green) and the greedy answer (red)."""
+    from matplotlib.figure import Figure
+
+    from differad_rl.eval.report import _draw_case
+
+    fig = Figure(figsize=(2.0 * k / 2, 4.6))
+    for j in range(min(k, len(result.ids))):
+        _draw_case(fig.add_subplot(2, k // 2, j + 1), result, j)
+    fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+# ------------------------------------------------------------------------------- run
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rung", choices=RUNGS)
+    p.add_argument("--name", help="results folder name under examples/ladder/results/")
+    p.add_argument("--table", action="store_true", help="print the Markdown table of every committed result and exit")
+    p.add_argument("--steps", type=int, default=600, help="SFT steps (batch --batch-size)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--schedule", default="cosine", help="transformers lr scheduler (cosine, constant, ...)")
+    p.add_argument("--answer", default="centre", choices=("centre", "bare"),
+                   help="centre: the shipped answer (centre in <think>); bare: no centre in <think>")
+    p.add_argument("--n-train", type=int, default=1000, help="training pairs (r4: 0 = LEARNER_DEMO's 2,000)")
+    p.add_argument("--n-test", type=int, default=100, help="held-out pairs")
+    p.add_argument("--image-size", type=int, default=128, help="px; fed as is (32 px a visual token)")
+    p.add_argument("--feed-size", type=int, default=0,
+                   help="px the processor resizes every image to (0 = --image-size): more visual tokens per defect")
+    p.add_argument("--square", type=int, nargs=2, default=(16, 40), metavar=("MIN", "MAX"),
+                   help="side of the square in px (r1-r3)")
+    p.add_argument("--background", default="random", choices=("random", "grey"),
+                   help="r1/r2: a random plain colour (default) or always mid grey with a white square")
+    p.add_argument("--hidden", type=int, default=0, help="text width (0 = LEARNER_ARCH)")
+    p.add_argument("--layers", type=int, default=0, help="text depth (0 = LEARNER_ARCH)")
+    p.add_argument("--vision-hidden", type=int, default=0, help="vision width (0 = LEARNER_ARCH)")
+    p.add_argument("--vision-depth", type=int, default=0, help="vision depth (0 = LEARNER_ARCH)")
+    p.add_argument("--vision-positions", type=int, default=0, help="learned position grid cells (0 = LEARNER_ARCH)")
+    p.add_argument("--pos-init", default="learned", choices=("learned", "sincos"),
+                   help="vision position embedding at the start: the build's random init, or a 2-D sin/cos code")
+    p.add_argument("--pos-scale", type=float, default=1.0, help="--pos-init sincos: amplitude of the code")
+    p.add_argument("--init", default=None, help="start from this checkpoint (curriculum) instead of a fresh build")
+    p.add_argument("--probe", action="store_true",
+                   help="no SFT: fit a ridge readout of the box from the (untrained or --init) visual tokens")
+    p.add_argument("--probe-tokens", default="all", choices=("all", "odd"),
+                   help="--probe: all tokens by slot, or the content of the odd target token alone")
+    p.add_argument("--seed", type=int, default=0, help="model init + SFT seed")
+    p.add_argument("--data-seed", type=int, default=0, help="training pairs' seed (held out: +1000; r4: the demo seed)")
+    p.add_argument("--data-root", default="runs/ladder/data")
+    p.add_argument("--smoke", action="store_true", help="a few steps; results under runs/ladder/smoke only")
+    p.add_argument("--force", action="store_true", help="overwrite an existing committed result")
+    args = p.parse_args(argv)
+    if not args.table and (args.rung is None or args.name is None):
+        p.error("--rung and --name are required (or --table)")
+    return args
+
+
+def results_table(root: Path = HERE / "results") -> str:
+    """One Markdown row per committed result (SFT runs and probes), sorted by name."""
+    head = ("| run | rung | what (changes from the defaults) | held-out mIoU | Acc@0.3 | unparsable | distinct answers | best constant | "
+            "margin | passes |\n|---|---|---|---:|---:|---:|---:|---:|---:|---|\n")
+    defaults = vars(parse_args(["--table"]))
+    skip = {"rung", "name", "table", "probe", "probe_tokens", "force", "smoke", "data_root"}
+
+    def changes(cmd: str) -> str:
+        given = vars(parse_args(cmd.split("ladder.py", 1)[1].split()))
+        diff = [f"{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, (list, tuple)) else v}"
+                for k, v in given.items() if k not in skip and v != defaults[k]
+                and not (isinstance(v, (list, tuple)) and list(v) == list(defaults[k]))]
+        return ", ".join(diff) or "–"
+
+    rows = []
+    for path in sorted(root.glob("*/results.json")):
+        r = json.loads(path.read_text())
+        if r.get("probe"):
+            rows.append(f"| {r['name']} | {r['rung']} | probe ({r['probe']} tokens); {changes(r['command'])} | "
+                        f"{r['probe_miou']:.3f} | "
+                        f"{r['probe_acc']:.3f} | – | – | {r['best_constant_miou']:.3f} | {r['margin']:+.3f} | "
+                        f"{'yes' if r['margin'] >= PASS_MARGIN else 'no'} |")
+        else:
+            m = r["model"]
+            best = max(c["miou"] for c in r["constants"])
+            rows.append(f"| {r['name']} | {r['rung']} | SFT; {changes(r['command'])} | {m['miou']:.3f} | "
+                        f"{m['acc']:.3f} | {m['invalid_rate']:.2f} | {r['distinct_answers']} | {best:.3f} | "
+                        f"{r['margin']:+.3f} | {'yes' if r['passes'] else 'no'} |")
+    return head + "\n".join(rows) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.table:
+        print(results_table())
+        return 0
+    import torch
+
+    torch.set_num_threads(1)
+    torch.manual_seed(args.seed)
+    if args.smoke:
+        args.steps, args.n_train, args.n_test = 4, 16, 8
+        res_dir = Path("runs/ladder/smoke") / args.name
+    else:
+        res_dir = HERE / "results" / args.name
+        if (res_dir / "results.json").exists() and not args.force:
+            raise SystemExit(f"{res_dir}/results.json exists; --force to overwrite, or choose another --name")
+    work = Path("runs/ladder") / ("smoke" if args.smoke else "work") / args.name
+    work.mkdir(parents=True, exist_ok=True)
+    res_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    train, test = rung_data(args, work)
+    from differad_rl.integrations.loading import (
+        keep_tiny_manifest,
+        load_model_and_processor,
+    )
+    from differad_rl.integrations.predict import PredictConfig, predict_records
+
+    from differad_rl.eval.protocol import EvalConfig, evaluate_records, read_predictions
+
+    model_path = build_model(args, work)
+    model, processor = load_model_and_processor(model_path)
+    if args.pos_init == "sincos":
+        sincos_positions(model, args.pos_scale)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"{args.rung}: {len(train)} train / {len(test)} held-out pairs, {n_params:,} parameters", flush=True)
+    if args.probe:
+        from differad_rl.eval.comparison import comparison_table
+
+        preds, ridge = probe_predictions(model, processor, train, test, args.probe_tokens)
+        results = {f"linear probe, {args.probe_tokens} visual tokens (ridge {ridge:g})": evaluate_records(
+            preds, test, EvalConfig(family="pixel"))}
+        results.update(constant_results(train, test))
+        table = comparison_table(results)
+        row = next(iter(results.values())).metrics["overall"]
+        best = max(r.metrics["overall"]["miou"] for k, r in list(results.items())[1:])
+        cmd = "OMP_NUM_THREADS=1 python examples/ladder/ladder.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        summary = {"rung": args.rung, "name": args.name, "command": cmd, "probe": args.probe_tokens, "ridge": ridge,
+                   "model_path": model_path,
+                   "probe_miou": row["miou"], "probe_acc": row["acc"], "best_constant_miou": best,
+                   "margin": row["miou"] - best, "n_train": len(train), "n_test": len(test)}
+        atomic_write_text(res_dir / "results.json", json.dumps(summary, indent=2) + "\n")
+        atomic_write_text(res_dir / "comparison.md", f"# {args.name} ({args.rung}, probe)\n\n`{cmd}`\n\n{table}")
+        answers_png(next(iter(results.values())), res_dir / "answers.png",
+                    f"{args.name}: probe held-out mIoU {row['miou']:.3f} (best constant {best:.3f})")
+        print(table)
+        return 0
+    if args.answer == "bare":
+        sft_cold_start.answer_text = bare_answer_text  # sft_rows looks it up at call time
+    t1 = time.time()
+    trainer = sft_cold_start.run_sft(model, processor, train, work, max_steps=args.steps, batch_size=args.batch_size,
+                                     learning_rate=args.lr, lr_scheduler=args.schedule, seed=args.seed,
+                                     logging_steps=max(1, args.steps // 20))
+    sft_cold_start.answer_text = _SHIPPED_ANSWER
+    train_s = time.time() - t1
+    ckpt = work / "checkpoint"
+    trainer.save_model(str(ckpt))
+    processor.save_pretrained(str(ckpt))
+    keep_tiny_manifest(model, ckpt)
+    losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+    preds = work / "heldout.predictions.jsonl"
+    preds.unlink(missing_ok=True)
+    predict_records(model, processor, test, preds, model_name=args.name,
+                    config=PredictConfig(batch_size=20, max_new_tokens=64), progress=True)
+    results = {"model (greedy)": evaluate_records(read_predictions(preds), test, EvalConfig(reasoning=True))}
+    results.update(constant_results(train, test))
+    from differad_rl.eval.comparison import comparison_rows, comparison_table
+
+    rows = comparison_rows(results)
+    model_row, const_rows = rows[0], rows[1:]
+    best = max(const_rows, key=lambda r: r["miou"])
+    model_res = results["model (greedy)"]
+    valid = model_res.pred_valid
+    distinct = len({tuple(np.round(b, 1)) for b, v in zip(model_res.pred_boxes, valid) if v})
+    summary = {
+        "rung": args.rung, "name": args.name,
+        "command": "OMP_NUM_THREADS=1 python examples/ladder/ladder.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
+        "parameters": n_params, "n_train": len(train), "n_test": len(test),
+        "train_seconds": round(train_s, 1), "total_seconds": round(time.time() - t0, 1),
+        "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
+        "model": model_row, "constants": const_rows, "best_constant": best["method"],
+        "margin": model_row["miou"] - best["miou"],
+        "passes": bool(model_row["miou"] - best["miou"] >= PASS_MARGIN),
+        "distinct_answers": distinct, "unparsable_rate": model_row["invalid_rate"],
+    }
+    table = comparison_table(results)
+    atomic_write_text(res_dir / "results.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(res_dir / "comparison.md", f"# {args.name} ({args.rung})\n\n`{summary['command']}`\n\n{table}")
+    answers_png(model_res, res_dir / "answers.png",
+                f"{args.name}: held-out mIoU {model_row['miou']:.3f} (best constant {best['miou']:.3f}) — "
+                "answer red, truth green")
+    print(table)
+    print(json.dumps({k: summary[k] for k in ("name", "margin", "passes", "distinct_answers", "unparsable_rate",
+                                              "train_seconds", "loss_first", "loss_last")}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
