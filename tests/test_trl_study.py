@@ -100,7 +100,7 @@ def test_quick_refuses_the_committed_results(study):
 
 
 def test_quick_study_on_the_tiny_model(study, tmp_path, capsys):
-    from differad_rl.integrations.tiny_qwen_vl import tiny_model_for
+    from differad_rl.integrations.qwen_vl.tiny import tiny_model_for
 
     model = tiny_model_for("qwen2_5_vl", cache_dir=tmp_path / "tiny")
     out, budget = tmp_path / "study", 40

@@ -170,7 +170,7 @@ def reward_worker():
     from hydra import compose, initialize_config_module
     from verl.experimental.reward_loop.reward_loop import RewardLoopWorker
 
-    from differad_rl.integrations.tiny_qwen_vl import tiny_model_for
+    from differad_rl.integrations.qwen_vl.tiny import tiny_model_for
 
     model = tiny_model_for("qwen2_5_vl")
     with initialize_config_module(config_module="verl.trainer.config", version_base=None):
@@ -190,7 +190,7 @@ def reward_worker():
 def test_reward_loop_worker_scores_equal_compute_score(reward_worker):
     from verl import DataProto
 
-    from differad_rl.integrations.tiny_qwen_vl import load_tiny_processor
+    from differad_rl.integrations.qwen_vl.tiny import load_tiny_processor
 
     worker, model = reward_worker
     tok = load_tiny_processor(model).tokenizer

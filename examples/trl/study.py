@@ -6,7 +6,7 @@ Every run is ``train_grpo.py --recipe learner --model COLD_START`` (its own code
 with the arm's options, stopped by :class:`GenerationBudget` as soon as the completions it sampled —
 regenerated groups included (``differad/regenerations`` × G) — reach ``--budget``. Then the final checkpoint
 answers the held-out pairs greedily with the protocol's prompt
-(:func:`differad_rl.integrations.predict.predict_records`) and is scored by
+(:func:`differad_rl.integrations.qwen_vl.predict.predict_records`) and is scored by
 :func:`differad_rl.eval.protocol.evaluate_records` (mIoU, Acc@0.3, F1@0.3) beside box-shape statistics
 (:func:`box_shape_stats`) that show collapse modes. The cold start itself is evaluated once (reference row).
 
@@ -224,8 +224,8 @@ def box_shape_stats(pred_boxes: Any, pred_valid: Any, gt_boxes: list[list[Any]],
 def evaluate_checkpoint(ckpt: Path, records: list[Any], preds_path: Path, label: str) -> dict[str, Any]:
     """Greedy predict + eval of a checkpoint on ``records``: protocol metrics and :func:`box_shape_stats`."""
     from differad_rl.eval.protocol import EvalConfig, evaluate_records, read_predictions
-    from differad_rl.integrations.loading import load_model_and_processor
-    from differad_rl.integrations.predict import PredictConfig, predict_records
+    from differad_rl.integrations.qwen_vl.loading import load_model_and_processor
+    from differad_rl.integrations.qwen_vl.predict import PredictConfig, predict_records
 
     model, processor = load_model_and_processor(ckpt, training=False)
     if preds_path.exists():

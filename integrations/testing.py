@@ -1,4 +1,6 @@
-"""Hub-shaped fixtures: tiny random Qwen-VL folders laid out like the published hub repositories.
+"""Test infrastructure (not used by the product code): hub-shaped fixtures, tiny random Qwen-VL folders
+laid out like the published hub repositories. The test suite, ``examples/gpu_check.sh`` and
+``examples/trl/gpu_bench.py`` (its full-size build) import it.
 
 ``build_hub_fixture(repo, out_dir)`` writes, for one of :data:`HUB_REPOS`
 (``Qwen/Qwen2-VL-2B-Instruct``, ``Qwen/Qwen2.5-VL-3B-Instruct``, ``Qwen/Qwen3-VL-2B-Instruct``),
@@ -29,7 +31,7 @@ What differs from the hub, on purpose:
   perfect square). Patch size, merge size, temporal patch size, window size, rope theta, the pixel
   budgets, image mean/std, processor and image-processor class names are the published ones.
 - the tokenizer is a byte-level BPE trained locally
-  (:func:`differad_rl.integrations.tiny_qwen_vl._train_tokenizer`, the tiny model's), so the
+  (:func:`differad_rl.integrations.qwen_vl.tiny._train_tokenizer`, the tiny model's), so the
   special-token ids in ``config.json`` / ``generation_config.json`` are its ids, not 151643+.
 - weights are one ``model.safetensors`` file (the hub shards the 2B/3B checkpoints).
 
@@ -51,10 +53,10 @@ Without torchvision: the hub's ``preprocessor_config.json`` names ``Qwen2VLImage
 the processors have a video processor that needs torchvision, so ``AutoProcessor.from_pretrained``
 on a real hub folder raises transformers' ``ImportError`` ("Qwen2VLVideoProcessor requires the
 Torchvision library") on a machine without torchvision — and so does it on these fixtures (tested).
-:func:`~differad_rl.integrations.loading.image_only_processor` (re-exported here) loads the same
+:func:`~differad_rl.integrations.qwen_vl.loading.image_only_processor` (re-exported here) loads the same
 files into an image-only processor (``Qwen2VLImageProcessorPil`` and the tiny model's processor
 classes without a video processor); it is the product loader's own fallback
-(:func:`~differad_rl.integrations.loading.load_processor` uses it when torchvision is missing).
+(:func:`~differad_rl.integrations.qwen_vl.loading.load_processor` uses it when torchvision is missing).
 
 Builds are cached: a folder holding a complete build for the same arguments (``hub_fixture.json``
 written last) is reused.
@@ -70,8 +72,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from differad_rl.integrations.loading import image_only_processor  # re-exported: the product loader's fallback
-from differad_rl.integrations.tiny_qwen_vl import QWEN_VL_CHAT_TEMPLATE
+from differad_rl.integrations.qwen_vl.loading import image_only_processor  # re-exported: the product loader's fallback
+from differad_rl.integrations.qwen_vl.tiny import QWEN_VL_CHAT_TEMPLATE
 
 __all__ = [
     "FULL_SIZES",
@@ -472,7 +474,7 @@ def build_hub_fixture(repo: str, out_dir: str | os.PathLike[str], *, seed: int =
     import torch
     from transformers import AutoConfig, AutoModelForImageTextToText
 
-    from differad_rl.integrations.tiny_qwen_vl import QWEN_SPECIAL_TOKENS, _tokenizer_corpus, _train_tokenizer
+    from differad_rl.integrations.qwen_vl.tiny import QWEN_SPECIAL_TOKENS, _tokenizer_corpus, _train_tokenizer
 
     family = family_of(repo)
     out = Path(out_dir)

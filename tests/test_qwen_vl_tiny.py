@@ -14,7 +14,7 @@ pytest.importorskip("transformers")
 from transformers import AutoProcessor  # noqa: E402
 from transformers.processing_utils import ProcessorMixin  # noqa: E402
 
-from differad_rl.integrations.tiny_qwen_vl import (  # noqa: E402
+from differad_rl.integrations.qwen_vl.tiny import (  # noqa: E402
     FAMILIES,
     QWEN_SPECIAL_TOKENS,
     build_tiny_qwen_vl,
@@ -170,7 +170,7 @@ def test_never_overwrites_foreign_folders_or_checkpoints(tmp_path):
 
 
 def test_tiny_arch_sizes_are_built_and_recorded(tmp_path):
-    from differad_rl.integrations.tiny_qwen_vl import LEARNER_ARCH, TinyArch, build_tiny_qwen_vl, load_tiny_qwen_vl
+    from differad_rl.integrations.qwen_vl.tiny import LEARNER_ARCH, TinyArch, build_tiny_qwen_vl, load_tiny_qwen_vl
 
     path = build_tiny_qwen_vl("qwen3_vl", tmp_path / "learner", arch=LEARNER_ARCH, min_pixels=128 * 128,
                               max_pixels=128 * 128)

@@ -8,7 +8,7 @@ only the format hint changes — ``prompt="reasoning"`` (the method's system pro
 ``prompt="qwen"`` (a stock Qwen-VL: ``(x1,y1),(x2,y2)``, the chat template's default system prompt).
 
 Generation is Hugging Face ``model.generate``, batched with LEFT padding (forced and checked by
-:mod:`differad_rl.integrations.loading`), greedy by default (``temperature=0``) or sampled with
+:mod:`differad_rl.integrations.qwen_vl.loading`), greedy by default (``temperature=0``) or sampled with
 ``temperature`` / ``top_p`` (no top-k, no repetition penalty: the same decoding for every model),
 bf16 weights on a GPU. One line per pair::
 
@@ -267,7 +267,7 @@ def generate_predictions(
     import torch
     from transformers import GenerationConfig
 
-    from differad_rl.integrations.loading import check_left_padding, model_family, pixel_budget
+    from differad_rl.integrations.qwen_vl.loading import check_left_padding, model_family, pixel_budget
 
     cfg = config if config is not None else PredictConfig()
     if not records:
@@ -339,7 +339,7 @@ def predict_records(
     model / family / settings (:func:`read_existing`). Each batch is appended, flushed and fsync'ed.
 
     Args:
-        model, processor: e.g. from :func:`differad_rl.integrations.loading.load_model_and_processor`.
+        model, processor: e.g. from :func:`differad_rl.integrations.qwen_vl.loading.load_model_and_processor`.
         records: pair records (already split-selected).
         out: the predictions JSONL (created with its parent folders).
         model_name: recorded in every line and compared on resume.
@@ -350,7 +350,7 @@ def predict_records(
     import torch
     from tqdm.auto import tqdm
 
-    from differad_rl.integrations.loading import check_left_padding, model_family, pixel_budget
+    from differad_rl.integrations.qwen_vl.loading import check_left_padding, model_family, pixel_budget
 
     cfg = config if config is not None else PredictConfig()
     out_path = Path(out)
@@ -415,11 +415,11 @@ def predict(
     Raises:
         ValueError / FileNotFoundError: bad input (see the module docstring), before anything is written.
         ImportError: the model's processor needs torchvision and is not a Qwen-VL family the image-only
-            fallback covers (see :func:`~differad_rl.integrations.loading.load_processor`).
+            fallback covers (see :func:`~differad_rl.integrations.qwen_vl.loading.load_processor`).
     """
     import torch
 
-    from differad_rl.integrations.loading import load_model_and_processor, model_family, model_name, resolve_model
+    from differad_rl.integrations.qwen_vl.loading import load_model_and_processor, model_family, model_name, resolve_model
 
     cfg = config if config is not None else PredictConfig()
     if dtype not in ("auto", "bfloat16", "float32"):

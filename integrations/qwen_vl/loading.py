@@ -19,11 +19,11 @@ The SFT and GRPO examples and ``differad-rl predict`` all load through
 * **Family** (:func:`model_family`): from the configuration's ``model_type`` — ``qwen2_vl``,
   ``qwen2_5_vl`` or ``qwen3_vl`` — never from the model's name.
 * **Tiny models** (:func:`is_tiny`): the keyword ``"tiny"`` / ``"tiny:<family>"`` builds one
-  offline (:func:`~differad_rl.integrations.tiny_qwen_vl.tiny_model_for`); a folder is a tiny model
+  offline (:func:`~differad_rl.integrations.qwen_vl.tiny.tiny_model_for`); a folder is a tiny model
   iff it holds the manifest ``tiny_build.json`` that
-  :mod:`~differad_rl.integrations.tiny_qwen_vl` writes — a hub id or folder whose name merely
+  :mod:`~differad_rl.integrations.qwen_vl.tiny` writes — a hub id or folder whose name merely
   starts with "tiny" is a real model. Tiny folders load with
-  :func:`~differad_rl.integrations.tiny_qwen_vl.load_tiny_qwen_vl`.
+  :func:`~differad_rl.integrations.qwen_vl.tiny.load_tiny_qwen_vl`.
 * **Hub processors without torchvision.** transformers' stock Qwen-VL processors carry a video
   processor (and a fast image processor) that import torchvision. Where it is missing,
   :func:`load_processor` loads the same folder's files into an *image-only* processor
@@ -72,7 +72,7 @@ FAMILIES: tuple[str, ...] = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 PADDING_SIDE = "left"
 #: ``--model tiny`` / ``--model tiny:<family>`` builds a tiny offline model (exact keyword, not a prefix).
 TINY = "tiny"
-#: The manifest :mod:`differad_rl.integrations.tiny_qwen_vl` writes into every tiny build / checkpoint.
+#: The manifest :mod:`differad_rl.integrations.qwen_vl.tiny` writes into every tiny build / checkpoint.
 TINY_MANIFEST = "tiny_build.json"
 _DEFAULT_TINY_FAMILY = "qwen2_5_vl"
 
@@ -117,7 +117,7 @@ def resolve_model(
     family = tiny_spec_family(model)
     if family is None:
         return str(model)
-    from differad_rl.integrations.tiny_qwen_vl import tiny_model_for
+    from differad_rl.integrations.qwen_vl.tiny import tiny_model_for
 
     kw = {k: int(v) for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
     return str(tiny_model_for(family, cache_dir=cache_dir, **kw))
@@ -134,11 +134,11 @@ def model_name(model: str | os.PathLike[str]) -> str:
 
 def keep_tiny_manifest(model: Any, checkpoint_dir: str | os.PathLike[str]) -> None:
     """A fine-tuned tiny model's checkpoint keeps its build manifest (marked as a checkpoint), so
-    :func:`~differad_rl.integrations.tiny_qwen_vl.load_tiny_qwen_vl` loads it with its processor class.
+    :func:`~differad_rl.integrations.qwen_vl.tiny.load_tiny_qwen_vl` loads it with its processor class.
     A real model (no manifest where it was loaded from) is left alone."""
     src = Path(getattr(model, "name_or_path", "") or ".")
     if (src / TINY_MANIFEST).is_file():
-        from differad_rl.integrations.tiny_qwen_vl import mark_tiny_checkpoint
+        from differad_rl.integrations.qwen_vl.tiny import mark_tiny_checkpoint
 
         mark_tiny_checkpoint(src, checkpoint_dir)
 
@@ -201,7 +201,7 @@ def check_left_padding(processor: Any) -> None:
         raise ValueError(
             f"processor {type(processor).__name__}: tokenizer.padding_side={side!r}; it must be 'left' "
             "(right padding misaligns image tokens and batched generation); load it with "
-            "differad_rl.integrations.loading.load_model_and_processor or call force_left_padding(processor)"
+            "differad_rl.integrations.qwen_vl.loading.load_model_and_processor or call force_left_padding(processor)"
         )
 
 
@@ -285,7 +285,7 @@ def load_processor(
     """
     path = str(model)
     if (Path(path) / TINY_MANIFEST).is_file():
-        from differad_rl.integrations.tiny_qwen_vl import load_tiny_processor
+        from differad_rl.integrations.qwen_vl.tiny import load_tiny_processor
 
         processor = load_tiny_processor(path)
     else:
@@ -355,7 +355,7 @@ def _image_only_fallback(path: str) -> Any:
 @functools.cache
 def _image_only_class(family: str) -> type:
     """The family's processor class without a video processor
-    (:mod:`~differad_rl.integrations.tiny_qwen_vl`'s ``Tiny*Processor``), saving itself like the stock one.
+    (:mod:`~differad_rl.integrations.qwen_vl.tiny`'s ``Tiny*Processor``), saving itself like the stock one.
 
     What it saves: ``processor_config.json`` names the stock class (``Qwen2_5_VLProcessor`` …; with the
     tiny class's name ``AutoProcessor`` would load a checkpoint as a bare tokenizer) and
@@ -363,7 +363,7 @@ def _image_only_class(family: str) -> type:
     processor reads its settings from it when no video configuration exists; a separate
     ``video_preprocessor_config.json`` of the source folder, as Qwen3-VL's, is not carried over).
     """
-    from differad_rl.integrations import tiny_qwen_vl as tiny
+    from differad_rl.integrations.qwen_vl import tiny
 
     base = {"qwen2_vl": tiny.TinyQwen2VLProcessor, "qwen2_5_vl": tiny.TinyQwen2_5_VLProcessor,
             "qwen3_vl": tiny.TinyQwen3VLProcessor}[family]
@@ -472,7 +472,7 @@ def load_model_and_processor(
     dtype = weights_dtype(bf16=bf16, training=training)
     model_family(path)  # a clear error for another architecture, before any weight is read
     if (Path(path) / TINY_MANIFEST).is_file():
-        from differad_rl.integrations.tiny_qwen_vl import load_tiny_qwen_vl
+        from differad_rl.integrations.qwen_vl.tiny import load_tiny_qwen_vl
 
         net, processor = load_tiny_qwen_vl(path, dtype=dtype)
         processor = _finish_processor(processor, min_pixels, max_pixels)
