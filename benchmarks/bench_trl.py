@@ -33,9 +33,9 @@ pytest.importorskip("trl")
 
 from trl import GRPOTrainer  # noqa: E402
 
-from differad_rl.integrations.tiny_qwen_vl import tiny_model_for  # noqa: E402
+from differad_rl.integrations.qwen_vl.tiny import tiny_model_for  # noqa: E402
 from differad_rl.integrations.trl.trainer import DifferADGRPOTrainer  # noqa: E402
-from differad_rl.integrations.vision_cache import TowerMeter  # noqa: E402
+from differad_rl.integrations.qwen_vl.vision_cache import TowerMeter  # noqa: E402
 from tests.trl_mp_worker import (  # noqa: E402
     expand_groups,
     make_prompt_rows,

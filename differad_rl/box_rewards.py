@@ -234,17 +234,17 @@ class PeerBoxReward(SingleBoxReward):
     ``solution``: one ``[x1, y1, x2, y2]`` per completion, ``[0, 0, 0, 0]`` for a normal target, in
     the model's space (or original pixels with ``gt_space="pixel"`` and an ``image_size`` column) —
     the rules of :class:`differad_rl.rewards.SingleBoxReward`, like the method's rewards (the box is
-    read only in the format of ``family``).
+    read only in the format of ``prompt_family``).
     """
 
     def __init__(self, kind: PeerKind, *, threshold: float = 0.5, eps: float = 1e-7, name: str | None = None,
                  require_answer: bool = True, space: Space = "pixel", gt_space: Space | None = None,
                  min_pixels: int = DEFAULT_MIN_PIXELS, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 factor: int = DEFAULT_FACTOR, family: PromptFamily | None = "reasoning") -> None:
+                 factor: int = DEFAULT_FACTOR, prompt_family: PromptFamily | None = "reasoning") -> None:
         _check_kind(kind)
         super().__init__(name or f"{kind}_reward", DCLRConfig(), require_answer=require_answer, space=space,
                          gt_space=gt_space, min_pixels=min_pixels, max_pixels=max_pixels, factor=factor,
-                         family=family)
+                         prompt_family=prompt_family)
         self.kind = kind
         self.threshold = _check_threshold("threshold", threshold, unit=True)
         if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
@@ -262,9 +262,9 @@ class MatchedHitsReward(_Reward):
     def __init__(self, *, iou_threshold: float = 0.5, l1_threshold: float = 10.0, name: str = "matched_hits_reward",
                  require_answer: bool = True, space: Space = "pixel", gt_space: Space | None = None,
                  min_pixels: int = DEFAULT_MIN_PIXELS, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 factor: int = DEFAULT_FACTOR, family: PromptFamily | None = "reasoning") -> None:
+                 factor: int = DEFAULT_FACTOR, prompt_family: PromptFamily | None = "reasoning") -> None:
         super().__init__(name, DCLRConfig(), require_answer=require_answer, space=space, gt_space=gt_space,
-                         min_pixels=min_pixels, max_pixels=max_pixels, factor=factor, family=family)
+                         min_pixels=min_pixels, max_pixels=max_pixels, factor=factor, prompt_family=prompt_family)
         self.iou_threshold = _check_threshold("iou_threshold", iou_threshold, unit=True)
         self.l1_threshold = _check_threshold("l1_threshold", l1_threshold, unit=False)
 
@@ -279,7 +279,7 @@ def get_iou_threshold_reward(*, threshold: float = 0.5, name: str = "iou_thresho
                              **space_kwargs: Any) -> PeerBoxReward:
     """``1 if IoU > threshold else 0`` (AnomalyR1, Visual-RFT), zero-box rule included.
     ``space_kwargs``: ``require_answer``, ``space``, ``gt_space``, ``min_pixels``, ``max_pixels``, ``factor``,
-    ``family``.
+    ``prompt_family``.
 
     >>> r = get_iou_threshold_reward()
     >>> r(["<answer>(0,0),(10,10)</answer>", "<answer>(0,0),(10,4)</answer>"], solution=[[0, 0, 10, 8]] * 2)

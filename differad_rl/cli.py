@@ -2,7 +2,7 @@
 
 Each command group registers itself from its own module (``differad_rl.data.cli`` and
 ``differad_rl.eval.cli``); ``predict`` is defined here and imports its generation code
-(:mod:`differad_rl.integrations.predict`, which needs transformers) only when it runs, so this file
+(:mod:`differad_rl.integrations.qwen_vl.predict`, which needs transformers) only when it runs, so this file
 stays import-light: the heavy modules load when their command runs. Ctrl-C ends any command with
 one line and exit code 130, not a traceback.
 """
@@ -47,7 +47,7 @@ def _register_predict(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     try:
-        from differad_rl.integrations.predict import PredictConfig, predict
+        from differad_rl.integrations.qwen_vl.predict import PredictConfig, predict
     except ImportError as exc:
         print(f"differad-rl predict: error: needs transformers ({exc}); pip install 'differad-rl[trl]'",
               file=sys.stderr)

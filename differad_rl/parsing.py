@@ -183,7 +183,7 @@ def parse_box(text: Any, *, require_answer: bool = True, fmt: BoxFormat | None =
             text before an unclosed ``<think>``, else the whole text.
         fmt: ``None`` (evaluation, lenient): any format of the module table, and four bare numbers
             as the whole answer. A :data:`BOX_FORMATS` name (training): only that format counts —
-            the one the family's prompt asks for (:data:`differad_rl.prompts.FAMILY_BOX_FORMATS`),
+            the one the prompt family asks for (:data:`differad_rl.prompts.PROMPT_BOX_FORMATS`),
             the same rule the format reward applies.
 
     Returns:

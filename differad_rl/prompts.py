@@ -1,8 +1,14 @@
-"""The method's text: the reasoning system prompt, the instruction pool and per-family format hints.
+"""The method's text: the reasoning system prompt, the instruction pool and the format hint of each prompt family.
 
 Training (docs/method.md §1) uses the R1-style system prompt, the reference image first, the target second
 and an instruction drawn from :data:`INSTRUCTIONS`. Evaluation (docs/method.md §8) gives every model the
-same instruction; only the output-format constraint (:data:`FORMAT_HINTS`) changes per family.
+same instruction; only the output-format constraint (:data:`FORMAT_HINTS`) changes per prompt family.
+
+Vocabulary: a *prompt family* (:data:`PromptFamily`, the ``prompt_family=`` of the prompts and of every reward)
+names the answer format a prompt asks for (``"reasoning"``, ``"qwen"``, ``"internvl"``...). The *model
+family* (``qwen2_vl``, ``qwen2_5_vl``, ``qwen3_vl``; the evaluation's ``family``, also ``internvl``...,
+``pixel``) names the model that writes the boxes and so their coordinate space; it is simply ``family``
+in loading, predict and evaluation (and in the predictions JSONL).
 """
 
 from __future__ import annotations
@@ -51,7 +57,7 @@ FORMAT_HINTS: dict[PromptFamily, str] = {
 }
 
 
-FAMILY_BOX_FORMATS: dict[PromptFamily, BoxFormat] = {
+PROMPT_BOX_FORMATS: dict[PromptFamily, BoxFormat] = {
     "qwen": "qwen",
     "reasoning": "qwen",
     "internvl": "internvl",
@@ -60,42 +66,43 @@ FAMILY_BOX_FORMATS: dict[PromptFamily, BoxFormat] = {
     "mplug_owl3": "bracket",
     "cogvlm": "cogvlm",
 }
-"""The box format (:data:`differad_rl.parsing.BOX_FORMATS`) each family's hint asks for.
+"""The box format (:data:`differad_rl.parsing.BOX_FORMATS`) each prompt family's hint asks for.
 
-The training rewards parse, and the format reward accepts, exactly this format of the family the
-model is prompted with (``family=`` of the reward factories; the Qwen pair ``(x1,y1),(x2,y2)`` may sit
+The training rewards parse, and the format reward accepts, exactly this format of the prompt family
+the model is prompted with (``prompt_family=`` of the reward factories; the Qwen pair ``(x1,y1),(x2,y2)`` may sit
 inside ``<|box_start|>…<|box_end|>``). Evaluation stays lenient (``fmt=None``: every format)."""
 
 
-def box_format(family: str | None) -> BoxFormat | None:
-    """The box format of ``family`` (:data:`FAMILY_BOX_FORMATS`); ``None`` → ``None`` (any format).
+def box_format(prompt_family: str | None) -> BoxFormat | None:
+    """The box format of ``prompt_family`` (:data:`PROMPT_BOX_FORMATS`); ``None`` → ``None`` (any format).
 
     Raises:
-        ValueError: unknown ``family``.
+        ValueError: unknown ``prompt_family``.
     """
-    if family is None:
+    if prompt_family is None:
         return None
-    if family not in FAMILY_BOX_FORMATS:
-        raise ValueError(f"family={family!r} is not known; expected None (any format) or one of {tuple(FAMILY_BOX_FORMATS)}")
-    return FAMILY_BOX_FORMATS[family]
+    if prompt_family not in PROMPT_BOX_FORMATS:
+        raise ValueError(f"prompt_family={prompt_family!r} is not known; "
+                         f"expected None (any format) or one of {tuple(PROMPT_BOX_FORMATS)}")
+    return PROMPT_BOX_FORMATS[prompt_family]
 
 
-def build_prompt(family: str = "reasoning", rng: random.Random | int | None = None) -> str:
-    """The user text of one sample: an instruction plus the family's format hint.
+def build_prompt(prompt_family: str = "reasoning", rng: random.Random | int | None = None) -> str:
+    """The user text of one sample: an instruction plus the prompt family's format hint.
 
     Args:
-        family: a key of :data:`FORMAT_HINTS` (``"reasoning"`` for the method's training format).
+        prompt_family: a key of :data:`FORMAT_HINTS` (``"reasoning"`` for the method's training format).
         rng: ``None`` takes the first instruction (evaluation: the same for every model); a
             ``random.Random`` or an int seed draws one from the pool (training, as in the paper).
 
     Raises:
-        ValueError: unknown ``family``.
+        ValueError: unknown ``prompt_family``.
     """
-    if family not in FORMAT_HINTS:
-        raise ValueError(f"family={family!r} is not known; expected one of {tuple(FORMAT_HINTS)}")
+    if prompt_family not in FORMAT_HINTS:
+        raise ValueError(f"prompt_family={prompt_family!r} is not known; expected one of {tuple(FORMAT_HINTS)}")
     if rng is None:
         instruction = INSTRUCTIONS[0]
     else:
         r = rng if isinstance(rng, random.Random) else random.Random(rng)
         instruction = r.choice(INSTRUCTIONS)
-    return f"{instruction} {FORMAT_HINTS[family]}"
+    return f"{instruction} {FORMAT_HINTS[prompt_family]}"

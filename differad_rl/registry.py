@@ -55,7 +55,7 @@ __all__ = [
 WeightingName = Literal["differad", "emit", "univg"]
 
 SPACE_OPTIONS: frozenset[str] = frozenset(
-    {"name", "require_answer", "space", "gt_space", "min_pixels", "max_pixels", "factor", "family"}
+    {"name", "require_answer", "space", "gt_space", "min_pixels", "max_pixels", "factor", "prompt_family"}
 )
 """Keywords every box reward takes (:class:`differad_rl.rewards.SingleBoxReward`): the scoring front."""
 
@@ -85,7 +85,7 @@ class RewardEntry:
 
     def accepts(self) -> frozenset[str]:
         """Every keyword the factory takes."""
-        return self.options | (SPACE_OPTIONS if self.box else frozenset({"name", "family"}))
+        return self.options | (SPACE_OPTIONS if self.box else frozenset({"name", "prompt_family"}))
 
 
 REWARDS: dict[str, RewardEntry] = {}

@@ -13,9 +13,9 @@ Every reward is in ``[0, 1]``. The rules of docs/method.md §3:
 * **Sane bound.** A predicted box with a coordinate of magnitude above
   :data:`differad_rl.boxes.MAX_COORD` is invalid (0, never NaN); such ground truth raises.
 * **One format rule in training.** The TRL-shaped rewards read the box only in the format the
-  prompt of their ``family`` asks for (:data:`differad_rl.prompts.FAMILY_BOX_FORMATS`; default
+  prompt of their ``prompt_family`` asks for (:data:`differad_rl.prompts.PROMPT_BOX_FORMATS`; default
   ``"reasoning"``: ``(x1,y1),(x2,y2)`` inside ``<answer>``), the same rule the format reward applies,
-  so an answer never earns a localization reward for a format the format reward rejects. ``family=None``
+  so an answer never earns a localization reward for a format the format reward rejects. ``prompt_family=None``
   accepts every format (evaluation parsing is lenient: :mod:`differad_rl.parsing`).
 * **Ground truth on the model's grid.** With ``gt_space="pixel"`` the ground truth is converted to the
   model's space and snapped to its integer grid (:func:`differad_rl.coords.to_model_grid`), so the
@@ -359,11 +359,11 @@ class _Reward:
         min_pixels: int = DEFAULT_MIN_PIXELS,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         factor: int = DEFAULT_FACTOR,
-        family: PromptFamily | None = "reasoning",
+        prompt_family: PromptFamily | None = "reasoning",
     ) -> None:
         check_space(space)
-        self.family = family
-        self.fmt = box_format(family)
+        self.prompt_family = prompt_family
+        self.fmt = box_format(prompt_family)
         if gt_space is not None:
             check_space(gt_space)
         if gt_space not in (None, "pixel", space):
@@ -390,7 +390,7 @@ class _Reward:
     ) -> list[float]:
         """The several-box rewards' loop: ``score(answer boxes, ground-truth boxes)`` per completion.
 
-        The answer's boxes are :func:`~differad_rl.parsing.answer_boxes` in the family's format
+        The answer's boxes are :func:`~differad_rl.parsing.answer_boxes` in the prompt family's format
         (``None``: no box answer); the ground truth is :meth:`_row_boxes` (validated, snapped to the
         model's grid). The unparsable share is logged (:meth:`_log_unparsable`)."""
         n = len(completions)
@@ -467,10 +467,10 @@ class _Reward:
 
 
 class SingleBoxReward(_Reward):
-    """A single-box reward: the first box of each answer, read in the family's format, against one
+    """A single-box reward: the first box of each answer, read in the prompt family's format, against one
     ground-truth box per completion, scored by :func:`masked_scores` around :meth:`formula`.
 
-    Subclasses define :meth:`formula` (the reward of valid boxes); every rule (format family, grid
+    Subclasses define :meth:`formula` (the reward of valid boxes); every rule (prompt family's format, grid
     snapping, ``MAX_COORD``, zero-box rule) is this class's and :func:`masked_scores`'.
     """
 
@@ -496,19 +496,19 @@ class LocalizationReward(SingleBoxReward):
 
     ``solution``: one ``[x1, y1, x2, y2]`` per completion, ``[0, 0, 0, 0]`` for a normal target, in
     the model's space (or original pixels with ``gt_space="pixel"`` and an ``image_size`` column: then
-    snapped to the model's integer grid). ``family``: the prompt family whose box format counts
-    (:data:`differad_rl.prompts.FAMILY_BOX_FORMATS`; ``None`` = any format).
+    snapped to the model's integer grid). ``prompt_family``: the prompt family whose box format counts
+    (:data:`differad_rl.prompts.PROMPT_BOX_FORMATS`; ``None`` = any format).
     """
 
     def __init__(self, kind: LocalizationKind = "dclr", config: DCLRConfig | None = None, *, name: str | None = None,
                  require_answer: bool = True, space: Space = "pixel", gt_space: Space | None = None,
                  min_pixels: int = DEFAULT_MIN_PIXELS, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 factor: int = DEFAULT_FACTOR, family: PromptFamily | None = "reasoning") -> None:
+                 factor: int = DEFAULT_FACTOR, prompt_family: PromptFamily | None = "reasoning") -> None:
         if kind not in LOCALIZATION_KINDS:
             raise ValueError(f"kind={kind!r} is not known; expected one of {LOCALIZATION_KINDS}")
         super().__init__(name or f"{kind}_reward", config or DCLRConfig(), require_answer=require_answer,
                          space=space, gt_space=gt_space, min_pixels=min_pixels, max_pixels=max_pixels,
-                         factor=factor, family=family)
+                         factor=factor, prompt_family=prompt_family)
         self.kind = kind
 
     def formula(self, p: Tensor, g: Tensor) -> Tensor:
@@ -540,10 +540,10 @@ class MultiBoxReward(_Reward):
     def __init__(self, config: DCLRConfig | None = None, *, name: str = "multi_box_reward",
                  require_answer: bool = True, space: Space = "pixel", gt_space: Space | None = None,
                  min_pixels: int = DEFAULT_MIN_PIXELS, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 factor: int = DEFAULT_FACTOR, family: PromptFamily | None = "reasoning") -> None:
+                 factor: int = DEFAULT_FACTOR, prompt_family: PromptFamily | None = "reasoning") -> None:
         super().__init__(name, config or DCLRConfig(), require_answer=require_answer, space=space,
                          gt_space=gt_space, min_pixels=min_pixels, max_pixels=max_pixels, factor=factor,
-                         family=family)
+                         prompt_family=prompt_family)
 
     def __call__(self, completions: Sequence[Any], solution: Any, **kwargs: Any) -> list[float]:
         return self._score_box_sets(completions, solution, kwargs,
@@ -553,17 +553,17 @@ class MultiBoxReward(_Reward):
 class FormatReward:
     """1 if the completion is ``<think>…</think>`` then ``<answer>`` with exactly one box, else 0.
 
-    The box must be in the format of ``family`` (default ``"reasoning"``: ``(x1,y1),(x2,y2)``), the
-    rule the localization rewards parse with; ``family=None`` accepts any format.
+    The box must be in the format of ``prompt_family`` (default ``"reasoning"``: ``(x1,y1),(x2,y2)``), the
+    rule the localization rewards parse with; ``prompt_family=None`` accepts any format.
     """
 
-    def __init__(self, name: str = "format_reward", *, family: PromptFamily | None = "reasoning") -> None:
+    def __init__(self, name: str = "format_reward", *, prompt_family: PromptFamily | None = "reasoning") -> None:
         self.__name__ = name
-        self.family = family
-        self.fmt = box_format(family)
+        self.prompt_family = prompt_family
+        self.fmt = box_format(prompt_family)
 
     def __repr__(self) -> str:
-        return f"FormatReward(name={self.__name__!r}, family={self.family!r})"
+        return f"FormatReward(name={self.__name__!r}, prompt_family={self.prompt_family!r})"
 
     def __call__(self, completions: Sequence[Any], solution: Any = None, **kwargs: Any) -> list[float]:
         fmt = self.fmt
@@ -584,7 +584,7 @@ def get_dclr_reward(*, name: str = "dclr_reward", **options: Any) -> Localizatio
 
     ``options``: the :class:`DCLRConfig` fields (``w_center``, ``w_area``, ``eps``, ``center_norm``,
     ``size_term``; the paper's by default) and the scoring front's ``require_answer``, ``space``,
-    ``gt_space``, ``min_pixels``, ``max_pixels``, ``factor``, ``family`` (see :class:`LocalizationReward`).
+    ``gt_space``, ``min_pixels``, ``max_pixels``, ``factor``, ``prompt_family`` (see :class:`LocalizationReward`).
 
     >>> r = get_dclr_reward()
     >>> r(["<think>.</think><answer>(10,10),(20,20)</answer>"], solution=[[10, 10, 20, 20]])
@@ -613,9 +613,9 @@ def get_multi_box_reward(*, name: str = "multi_box_reward", **options: Any) -> M
     return MultiBoxReward(config, name=name, **space_kwargs)
 
 
-def get_format_reward(*, name: str = "format_reward", family: PromptFamily | None = "reasoning") -> FormatReward:
+def get_format_reward(*, name: str = "format_reward", prompt_family: PromptFamily | None = "reasoning") -> FormatReward:
     """Format reward callable (see :class:`FormatReward`)."""
-    return FormatReward(name=name, family=family)
+    return FormatReward(name=name, prompt_family=prompt_family)
 
 
 dclr_reward = get_dclr_reward()

@@ -42,7 +42,7 @@ echo "== 1. hub-shaped fixtures with torchvision"
 python3 -m pytest -q -p no:cacheprovider tests/test_hub_fixtures.py
 
 echo "== building the Qwen2.5-VL fixture"
-FIXTURE=$(python3 -c "from differad_rl.integrations.hub_fixtures import build_hub_fixture; \
+FIXTURE=$(python3 -c "from differad_rl.integrations.testing import build_hub_fixture; \
 print(build_hub_fixture('Qwen/Qwen2.5-VL-3B-Instruct', '$WORK/fixtures/Qwen--Qwen2.5-VL-3B-Instruct'))")
 
 trl_paper() {  # $1 model folder, $2 output folder

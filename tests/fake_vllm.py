@@ -93,7 +93,7 @@ class FakeLLM:
     logprob_shift: float = 0.0
 
     def __init__(self, model: str, seed: int = 0, **kwargs: Any) -> None:
-        from differad_rl.integrations.tiny_qwen_vl import load_tiny_qwen_vl
+        from differad_rl.integrations.qwen_vl.tiny import load_tiny_qwen_vl
 
         self.model, self.processor = load_tiny_qwen_vl(model)
         self.model.eval()

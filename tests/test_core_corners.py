@@ -199,25 +199,25 @@ def test_training_rewards_and_format_reward_agree(inner):
 
 
 @pytest.mark.parametrize(
-    "family,inner",
+    "prompt_family,inner",
     [("reasoning", "(1,2),(30,40)"), ("qwen", "<|box_start|>(1,2),(30,40)<|box_end|>"),
      ("mantis", "[1, 2, 30, 40]"), ("internvl", "<box>[[1, 2, 30, 40]]</box>"),
      ("minicpm", "<box>1 2 30 40</box>"), ("cogvlm", "[[1,2,30,40]]"), (None, "1 2 30 40")],
 )
-def test_each_family_accepts_its_own_format(family, inner):
+def test_each_family_accepts_its_own_format(prompt_family, inner):
     text = f"<think>r</think><answer>{inner}</answer>"
-    r = get_dclr_reward(family=family)
+    r = get_dclr_reward(prompt_family=prompt_family)
     small, big = both_paths(r, [text], [[1, 2, 30, 40]])
     assert small == [1.0] and big == [1.0]
-    if family is not None:
-        assert get_format_reward(family=family)([text]) == [1.0]
+    if prompt_family is not None:
+        assert get_format_reward(prompt_family=prompt_family)([text]) == [1.0]
     for other in ("reasoning", "mantis", "minicpm"):
-        if family not in (None, other) and not (family == "qwen" and other == "reasoning") and not (
-                family in ("internvl", "cogvlm") and other == "mantis"):
-            assert get_dclr_reward(family=other)([text], [[1, 2, 30, 40]]) == [0.0]
-            assert get_format_reward(family=other)([text]) == [0.0]
-    with pytest.raises(ValueError, match="family='llava'"):
-        get_dclr_reward(family="llava")
+        if prompt_family not in (None, other) and not (prompt_family == "qwen" and other == "reasoning") and not (
+                prompt_family in ("internvl", "cogvlm") and other == "mantis"):
+            assert get_dclr_reward(prompt_family=other)([text], [[1, 2, 30, 40]]) == [0.0]
+            assert get_format_reward(prompt_family=other)([text]) == [0.0]
+    with pytest.raises(ValueError, match="prompt_family='llava'"):
+        get_dclr_reward(prompt_family="llava")
 
 
 def test_every_training_reward_is_positive_only_with_format_compatible_answers():
@@ -336,4 +336,4 @@ def test_scalar_and_vectorised_paths_agree_with_the_oracle():
         np.testing.assert_allclose(vec, want, rtol=0, atol=1e-9)
         np.testing.assert_allclose(scal, want, rtol=0, atol=1e-9)
     torch.testing.assert_close(localization_scores(*map(torch.from_numpy, parse_boxes_batch(texts)), sol),
-                               get_dclr_reward(family=None).scores(texts, sol))
+                               get_dclr_reward(prompt_family=None).scores(texts, sol))

@@ -22,10 +22,10 @@ def test_unknown_names_and_options_are_refused_naming_them() -> None:
 
 
 def test_shared_options_go_to_the_rewards_that_take_them() -> None:
-    shared = {"center_norm": "enclosing", "threshold": 0.3, "family": "mantis"}
-    assert registry.reward_options("dclr", shared) == {"center_norm": "enclosing", "family": "mantis"}
-    assert registry.reward_options("iou_threshold", shared) == {"threshold": 0.3, "family": "mantis"}
-    assert registry.reward_options("format", shared) == {"family": "mantis"}
+    shared = {"center_norm": "enclosing", "threshold": 0.3, "prompt_family": "mantis"}
+    assert registry.reward_options("dclr", shared) == {"center_norm": "enclosing", "prompt_family": "mantis"}
+    assert registry.reward_options("iou_threshold", shared) == {"threshold": 0.3, "prompt_family": "mantis"}
+    assert registry.reward_options("format", shared) == {"prompt_family": "mantis"}
     assert registry.build_reward("dclr", **registry.reward_options("dclr", shared)).config.center_norm == "enclosing"
 
 

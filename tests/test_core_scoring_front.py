@@ -23,7 +23,7 @@ CASES: list[tuple[object, list[float], bool]] = [
     ("<answer><|box_start|>(10,10),(20,20)<|box_end|></answer>", GT, True),
     ([{"role": "assistant", "content": "<answer>(10,10),(20,20)</answer>"}], GT, True),
     ("<answer>(10,10),(20,20) and (10,10),(20,20)</answer>", GT, True),
-    # the bug this file guards: another family's format never earns a box reward
+    # the bug this file guards: another prompt family's format never earns a box reward
     ("<answer>[10, 10, 20, 20]</answer>", GT, False),
     ("<answer>[[10,10,20,20]]</answer>", GT, False),
     ("<answer><box>10 10 20 20</box></answer>", GT, False),
@@ -43,7 +43,7 @@ CASES: list[tuple[object, list[float], bool]] = [
     ("<answer>(20,20),(10,10)</answer>", GT, False),
     ("<answer>(10,10),(10,20)</answer>", GT, False),
     ("<answer>(nan,10),(20,20)</answer>", GT, False),
-    # normal target: the zero box in the family's format, and nothing else
+    # normal target: the zero box in the prompt family's format, and nothing else
     ("<answer>(0,0),(0,0)</answer>", ZERO, True),
     ("<answer>[0, 0, 0, 0]</answer>", ZERO, False),
     ("<answer>(10,10),(20,20)</answer>", ZERO, False),
@@ -103,13 +103,13 @@ def test_verl_rewards_agree_on_readable_answers(name: str) -> None:
 
 @pytest.mark.parametrize("name", BOX_REWARDS)
 def test_every_box_reward_takes_the_family(name: str) -> None:
-    """``family=`` selects the format for every box reward (it raised TypeError for the peers')."""
+    """``prompt_family=`` selects the format for every box reward (it raised TypeError for the peers')."""
     multi = registry.reward_entry(name).multi_box
     text = ["<answer>[10, 10, 20, 20]</answer>"]
     solution = [[GT]] if multi else [GT]
-    assert registry.build_reward(name, family="mantis")(text, solution=solution) == [1.0]
-    assert registry.build_reward(name, family="reasoning")(text, solution=solution) == [0.0]
-    assert registry.build_reward(name, family=None)(text, solution=solution) == [1.0]
+    assert registry.build_reward(name, prompt_family="mantis")(text, solution=solution) == [1.0]
+    assert registry.build_reward(name, prompt_family="reasoning")(text, solution=solution) == [0.0]
+    assert registry.build_reward(name, prompt_family=None)(text, solution=solution) == [1.0]
 
 
 def test_giou_reward_reads_only_the_family_format() -> None:
@@ -120,4 +120,4 @@ def test_giou_reward_reads_only_the_family_format() -> None:
     text = ["<answer>[10, 10, 20, 20]</answer>"]
     for reward in (get_giou_reward(), dclr_reward, iou_reward):
         assert reward(text, solution=[GT]) == [0.0]
-    assert get_giou_reward(family="mantis")(text, solution=[GT]) == [1.0]
+    assert get_giou_reward(prompt_family="mantis")(text, solution=[GT]) == [1.0]

@@ -17,7 +17,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from differad_rl.integrations.hub_fixtures import (  # noqa: E402
+from differad_rl.integrations.testing import (  # noqa: E402
     HUB_FILES,
     HUB_REPOS,
     build_hub_fixture,

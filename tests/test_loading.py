@@ -1,4 +1,4 @@
-"""The one loader (differad_rl.integrations.loading): padding side, dtype, pixel budget, family and
+"""The one loader (differad_rl.integrations.qwen_vl.loading): padding side, dtype, pixel budget, family and
 tiny detection follow one rule, and the hub path fails with one clear line where it cannot work."""
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from PIL import Image
 pytest.importorskip("transformers")
 
 from differad_rl.coords import smart_resize  # noqa: E402
-from differad_rl.integrations import loading  # noqa: E402
-from differad_rl.integrations.tiny_qwen_vl import FAMILIES, tiny_model_for  # noqa: E402
+from differad_rl.integrations.qwen_vl import loading  # noqa: E402
+from differad_rl.integrations.qwen_vl.tiny import FAMILIES, tiny_model_for  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples" / "trl"
@@ -86,7 +86,7 @@ def test_bf16_keeps_fp32_master_weights_for_training_and_bf16_weights_for_infere
 
 def _changed_fraction(model, steps: int = 3, lr: float = 1e-5, autocast: bool = True) -> float:
     """Share of parameter elements that moved after ``steps`` AdamW steps on a dual-image batch."""
-    from differad_rl.integrations.tiny_qwen_vl import load_tiny_processor
+    from differad_rl.integrations.qwen_vl.tiny import load_tiny_processor
 
     processor = load_tiny_processor(tiny_model_for("qwen2_5_vl"))
     text = processor.apply_chat_template(
@@ -230,7 +230,7 @@ def test_hub_qwen2_5_vl_processor_without_torchvision_is_image_only(tmp_path, mo
     from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    from differad_rl.integrations.tiny_qwen_vl import TinyQwen2_5_VLProcessor
+    from differad_rl.integrations.qwen_vl.tiny import TinyQwen2_5_VLProcessor
 
     monkeypatch.setattr(loading, "_image_only_warned", False)
     with pytest.warns(UserWarning) as caught:

@@ -20,9 +20,9 @@ pytest.importorskip("transformers")
 from differad_rl import cli  # noqa: E402
 from differad_rl.coords import smart_resize  # noqa: E402
 from differad_rl.data.records import load_pairs  # noqa: E402
-from differad_rl.integrations import predict as P  # noqa: E402
-from differad_rl.integrations.loading import load_model_and_processor, pixel_budget  # noqa: E402
-from differad_rl.integrations.tiny_qwen_vl import FAMILIES, tiny_model_for  # noqa: E402
+from differad_rl.integrations.qwen_vl import predict as P  # noqa: E402
+from differad_rl.integrations.qwen_vl.loading import load_model_and_processor, pixel_budget  # noqa: E402
+from differad_rl.integrations.qwen_vl.tiny import FAMILIES, tiny_model_for  # noqa: E402
 from differad_rl.prompts import INSTRUCTIONS, SYSTEM_PROMPT  # noqa: E402
 
 SIZES = [(64, 64), (120, 80), (90, 150), (200, 100), (56, 112), (150, 150), (80, 60), (100, 200)]

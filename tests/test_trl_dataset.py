@@ -65,7 +65,7 @@ def test_instructions_are_seeded_draws_from_the_pool(tmp_path):
     assert len(set(a)) > 1  # drawn, not constant
     rng = random.Random(1)
     assert a == [prompts.build_prompt("reasoning", rng) for _ in recs]
-    hinted = text(pairs_to_rows(recs, seed=1, format_hint="qwen", load_images=False))
+    hinted = text(pairs_to_rows(recs, seed=1, prompt_family="qwen", load_images=False))
     assert all(t.endswith(prompts.FORMAT_HINTS["qwen"]) for t in hinted)
 
 

@@ -24,8 +24,8 @@ from PIL import Image
 pytest.importorskip("trl")
 
 from differad_rl.eval.protocol import evaluate  # noqa: E402
-from differad_rl.integrations.predict import PredictConfig, predict_records  # noqa: E402
-from differad_rl.integrations.tiny_qwen_vl import load_tiny_qwen_vl, tiny_model_for  # noqa: E402
+from differad_rl.integrations.qwen_vl.predict import PredictConfig, predict_records  # noqa: E402
+from differad_rl.integrations.qwen_vl.tiny import load_tiny_qwen_vl, tiny_model_for  # noqa: E402
 from differad_rl.integrations.trl import differad_rewards, pairs_to_rows, to_trl_dataset  # noqa: E402
 from differad_rl.integrations.trl.config import DifferADGRPOConfig  # noqa: E402
 from differad_rl.integrations.trl.evaluation import (  # noqa: E402

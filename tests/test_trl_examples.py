@@ -28,7 +28,7 @@ def _run(script: str, *args: str, timeout: int = 600) -> str:
 
 
 def _checkpoint_ok(ckpt: Path) -> None:
-    from differad_rl.integrations.tiny_qwen_vl import load_tiny_qwen_vl
+    from differad_rl.integrations.qwen_vl.tiny import load_tiny_qwen_vl
 
     assert (ckpt / "model.safetensors").is_file() and (ckpt / "processor_config.json").is_file()
     model, processor = load_tiny_qwen_vl(ckpt)  # asserts a real multimodal processor
@@ -80,7 +80,7 @@ def test_paper_preset_is_design_section_1(grpo_script, tmp_path):
     assert cfg.localization_reward == "dclr_reward"
     assert cfg.reward_weights == [1.0, 1.0, 0.0]  # the rollout-mIoU metric carries no reward
     # the real loading path is in the script (not a stub)
-    src = (ROOT / "integrations" / "loading.py").read_text()
+    src = (ROOT / "integrations" / "qwen_vl" / "loading.py").read_text()
     assert "AutoModelForImageTextToText.from_pretrained(" in src and "AutoProcessor.from_pretrained(" in src
     assert "1003520" in (EXAMPLES / "train_grpo.py").read_text()
 
@@ -148,7 +148,7 @@ def test_sft_targets_score_full_reward(family, tmp_path, monkeypatch):
     from PIL import Image
 
     from differad_rl.data.records import PairRecord
-    from differad_rl.integrations.tiny_qwen_vl import load_tiny_processor, tiny_model_for
+    from differad_rl.integrations.qwen_vl.tiny import load_tiny_processor, tiny_model_for
     from differad_rl.integrations.trl import differad_rewards, pairs_to_rows
 
     monkeypatch.syspath_prepend(str(EXAMPLES))
@@ -176,7 +176,7 @@ def test_real_loading_path_refuses_a_bare_tokenizer(tmp_path, monkeypatch):
     without the tiny manifest: AutoProcessor falls back to the tokenizer, and the script refuses."""
     import shutil
 
-    from differad_rl.integrations.tiny_qwen_vl import tiny_model_for
+    from differad_rl.integrations.qwen_vl.tiny import tiny_model_for
 
     monkeypatch.syspath_prepend(str(EXAMPLES))
     sft = importlib.import_module("sft_cold_start")

@@ -12,8 +12,8 @@ import torch
 
 pytest.importorskip("trl")
 
-from differad_rl.integrations.hub_fixtures import FULL_SIZES, build_hub_fixture, hub_config  # noqa: E402
-from differad_rl.integrations.tiny_qwen_vl import QWEN_SPECIAL_TOKENS  # noqa: E402
+from differad_rl.integrations.testing import FULL_SIZES, build_hub_fixture, hub_config  # noqa: E402
+from differad_rl.integrations.qwen_vl.tiny import QWEN_SPECIAL_TOKENS  # noqa: E402
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "trl"
 REPO = "Qwen/Qwen2.5-VL-3B-Instruct"
@@ -45,12 +45,12 @@ def test_full_size_fixture_is_the_published_architecture(tmp_path):
 def test_full_size_build_path(tmp_path, monkeypatch):
     """build_hub_fixture(full_size=True) end to end with the recorded sizes swapped for small ones (the real
     ones are 7.5 GB): the sizes land in config.json, the weights are bf16, and the build has its own manifest."""
-    from differad_rl.integrations import hub_fixtures
+    from differad_rl.integrations import testing
 
     small = {"hidden_size": 96, "num_hidden_layers": 3, "intermediate_size": 160, "vocab_size": 4096,
              "vision_config": {"depth": 5, "hidden_size": 48, "num_heads": 3, "out_hidden_size": 96,
                                "fullatt_block_indexes": [4]}}
-    monkeypatch.setitem(hub_fixtures.FULL_SIZES, REPO, small)
+    monkeypatch.setitem(testing.FULL_SIZES, REPO, small)
     folder = build_hub_fixture(REPO, tmp_path / "full", full_size=True)
     config = json.loads((folder / "config.json").read_text())
     assert (config["hidden_size"], config["num_hidden_layers"], config["vocab_size"]) == (96, 3, 4096)
@@ -96,7 +96,7 @@ def test_gpu_bench_runs_on_cpu_with_the_tiny_fixture(bench, tmp_path, monkeypatc
 def test_vllm_variants_and_their_model_folder(bench, tmp_path):
     """--use-vllm adds each variant again through vLLM colocate, on a copy of the folder that carries the paper's
     pixel budget (vLLM builds its own processor from the folder); the weights are linked, not copied."""
-    from differad_rl.integrations.loading import load_processor, pixel_budget
+    from differad_rl.integrations.qwen_vl.loading import load_processor, pixel_budget
 
     labels = [label for label, _ in bench.variants(bench.parse_args(["--use-vllm"]))]
     assert labels == ["cache=on", "cache=off", "cache=on vllm", "cache=off vllm"]

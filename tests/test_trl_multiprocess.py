@@ -19,7 +19,7 @@ import torch
 
 pytest.importorskip("trl")
 
-from differad_rl.integrations.tiny_qwen_vl import tiny_model_for  # noqa: E402
+from differad_rl.integrations.qwen_vl.tiny import tiny_model_for  # noqa: E402
 from differad_rl.integrations.trl.trainer import DifferADGRPOTrainer  # noqa: E402
 
 from tests.trl_mp_worker import (  # noqa: E402

@@ -25,8 +25,8 @@ import torch
 
 pytest.importorskip("trl")
 
-from differad_rl.integrations import loading  # noqa: E402
-from differad_rl.integrations.hub_fixtures import HUB_FILES, family_of, hub_fixture_for  # noqa: E402
+from differad_rl.integrations.qwen_vl import loading  # noqa: E402
+from differad_rl.integrations.testing import HUB_FILES, family_of, hub_fixture_for  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples" / "trl"

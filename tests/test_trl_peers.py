@@ -11,7 +11,7 @@ from trl import GRPOTrainer  # noqa: E402
 
 from differad_rl.group_filters import no_correct_groups, out_of_band_groups, zero_variance_groups  # noqa: E402
 from differad_rl.group_weights import mean_reward_weight, wrong_share_weights  # noqa: E402
-from differad_rl.integrations.tiny_qwen_vl import load_tiny_qwen_vl, tiny_model_for  # noqa: E402
+from differad_rl.integrations.qwen_vl.tiny import load_tiny_qwen_vl, tiny_model_for  # noqa: E402
 from differad_rl.integrations.trl import differad_rewards  # noqa: E402
 from differad_rl.integrations.trl.config import DifferADGRPOConfig  # noqa: E402
 from differad_rl.integrations.trl.rewards import PEER_REWARD_FACTORIES, reward_names  # noqa: E402

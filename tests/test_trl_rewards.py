@@ -15,7 +15,7 @@ from PIL import Image
 pytest.importorskip("trl")
 
 from differad_rl import coords, rewards as core  # noqa: E402
-from differad_rl.integrations.tiny_qwen_vl import (  # noqa: E402
+from differad_rl.integrations.qwen_vl.tiny import (  # noqa: E402
     FAMILIES,
     build_tiny_qwen_vl,
     load_tiny_processor,

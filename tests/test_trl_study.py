@@ -1,5 +1,6 @@
 """examples/trl/study.py: the arms reach the trainer as configured, the equal-generation-budget rule counts
-regenerations, ``--quick`` writes the table, the curves and the per-run files, and reruns skip finished runs."""
+regenerations, ``--quick`` writes the table, the curves, the per-run files and their archive, and reruns skip finished runs
+(restoring them from the archive when the folders are gone)."""
 
 from __future__ import annotations
 
@@ -100,7 +101,7 @@ def test_quick_refuses_the_committed_results(study):
 
 
 def test_quick_study_on_the_tiny_model(study, tmp_path, capsys):
-    from differad_rl.integrations.tiny_qwen_vl import tiny_model_for
+    from differad_rl.integrations.qwen_vl.tiny import tiny_model_for
 
     model = tiny_model_for("qwen2_5_vl", cache_dir=tmp_path / "tiny")
     out, budget = tmp_path / "study", 40
@@ -154,6 +155,36 @@ def test_quick_study_on_the_tiny_model(study, tmp_path, capsys):
     assert study.main(argv) == 0
     assert "2 finished run(s) skipped; 0 to run" in capsys.readouterr().out
     assert before == {arm: (out / arm / "0" / "result.json").stat().st_mtime_ns for arm in ("iou", "no_resampling")}
+
+    # the raw runs are in runs.tar.xz: a folder holding only the summary and the archive resumes from it
+    import shutil
+    import tarfile
+
+    with tarfile.open(out / study.RUNS_ARCHIVE) as tar:
+        names = set(tar.getnames())
+    assert {"cold_start/result.json", "iou/0/result.json", "no_resampling/0/predictions.jsonl"} <= names
+    for name in ("cold_start", "iou", "no_resampling"):
+        shutil.rmtree(out / name)
+    assert study.main(argv) == 0
+    assert "2 finished run(s) skipped; 0 to run" in capsys.readouterr().out
+    assert (out / "iou" / "0" / "curve.jsonl").read_text() and (out / "cold_start" / "result.json").is_file()
+
+
+def test_runs_archive_round_trip_keeps_files_on_disk(study, tmp_path):
+    """pack_runs archives only the named folders; unpack_runs restores missing files and keeps existing ones."""
+    for name, text in (("a/0/result.json", "a0"), ("a/1/result.json", "a1"), ("cold_start/result.json", "c"),
+                       ("other/x.json", "x")):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    study.pack_runs(tmp_path, ["a", "cold_start", "absent"])
+    (tmp_path / "a" / "0" / "result.json").unlink()
+    (tmp_path / "a" / "1" / "result.json").write_text("edited")
+    (tmp_path / "cold_start" / "result.json").unlink()
+    assert study.unpack_runs(tmp_path) == ["a", "cold_start"]
+    assert (tmp_path / "a" / "0" / "result.json").read_text() == "a0"
+    assert (tmp_path / "a" / "1" / "result.json").read_text() == "edited"  # on disk wins
+    assert (tmp_path / "cold_start" / "result.json").read_text() == "c"
+    assert study.unpack_runs(tmp_path / "a") == []  # no archive there
 
 
 def test_results_section_is_rewritten_between_the_markers(study, tmp_path):

@@ -20,7 +20,7 @@ from transformers import set_seed  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 from differad_rl.groups import degenerate_groups, difficulty_weights  # noqa: E402
-from differad_rl.integrations.tiny_qwen_vl import tiny_model_for  # noqa: E402
+from differad_rl.integrations.qwen_vl.tiny import tiny_model_for  # noqa: E402
 from differad_rl.integrations.trl import compat  # noqa: E402
 from differad_rl.integrations.trl.config import DifferADGRPOConfig  # noqa: E402
 from differad_rl.integrations.trl.trainer import DifferADGRPOTrainer, splice_rows, trl_advantages  # noqa: E402
@@ -474,7 +474,7 @@ def _box_rows(n=2):
 
 
 def _processor(model_path):
-    from differad_rl.integrations.tiny_qwen_vl import load_tiny_qwen_vl
+    from differad_rl.integrations.qwen_vl.tiny import load_tiny_qwen_vl
 
     return load_tiny_qwen_vl(model_path)[1]
 
@@ -520,7 +520,7 @@ def test_resampling_with_rollout_func_refused_before_trl_builds_anything(model_p
                              num_generations=G, per_device_train_batch_size=8)
     from datasets import Dataset
 
-    from differad_rl.integrations.tiny_qwen_vl import load_tiny_qwen_vl
+    from differad_rl.integrations.qwen_vl.tiny import load_tiny_qwen_vl
 
     model, processor = load_tiny_qwen_vl(model_path)
     with pytest.raises(ValueError, match=r"not supported together with rollout_func"):
@@ -565,7 +565,7 @@ def test_image_paths_are_measured_and_cross_checked(tmp_path):
 
 def test_a_right_padded_processor_is_made_left_padded(tmp_path):
     """The trainer never trains with a right-padded Qwen-VL processor."""
-    from differad_rl.integrations.tiny_qwen_vl import load_tiny_processor, tiny_model_for
+    from differad_rl.integrations.qwen_vl.tiny import load_tiny_processor, tiny_model_for
     from differad_rl.integrations.trl.trainer import _check_before_build
 
     proc = load_tiny_processor(tiny_model_for("qwen2_5_vl"))

@@ -24,11 +24,11 @@ pytest.importorskip("trl")
 
 from transformers import TrainerCallback, set_seed  # noqa: E402
 
-from differad_rl.integrations.tiny_qwen_vl import FAMILIES, tiny_model_for  # noqa: E402
+from differad_rl.integrations.qwen_vl.tiny import FAMILIES, tiny_model_for  # noqa: E402
 from differad_rl.integrations.trl.config import DifferADGRPOConfig  # noqa: E402
 from differad_rl.integrations.trl.trainer import DifferADGRPOTrainer  # noqa: E402
 from differad_rl.integrations.trl.vision import sharding_blocker  # noqa: E402
-from differad_rl.integrations.vision_cache import (  # noqa: E402
+from differad_rl.integrations.qwen_vl.vision_cache import (  # noqa: E402
     TowerMeter,
     count_input_grad_hooks,
     find_vision_model,
@@ -173,7 +173,7 @@ def test_two_processes_with_the_cache(tmp_path):
 def _peft_trainer(path, tmp_path, cache, targets):
     from peft import LoraConfig
 
-    from differad_rl.integrations.tiny_qwen_vl import load_tiny_qwen_vl
+    from differad_rl.integrations.qwen_vl.tiny import load_tiny_qwen_vl
 
     rows = [{**row, "row": i} for i, row in enumerate(make_prompt_rows(KINDS))]
     model, processor = load_tiny_qwen_vl(path)
@@ -224,7 +224,7 @@ def test_reference_tower_that_differs_gets_its_own_features(tmp_path, monkeypatc
     """A policy whose frozen tower differs from the checkpoint TRL loads the reference model from: the
     reference pass is never served the policy's features (its tower encodes its own), and the step still
     equals the cache-off step bit for bit."""
-    from differad_rl.integrations import loading
+    from differad_rl.integrations.qwen_vl import loading
 
     def freeze_and_perturb(model):
         n = loading.freeze_vision_tower.__wrapped_original__(model)

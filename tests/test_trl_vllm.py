@@ -15,7 +15,7 @@ import torch
 
 pytest.importorskip("trl")
 
-from differad_rl.integrations.tiny_qwen_vl import tiny_model_for  # noqa: E402
+from differad_rl.integrations.qwen_vl.tiny import tiny_model_for  # noqa: E402
 from differad_rl.integrations.trl.config import DifferADGRPOConfig, check_vllm_regeneration  # noqa: E402
 from differad_rl.integrations.trl.trainer import DifferADGRPOTrainer, splice_rows, trl_advantages  # noqa: E402
 
@@ -270,7 +270,7 @@ def test_vllm_server_layout_checked_at_start_up(model_path, tmp_path):
     config.use_vllm, config.vllm_mode, config.per_device_train_batch_size = True, "server", 6
     from datasets import Dataset
 
-    from differad_rl.integrations.tiny_qwen_vl import load_tiny_qwen_vl
+    from differad_rl.integrations.qwen_vl.tiny import load_tiny_qwen_vl
 
     model, processor = load_tiny_qwen_vl(model_path)
     with pytest.raises(ValueError, match=r"vllm_mode='server'"):  # before TRL would wait for a server
@@ -283,8 +283,8 @@ def test_train_grpo_use_vllm_option(model_path, tmp_path, monkeypatch, fake_llm)
     cannot run (CPU / tiny model) or where its own image processor would use another pixel budget."""
     from pathlib import Path
 
-    from differad_rl.integrations.loading import load_processor, set_pixel_budget
-    from differad_rl.integrations.tiny_qwen_vl import load_tiny_qwen_vl
+    from differad_rl.integrations.qwen_vl.loading import load_processor, set_pixel_budget
+    from differad_rl.integrations.qwen_vl.tiny import load_tiny_qwen_vl
 
     monkeypatch.syspath_prepend(str(Path(__file__).parent.parent / "examples" / "trl"))
     import train_grpo

@@ -45,7 +45,7 @@ def parquet(pairs, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def processor():
-    from differad_rl.integrations.tiny_qwen_vl import load_tiny_processor, tiny_model_for
+    from differad_rl.integrations.qwen_vl.tiny import load_tiny_processor, tiny_model_for
 
     return load_tiny_processor(tiny_model_for("qwen2_5_vl"))
 

@@ -293,7 +293,7 @@ def tower_flags(module) -> tuple[list[bool], list[bool]]:
 @pytest.mark.parametrize("strategy", ["fsdp", "fsdp2"])
 @pytest.mark.parametrize("family", sorted(FAMILY_MODEL))
 def test_actor_engine_tower_frozen_and_out_of_the_optimizer(cpu_verl, family, strategy):
-    from differad_rl.integrations.tiny_qwen_vl import tiny_model_for
+    from differad_rl.integrations.qwen_vl.tiny import tiny_model_for
     from differad_rl.integrations.verl.freeze import FROZEN_TOWER_ATTR
 
     path = tiny_model_for(family)
@@ -314,7 +314,7 @@ def test_actor_engine_tower_frozen_and_out_of_the_optimizer(cpu_verl, family, st
 
 def test_reference_engine_tower_frozen(cpu_verl):
     """The reference engine (forward only, no optimizer) freezes its tower the same way."""
-    from differad_rl.integrations.tiny_qwen_vl import tiny_model_for
+    from differad_rl.integrations.qwen_vl.tiny import tiny_model_for
 
     ref = build("ref", tiny_model_for("qwen2_5_vl")).ref.engine
     tower, rest = tower_flags(ref.module)
@@ -323,7 +323,7 @@ def test_reference_engine_tower_frozen(cpu_verl):
 
 def test_without_the_option_veRL_trains_the_tower(cpu_verl):
     """veRL 0.9.1's behaviour the plugin changes only when asked: every parameter in the optimizer."""
-    from differad_rl.integrations.tiny_qwen_vl import tiny_model_for
+    from differad_rl.integrations.qwen_vl.tiny import tiny_model_for
 
     engine = build("actor", tiny_model_for("qwen2_5_vl"), freeze=False).actor.engine
     tower, rest = tower_flags(engine.module)
@@ -349,7 +349,7 @@ def bind_rope_index(processor, family: str, model_path) -> None:
 
 def family_env(family: str) -> dict:
     """test_verl_resampling's ``env`` (config, reward worker, tiny model and processor) for another family."""
-    from differad_rl.integrations.tiny_qwen_vl import load_tiny_qwen_vl, tiny_model_for
+    from differad_rl.integrations.qwen_vl.tiny import load_tiny_qwen_vl, tiny_model_for
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
     from verl.experimental.reward_loop.reward_loop import RewardLoopWorker
@@ -374,7 +374,7 @@ def family_env(family: str) -> dict:
 
 def agent_loop_batch(setup: dict, family: str):
     """veRL agent-loop trajectories (2 prompts × n = 4) as veRL's workers receive them (nested tensors)."""
-    from differad_rl.integrations.tiny_qwen_vl import tiny_model_for
+    from differad_rl.integrations.qwen_vl.tiny import tiny_model_for
     from verl.utils import tensordict_utils as tu
 
     bind_rope_index(setup["processor"], family, tiny_model_for(family))
@@ -439,7 +439,7 @@ def changed_weights(worker, batch) -> tuple[list[str], list[str], list[str]]:
 
 @pytest.mark.parametrize("strategy", ["fsdp", "fsdp2"])
 def test_training_step_leaves_the_tower_bit_identical(cpu_verl, trajectories, strategy):
-    from differad_rl.integrations.tiny_qwen_vl import tiny_model_for
+    from differad_rl.integrations.qwen_vl.tiny import tiny_model_for
 
     assert trajectories["position_ids"][0].shape[0] == 4  # veRL's text + 3 M-RoPE rows
     worker = build("actor", tiny_model_for("qwen2_5_vl"), strategy=strategy)
@@ -450,7 +450,7 @@ def test_training_step_leaves_the_tower_bit_identical(cpu_verl, trajectories, st
 
 
 def test_without_the_option_the_same_step_changes_the_tower(cpu_verl, trajectories):
-    from differad_rl.integrations.tiny_qwen_vl import tiny_model_for
+    from differad_rl.integrations.qwen_vl.tiny import tiny_model_for
 
     worker = build("actor", tiny_model_for("qwen2_5_vl"), freeze=False)
     tower, _, changed = changed_weights(worker, trajectories)
@@ -472,7 +472,7 @@ def passes(worker, role: str = "actor"):
 
 @pytest.mark.parametrize("strategy", ["fsdp", "fsdp2"])
 def test_cache_on_and_off_give_equal_log_probs_and_updates(cpu_verl, trajectories, strategy):
-    from differad_rl.integrations.tiny_qwen_vl import tiny_model_for
+    from differad_rl.integrations.qwen_vl.tiny import tiny_model_for
 
     path = tiny_model_for("qwen2_5_vl")
     on = build("actor", path, strategy=strategy)
@@ -493,7 +493,7 @@ def test_cache_on_and_off_give_equal_log_probs_and_updates(cpu_verl, trajectorie
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl"])
 def test_cache_on_and_off_give_equal_log_probs_on_the_other_families(cpu_verl, family):
     """Qwen2-VL and Qwen3-VL (deepstack features) through veRL's own forward: log-probs bitwise equal."""
-    from differad_rl.integrations.tiny_qwen_vl import tiny_model_for
+    from differad_rl.integrations.qwen_vl.tiny import tiny_model_for
 
     batch = agent_loop_batch(family_env(family), family)
     path = tiny_model_for(family)
@@ -508,7 +508,7 @@ def test_cache_on_and_off_give_equal_log_probs_on_the_other_families(cpu_verl, f
 def test_images_encoded_per_pass(cpu_verl, trajectories):
     """Each distinct image once per step on the actor (the update reuses the old-log-prob pass's
     features, then the cache is cleared), once per reference pass; copies always served."""
-    from differad_rl.integrations.tiny_qwen_vl import tiny_model_for
+    from differad_rl.integrations.qwen_vl.tiny import tiny_model_for
 
     path = tiny_model_for("qwen2_5_vl")
     actor = build("actor", path)
@@ -528,8 +528,8 @@ def test_tower_router_equals_the_tower_on_the_three_families(family):
     """The call veRL's Qwen-VL forward makes (``model.visual(pixel_values, grid_thw=...)``) answered by the
     router equals the tower's own output field by field (Qwen3-VL's deepstack features too), bitwise; a
     group's copies are encoded once; the whole model's logits are unchanged."""
-    from differad_rl.integrations.loading import vision_tower
-    from differad_rl.integrations.tiny_qwen_vl import load_tiny_qwen_vl, tiny_model_for
+    from differad_rl.integrations.qwen_vl.loading import vision_tower
+    from differad_rl.integrations.qwen_vl.tiny import load_tiny_qwen_vl, tiny_model_for
     from differad_rl.integrations.verl.freeze import TowerPasses, freeze_for_fsdp
 
     from tests.test_vision_cache import _batch
@@ -578,7 +578,7 @@ def test_the_gpu_checks_tower_assertion_on_a_cpu_checkpoint(cpu_verl, trajectori
 
     monkeypatch.setattr(transformer_impl, "load_fsdp_model_to_gpu", lambda module: None)
 
-    from differad_rl.integrations.tiny_qwen_vl import tiny_model_for
+    from differad_rl.integrations.qwen_vl.tiny import tiny_model_for
 
     path = tiny_model_for("qwen2_5_vl")
     cfg = worker_config(path)

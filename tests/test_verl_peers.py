@@ -90,7 +90,7 @@ def test_peer_compute_score_keys_rules_and_values(box_reward):
     bare = "<think>.</think><answer>[10, 10, 50, 50]</answer>"
     assert method_score("d", bare, gt, {})["localization"] == 0.0
     assert compute_score("d", bare, gt, {}, box_reward=box_reward)["localization"] == 0.0
-    assert compute_score("d", bare, gt, {}, box_reward=box_reward, family=None)["localization"] == 1.0
+    assert compute_score("d", bare, gt, {}, box_reward=box_reward, prompt_family=None)["localization"] == 1.0
     prose = compute_score("d", "<think>.</think><answer>nothing here</answer>", {"boxes": []}, {},
                           box_reward=box_reward)
     assert prose["localization"] == 0.0  # prose is no answer of a box, not "nothing there"

@@ -258,7 +258,7 @@ def test_reward_loop_worker_on_ray(ray_tq):
     from verl import DataProto
     from verl.experimental.reward_loop.reward_loop import RewardLoopWorker
 
-    from differad_rl.integrations.tiny_qwen_vl import load_tiny_processor, tiny_model_for
+    from differad_rl.integrations.qwen_vl.tiny import load_tiny_processor, tiny_model_for
     from differad_rl.integrations.verl import compute_score
 
     model = tiny_model_for("qwen2_5_vl")

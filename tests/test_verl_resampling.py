@@ -157,7 +157,7 @@ def env():
     from hydra import compose, initialize_config_module
     from verl.experimental.reward_loop.reward_loop import RewardLoopWorker
 
-    from differad_rl.integrations.tiny_qwen_vl import load_tiny_qwen_vl, tiny_model_for
+    from differad_rl.integrations.qwen_vl.tiny import load_tiny_qwen_vl, tiny_model_for
     from differad_rl.integrations.verl.cpu_backend import HFGenerationClient
 
     model_path = tiny_model_for("qwen2_5_vl")
@@ -787,7 +787,7 @@ def test_ray_transferqueue_end_to_end(env):
         class TinyProcessorWorker(DifferadAgentLoopWorkerTQ):  # local: Ray ships it by value
             def __init__(self, *args, **kwargs):
                 super().__init__(*args, **kwargs)
-                from differad_rl.integrations.tiny_qwen_vl import load_tiny_processor
+                from differad_rl.integrations.qwen_vl.tiny import load_tiny_processor
 
                 self.processor = load_tiny_processor(processor_path)
 

@@ -170,7 +170,7 @@ def reward_worker():
     from hydra import compose, initialize_config_module
     from verl.experimental.reward_loop.reward_loop import RewardLoopWorker
 
-    from differad_rl.integrations.tiny_qwen_vl import tiny_model_for
+    from differad_rl.integrations.qwen_vl.tiny import tiny_model_for
 
     model = tiny_model_for("qwen2_5_vl")
     with initialize_config_module(config_module="verl.trainer.config", version_base=None):
@@ -190,7 +190,7 @@ def reward_worker():
 def test_reward_loop_worker_scores_equal_compute_score(reward_worker):
     from verl import DataProto
 
-    from differad_rl.integrations.tiny_qwen_vl import load_tiny_processor
+    from differad_rl.integrations.qwen_vl.tiny import load_tiny_processor
 
     worker, model = reward_worker
     tok = load_tiny_processor(model).tokenizer
@@ -268,10 +268,10 @@ def test_protocol_indicators_equal_the_evaluation_metrics():
     has_box = valid & ~(pred == 0).all(axis=1)
     tp, fp, fn = (np.mean([o[k] for o in outs]) for k in ("tp", "fp", "fn"))
     assert 2 * tp / (2 * tp + fp + fn) == pytest.approx(f1_at(ious, normal, has_box, 0.3))
-    # the protocol reads every format; the training reward only the family's
+    # the protocol reads every format; the training reward only the prompt family's
     bracket = compute_score("d", completion((1, 1, 5, 5), fmt="bracket"), [[1, 1, 5, 5]])
     assert bracket["iou"] == 1.0 and bracket["tp"] == 1.0 and bracket["localization"] == 0.0 and bracket["format"] == 0.0
-    assert compute_score("d", completion((1, 1, 5, 5), fmt="bracket"), [[1, 1, 5, 5]], family="mantis")["score"] == 2.0
+    assert compute_score("d", completion((1, 1, 5, 5), fmt="bracket"), [[1, 1, 5, 5]], prompt_family="mantis")["score"] == 2.0
 
 
 def test_best_writable_answer_scores_exactly_one_and_huge_values_score_zero():
@@ -284,5 +284,5 @@ def test_best_writable_answer_scores_exactly_one_and_huge_values_score_zero():
         assert out["localization"] == 0.0 and out["iou"] == 0.0 and not any(np.isnan(v) for v in out.values())
     with pytest.raises(ValueError, match="sane bound"):
         compute_score("d", "x", [[0, 0, 1e307, 10]])
-    with pytest.raises(ValueError, match="family"):
-        compute_score("d", "x", [], family="llava")
+    with pytest.raises(ValueError, match="prompt_family"):
+        compute_score("d", "x", [], prompt_family="llava")

@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from differad_rl.integrations.loading import freeze_vision_tower
-from differad_rl.integrations.tiny_qwen_vl import FAMILIES, load_tiny_qwen_vl, tiny_model_for
-from differad_rl.integrations.vision_cache import (
+from differad_rl.integrations.qwen_vl.loading import freeze_vision_tower
+from differad_rl.integrations.qwen_vl.tiny import FAMILIES, load_tiny_qwen_vl, tiny_model_for
+from differad_rl.integrations.qwen_vl.vision_cache import (
     TowerMeter,
     VisionFeatureCache,
     count_input_grad_hooks,

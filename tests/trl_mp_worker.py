@@ -103,12 +103,12 @@ def make_trainer(
     (``freeze_vision``: the vision tower frozen before the trainer is built, as ``--freeze-vision`` does)."""
     from datasets import Dataset
 
-    from differad_rl.integrations.tiny_qwen_vl import load_tiny_qwen_vl
+    from differad_rl.integrations.qwen_vl.tiny import load_tiny_qwen_vl
     from differad_rl.integrations.trl.config import DifferADGRPOConfig
 
     model, processor = load_tiny_qwen_vl(model_path)
     if freeze_vision:
-        from differad_rl.integrations.loading import freeze_vision_tower
+        from differad_rl.integrations.qwen_vl.loading import freeze_vision_tower
 
         freeze_vision_tower(model)
     values = {

@@ -7,7 +7,7 @@ NOT RUN YET on a GPU (written on a CPU-only machine; its CPU-runnable parts are 
     python examples/trl/gpu_bench.py --work /tmp/bench          # builds the full-size fixture first
 
 It builds the hub-shaped fixture of the published Qwen2.5-VL-3B architecture with random weights
-(:func:`differad_rl.integrations.hub_fixtures.build_hub_fixture` with ``full_size=True``: 3.755 B
+(:func:`differad_rl.integrations.testing.build_hub_fixture` with ``full_size=True``: 3.755 B
 parameters, bf16, initialised on the GPU) unless ``--model`` names a folder, then runs
 ``examples/trl/train_grpo.py --paper`` in this process for ``--steps`` optimizer steps on demo pairs of
 ``--demo-size`` px (1024: the paper's pixel budget of 1,003,520 applies) once per variant
@@ -87,7 +87,7 @@ class StepMeter:
         return _Callback()
 
     def watch(self, trainer: Any) -> None:
-        from differad_rl.integrations.vision_cache import TowerMeter
+        from differad_rl.integrations.qwen_vl.vision_cache import TowerMeter
 
         self.meters = [TowerMeter(m) for m in (trainer.model, getattr(trainer, "ref_model", None)) if m is not None]
 
@@ -156,7 +156,7 @@ def folder_for_vllm(src: str | Path, dst: str | Path, max_pixels: int = 1003520)
     """
     import shutil
 
-    from differad_rl.integrations.loading import load_processor
+    from differad_rl.integrations.qwen_vl.loading import load_processor
 
     src, dst = Path(src), Path(dst)
     if dst.exists():
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     model = args.model
     if model is None:
-        from differad_rl.integrations.hub_fixtures import build_hub_fixture
+        from differad_rl.integrations.testing import build_hub_fixture
 
         start = time.perf_counter()
         device = "cuda" if torch.cuda.is_available() else None

@@ -31,7 +31,7 @@ python3 -c "import torch, vllm; assert torch.cuda.is_available(), 'no GPU'; \
 print('torch', torch.__version__, 'vllm', vllm.__version__)"
 
 if [[ -z "$MODEL_PATH" ]]; then
-    MODEL_PATH=$(python3 -c "from differad_rl.integrations.hub_fixtures import build_hub_fixture; \
+    MODEL_PATH=$(python3 -c "from differad_rl.integrations.testing import build_hub_fixture; \
 print(build_hub_fixture('Qwen/Qwen2.5-VL-3B-Instruct', '$WORK/fixtures/Qwen--Qwen2.5-VL-3B-Instruct'))")
 fi
 

@@ -24,7 +24,7 @@ The real thing (GPU; the paper fine-tunes on "spot the difference" pairs)::
 Writes ``--output-dir/checkpoint`` (model + processor, loadable by ``train_grpo.py --model``) and
 ``--output-dir/sft_loss.png``.
 
-Loading follows :mod:`differad_rl.integrations.loading` (shared with ``train_grpo.py`` and
+Loading follows :mod:`differad_rl.integrations.qwen_vl.loading` (shared with ``train_grpo.py`` and
 ``differad-rl predict``): hub ids and folders go through ``AutoProcessor.from_pretrained`` /
 ``AutoModelForImageTextToText.from_pretrained``, tiny builds (``--model tiny``, ``tiny:<family>``, or a
 folder with ``tiny_build.json``) through their own loader; left padding is forced and checked;
@@ -48,7 +48,7 @@ from differad_rl.coords import to_model_space
 from differad_rl.data.atomic import atomic_write_text
 from differad_rl.data.records import PairRecord, load_pairs
 from differad_rl.integrations.hardware import resolve_bf16, resolve_gradient_checkpointing
-from differad_rl.integrations.loading import (
+from differad_rl.integrations.qwen_vl.loading import (
     TINY,
     freeze_vision_tower,
     is_tiny,
@@ -73,7 +73,7 @@ __all__ = [
 ]
 
 # The one loader every entry point shares (padding side, dtype, pixel budget, family and tiny
-# detection: differad_rl.integrations.loading); re-exported here for the GRPO example.
+# detection: differad_rl.integrations.qwen_vl.loading); re-exported here for the GRPO example.
 TINY_PREFIX = TINY  # the exact keyword "tiny" / "tiny:<family>", not a name prefix (see is_tiny)
 
 
@@ -91,8 +91,8 @@ LEARNER_SFT: dict[str, Any] = {"max_steps": 4000, "batch_size": 8, "learning_rat
 
 
 def learner_model(cache_dir: str | os.PathLike[str] | None, seed: int = 0) -> Path:
-    """Build (or reuse) the recipe's untrained tiny Qwen3-VL (:data:`~differad_rl.integrations.tiny_qwen_vl.LEARNER_ARCH`)."""
-    from differad_rl.integrations.tiny_qwen_vl import LEARNER_ARCH, tiny_model_for
+    """Build (or reuse) the recipe's untrained tiny Qwen3-VL (:data:`~differad_rl.integrations.qwen_vl.tiny.LEARNER_ARCH`)."""
+    from differad_rl.integrations.qwen_vl.tiny import LEARNER_ARCH, tiny_model_for
 
     return tiny_model_for(LEARNER_FAMILY, cache_dir=cache_dir, seed=seed, min_pixels=LEARNER_PIXELS,
                           max_pixels=LEARNER_PIXELS, arch=LEARNER_ARCH)

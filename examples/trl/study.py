@@ -6,7 +6,7 @@ Every run is ``train_grpo.py --recipe learner --model COLD_START`` (its own code
 with the arm's options, stopped by :class:`GenerationBudget` as soon as the completions it sampled —
 regenerated groups included (``differad/regenerations`` × G) — reach ``--budget``. Then the final checkpoint
 answers the held-out pairs greedily with the protocol's prompt
-(:func:`differad_rl.integrations.predict.predict_records`) and is scored by
+(:func:`differad_rl.integrations.qwen_vl.predict.predict_records`) and is scored by
 :func:`differad_rl.eval.protocol.evaluate_records` (mIoU, Acc@0.3, F1@0.3) beside box-shape statistics
 (:func:`box_shape_stats`) that show collapse modes. The cold start itself is evaluated once (reference row).
 
@@ -17,9 +17,12 @@ answers the held-out pairs greedily with the protocol's prompt
 Output (``--out``): ``<arm>/<seed>/`` (``result.json``, ``curve.jsonl``, ``predictions.jsonl``,
 ``train.log``, train_grpo's ``train/metrics.jsonl`` and ``summary.json``), ``cold_start/``, ``study.md`` /
 ``study.json`` (mean ± std over seeds), ``curves.png`` (reward, localization reward, rollout mIoU vs
-generations, one line per arm), ``heldout.png`` (held-out bars). Finished runs are skipped (resumable; a run
-whose options, model, data or budget changed is run again). ``--quick`` writes to a temp folder and refuses
-to write into the committed results.
+generations, one line per arm), ``heldout.png`` (held-out bars), and ``runs.tar.xz``: the raw per-run folders
+(``cold_start/``, ``<arm>/<seed>/``) in one archive — the repository keeps only the summary and this archive
+(the raw folders are git-ignored). Finished runs are skipped (resumable; a run whose options, model, data or
+budget changed is run again); run files missing on disk are first restored from ``runs.tar.xz``, so a fresh
+checkout resumes the committed study. ``--quick`` writes to a temp folder and refuses to write into the
+committed results.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import math
 import os
 import shutil
 import sys
+import tarfile
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -46,6 +50,8 @@ if str(HERE) not in sys.path:
 
 #: the committed results of the full study
 RESULTS = HERE / "study_results"
+#: the raw per-run folders of a study, in one archive beside its study.md
+RUNS_ARCHIVE = "runs.tar.xz"
 QUICK_OUT = Path(tempfile.gettempdir()) / "differad-rl-study-quick"
 DATA_CACHE = Path(tempfile.gettempdir()) / "differad-rl-study-data"
 #: measured on the project's 2-core CPU machine (learner recipe, one thread per run)
@@ -224,8 +230,8 @@ def box_shape_stats(pred_boxes: Any, pred_valid: Any, gt_boxes: list[list[Any]],
 def evaluate_checkpoint(ckpt: Path, records: list[Any], preds_path: Path, label: str) -> dict[str, Any]:
     """Greedy predict + eval of a checkpoint on ``records``: protocol metrics and :func:`box_shape_stats`."""
     from differad_rl.eval.protocol import EvalConfig, evaluate_records, read_predictions
-    from differad_rl.integrations.loading import load_model_and_processor
-    from differad_rl.integrations.predict import PredictConfig, predict_records
+    from differad_rl.integrations.qwen_vl.loading import load_model_and_processor
+    from differad_rl.integrations.qwen_vl.predict import PredictConfig, predict_records
 
     model, processor = load_model_and_processor(ckpt, training=False)
     if preds_path.exists():
@@ -252,6 +258,39 @@ def _finished(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return result if result.get("key") == key else None
+
+
+def _owner_free(info: tarfile.TarInfo) -> tarfile.TarInfo:
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info
+
+
+def unpack_runs(out: Path) -> list[str]:
+    """Restore from ``out/runs.tar.xz`` every run file missing on disk (a checkout holds only the archive);
+    files already on disk are kept. Returns the archive's top-level folders (``cold_start`` and the arms);
+    no archive → ``[]``."""
+    path = out / RUNS_ARCHIVE
+    if not path.is_file():
+        return []
+    with tarfile.open(path, "r:xz") as tar:
+        members = tar.getmembers()
+        missing = [m for m in members if m.isfile() and not (out / m.name).exists()]
+        tar.extractall(out, members=missing, filter="data")
+    return sorted({m.name.split("/", 1)[0] for m in members})
+
+
+def pack_runs(out: Path, names: list[str]) -> Path:
+    """Write ``out/runs.tar.xz`` (atomically) holding the folders ``names`` of ``out`` that exist — the raw
+    per-run outputs; ``study.md``, ``study.json`` and the charts stay beside it, uncompressed."""
+    path = out / RUNS_ARCHIVE
+    tmp = path.with_name(path.name + ".tmp")
+    with tarfile.open(tmp, "w:xz") as tar:
+        for name in sorted(set(names)):
+            if (out / name).is_dir():
+                tar.add(out / name, arcname=name, filter=_owner_free)
+    os.replace(tmp, path)
+    return path
 
 
 @contextlib.contextmanager
@@ -561,6 +600,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.estimate:
         return 0
     out.mkdir(parents=True, exist_ok=True)
+    archived = unpack_runs(out)
     cold = cold_start_result(out, model, data, {"model": str(Path(model).resolve()), "data": str(data)})
 
     jobs, finished = [], {}
@@ -604,10 +644,11 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write_text(out / "study.md", header + md)
     _atomic_json(out / "study.json", summary)
     save_plots(out, runs, summary)
+    pack_runs(out, [*archived, "cold_start", *arms])
     if not quick and out.resolve() == RESULTS.resolve():
         update_results_section(STUDY_MD, header.split("\n", 1)[1] + md)
     print(header + md)
-    print(f"wrote {out / 'study.md'}, study.json, curves.png, heldout.png")
+    print(f"wrote {out / 'study.md'}, study.json, curves.png, heldout.png, {RUNS_ARCHIVE}")
     return 0
 
 

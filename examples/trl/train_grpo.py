@@ -63,7 +63,7 @@ from sft_cold_start import (  # noqa: E402
     save_curve,
 )
 
-from differad_rl.integrations.loading import (  # noqa: E402
+from differad_rl.integrations.qwen_vl.loading import (  # noqa: E402
     TINY,
     freeze_vision_tower,
     is_tiny,
@@ -336,7 +336,7 @@ def check_vllm_option(args: argparse.Namespace, tiny: bool, model: Any, processo
 
     import torch
 
-    from differad_rl.integrations.loading import load_processor, pixel_budget
+    from differad_rl.integrations.qwen_vl.loading import load_processor, pixel_budget
 
     if tiny or not torch.cuda.is_available():
         raise SystemExit("--use-vllm needs a GPU and a real model folder (--model); this run is on "
@@ -385,7 +385,7 @@ def evaluate_methods(
     from differad_rl.eval.comparison import constant_predictions, write_comparison
     from differad_rl.eval.protocol import EvalConfig, Predictions, evaluate_records, read_predictions
     from differad_rl.eval.report import write_report
-    from differad_rl.integrations.predict import PredictConfig, predict_records
+    from differad_rl.integrations.qwen_vl.predict import PredictConfig, predict_records
 
     ev = out / "eval"
     results: dict[str, Any] = {}

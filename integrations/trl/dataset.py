@@ -45,10 +45,10 @@ __all__ = [
 ]
 
 
-def draw_instruction(rng: random.Random, format_hint: str = "reasoning") -> str:
+def draw_instruction(rng: random.Random, prompt_family: str = "reasoning") -> str:
     """One instruction drawn from the method's pool plus the format hint
     (:func:`differad_rl.prompts.build_prompt`; ``"reasoning"`` = ``<think>``/``<answer>`` training format)."""
-    return _prompts.build_prompt(format_hint, rng)
+    return _prompts.build_prompt(prompt_family, rng)
 
 
 def build_messages(instruction: str, *, num_images: int = 2, system_prompt: str | None = None) -> list[dict[str, Any]]:
@@ -95,18 +95,18 @@ def pairs_to_rows(
     source: str | os.PathLike[str] | Iterable[PairRecord | Mapping[str, Any]],
     *,
     seed: int = 0,
-    format_hint: str = "reasoning",
+    prompt_family: str = "reasoning",
     load_images: bool = True,
     validate: bool = True,
 ) -> list[dict[str, Any]]:
     """Rows for a pairs JSONL path or records; instruction ``i`` is drawn from ``Random(seed)``.
 
-    ``format_hint`` is a key of :data:`differad_rl.prompts.FORMAT_HINTS` (default ``"reasoning"``,
+    ``prompt_family`` is a key of :data:`differad_rl.prompts.FORMAT_HINTS` (default ``"reasoning"``,
     the method's training format).
     Raises ``ValueError`` (naming the row id) when ``validate`` and a row is invalid.
     """
     rng = random.Random(seed)
-    rows = [pair_to_row(r, draw_instruction(rng, format_hint), load_images=load_images) for r in as_records(source)]
+    rows = [pair_to_row(r, draw_instruction(rng, prompt_family), load_images=load_images) for r in as_records(source)]
     if validate:
         validate_trl_rows(rows)
     return rows
@@ -134,7 +134,7 @@ def to_trl_dataset(
     source: str | os.PathLike[str] | Iterable[PairRecord | Mapping[str, Any]],
     *,
     seed: int = 0,
-    format_hint: str = "reasoning",
+    prompt_family: str = "reasoning",
     validate: bool = True,
 ) -> Any:
     """A ``datasets.Dataset`` of TRL rows (images stored by path, decoded to PIL on access).
@@ -143,7 +143,7 @@ def to_trl_dataset(
     """
     import datasets
 
-    rows = pairs_to_rows(source, seed=seed, format_hint=format_hint, load_images=False, validate=False)
+    rows = pairs_to_rows(source, seed=seed, prompt_family=prompt_family, load_images=False, validate=False)
     cols = {k: [r[k] for r in rows] for k in trl_features()}
     ds = datasets.Dataset.from_dict(cols, features=trl_features())
     if validate:

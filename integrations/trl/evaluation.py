@@ -17,7 +17,7 @@ two image FILES of ``images`` (reference first). Rows made by
 :func:`~differad_rl.integrations.trl.dataset.to_trl_dataset` or ``pairs_to_rows(..., load_images=False)``
 have them; rows holding in-memory PIL images do not and are refused at start-up. The records are then
 run through exactly what ``differad-rl predict`` + ``differad-rl eval`` do:
-:func:`differad_rl.integrations.predict.generate_predictions` (the protocol's prompt — the same
+:func:`differad_rl.integrations.qwen_vl.predict.generate_predictions` (the protocol's prompt — the same
 instruction for every row, not the row's drawn training instruction — left padding, greedy, batches of
 ``protocol_eval_batch_size``, ``protocol_eval_max_new_tokens`` tokens) and
 :func:`differad_rl.eval.protocol.evaluate_records` on the lines read back by ``read_predictions``
@@ -139,7 +139,7 @@ def records_from_rows(rows: Any, *, source: str = "eval_dataset") -> list[PairRe
         ValueError: naming ``source``, the row and the field — a missing column, in-memory images,
             a duplicate id, a malformed box, a missing image file.
     """
-    from differad_rl.integrations.predict import check_images
+    from differad_rl.integrations.qwen_vl.predict import check_images
 
     names = _column_names(rows)
     if names is None:
@@ -262,7 +262,7 @@ class ProtocolEvaluation:
                 processor that does not pad on the left, a model outside the Qwen-VL families, FSDP,
                 ZeRO-3 without ``ds3_gather_for_generation``.
         """
-        from differad_rl.integrations.predict import PredictConfig
+        from differad_rl.integrations.qwen_vl.predict import PredictConfig
 
         args = trainer.args
         mode = getattr(args, "protocol_eval", None)
@@ -291,7 +291,7 @@ class ProtocolEvaluation:
         return self
 
     def _check_setup(self, trainer: Any) -> None:
-        from differad_rl.integrations.loading import check_left_padding, model_family
+        from differad_rl.integrations.qwen_vl.loading import check_left_padding, model_family
 
         fix = "or set protocol_eval=False"
         try:
@@ -350,7 +350,7 @@ class ProtocolEvaluation:
         from accelerate.utils import gather_object
         from trl.models import unwrap_model_for_generation
 
-        from differad_rl.integrations.predict import generate_predictions
+        from differad_rl.integrations.qwen_vl.predict import generate_predictions
 
         acc = trainer.accelerator
         rank, world = acc.process_index, acc.num_processes

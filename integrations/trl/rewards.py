@@ -385,7 +385,7 @@ def get_reward(name: str, spec: CoordinateSpec | Any, /, **options: Any) -> Call
     Box rewards are built through the registry (:func:`differad_rl.registry.build_reward`) with
     ``gt_space="pixel"``, ``space=spec.space`` and the spec's pixel budget, then wrapped in
     :class:`TargetSizeReward`; ``"format"`` is the core's format reward (it takes ``name`` and
-    ``family`` only). The option
+    ``prompt_family`` only). The option
     ``name=`` renames the function (its ``__name__``, under which TRL logs it and
     ``localization_reward`` finds it): two variants of one reward in a trainer need distinct names.
 
@@ -452,6 +452,6 @@ def differad_rewards(
 
 def _options_for(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
     """The shared ``options`` that reward ``name`` takes (:func:`differad_rl.registry.reward_options`):
-    the DCLR parameters go to the DCLR rewards only, ``family`` to every reward (the format reward
+    the DCLR parameters go to the DCLR rewards only, ``prompt_family`` to every reward (the format reward
     included), so one set of options configures a whole reward list."""
     return _registry.reward_options(name, options)

@@ -731,7 +731,7 @@ def _check_before_build(*args: Any, **kwargs: Any) -> None:
         # and the log-probs of padded rows silently change: make it right, loudly.
         import warnings
 
-        from differad_rl.integrations.loading import force_left_padding
+        from differad_rl.integrations.qwen_vl.loading import force_left_padding
 
         warnings.warn("DifferADGRPOTrainer: processing_class pads on the right; set to left padding "
                       "(Qwen-VL generation and log-probs need it)", stacklevel=3)

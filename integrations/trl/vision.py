@@ -1,6 +1,6 @@
 """The frozen vision tower in ``DifferADGRPOTrainer``: the feature cache's switch and the autograd guard.
 
-The mechanism is :mod:`differad_rl.integrations.vision_cache` (shared with veRL); this module only
+The mechanism is :mod:`differad_rl.integrations.qwen_vl.vision_cache` (shared with veRL); this module only
 decides, at start-up, whether it is safe in this trainer and wires it to TRL's generation batches:
 
 - :func:`setup_vision` (called once by the trainer's ``__init__``): keeps a frozen tower out of
@@ -27,7 +27,7 @@ from typing import Any
 
 from transformers.utils import logging
 
-from differad_rl.integrations.vision_cache import (
+from differad_rl.integrations.qwen_vl.vision_cache import (
     VisionFeatureCache,
     find_vision_model,
     keep_frozen_tower_out_of_autograd,

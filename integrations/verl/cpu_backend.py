@@ -6,7 +6,7 @@ veRL's agent loops generate through an :class:`verl.workers.rollout.llm_server.L
 On a GPU machine the client forwards to vLLM or SGLang servers. Neither runs on CPU, so
 :class:`HFGenerationClient` answers the same call with a Hugging Face model's own sampling
 (``model.generate``) — e.g. the tiny random Qwen-VL of
-:mod:`differad_rl.integrations.tiny_qwen_vl` — so veRL's real agent-loop code (prompt building,
+:mod:`differad_rl.integrations.qwen_vl.tiny` — so veRL's real agent-loop code (prompt building,
 multimodal inputs, reward loop, post-processing) can be exercised end to end on a laptop or in CI.
 
 :func:`use_cpu_platform` does the same for veRL's training side: a veRL platform for the CPU

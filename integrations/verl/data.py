@@ -80,7 +80,7 @@ class ParquetOptions:
         min_pixels, max_pixels: the processor's pixel budget (Qwen2.5-VL's coordinates depend on
             it; docs/method.md §1: max 1,003,520). Must match ``data.mm_processor_kwargs`` / the processor.
         seed: seeds the per-row instruction draw.
-        format_hint: key of :data:`differad_rl.prompts.FORMAT_HINTS` (``"reasoning"``: the
+        prompt_family: key of :data:`differad_rl.prompts.FORMAT_HINTS` (``"reasoning"``: the
             ``<think>``/``<answer>`` training format).
         system_prompt: the system message (default: the method's R1-style prompt).
         data_source: the ``data_source`` column (veRL groups validation metrics by it).
@@ -91,7 +91,7 @@ class ParquetOptions:
     min_pixels: int = DEFAULT_MIN_PIXELS
     max_pixels: int = DEFAULT_MAX_PIXELS
     seed: int = 0
-    format_hint: str = "reasoning"
+    prompt_family: str = "reasoning"
     system_prompt: str = _prompts.SYSTEM_PROMPT
     data_source: str = "differad"
     ability: str = "anomaly_localization"
@@ -99,8 +99,8 @@ class ParquetOptions:
     def __post_init__(self) -> None:
         if self.space not in SPACES:
             raise ValueError(f"space must be one of {', '.join(SPACES)}, got {self.space!r}")
-        if self.format_hint not in _prompts.FORMAT_HINTS:
-            raise ValueError(f"format_hint must be one of {', '.join(_prompts.FORMAT_HINTS)}, got {self.format_hint!r}")
+        if self.prompt_family not in _prompts.FORMAT_HINTS:
+            raise ValueError(f"prompt_family must be one of {', '.join(_prompts.FORMAT_HINTS)}, got {self.prompt_family!r}")
         for name in ("min_pixels", "max_pixels"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -173,7 +173,7 @@ def pairs_to_rows(
         from tqdm.auto import tqdm
 
         it = tqdm(it, total=len(records), desc="verl parquet", unit="pair")
-    return [pair_to_row(r, i, _prompts.build_prompt(options.format_hint, rng), options) for i, r in it]
+    return [pair_to_row(r, i, _prompts.build_prompt(options.prompt_family, rng), options) for i, r in it]
 
 
 def verl_features() -> Any:

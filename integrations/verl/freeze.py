@@ -18,7 +18,7 @@ engine it builds (the actor's, and the reference model's when the worker holds o
 
 1. every parameter of the tower (``model.visual``: patch embedding, blocks, merger; Qwen3-VL's
    deepstack mergers) gets ``requires_grad=False``
-   (:func:`differad_rl.integrations.loading.freeze_vision_tower`);
+   (:func:`differad_rl.integrations.qwen_vl.loading.freeze_vision_tower`);
 2. the tower becomes ONE FSDP unit: its class replaces its block class in the model's
    ``_no_split_modules``, the list veRL's FSDP1 auto-wrap policy and FSDP2 ``apply_fsdp2`` read.
    FSDP1 without ``use_orig_params`` refuses a flat parameter that mixes frozen and trainable
@@ -28,7 +28,7 @@ engine it builds (the actor's, and the reference model's when the worker holds o
    tower beside its blocks would nest units, which veRL's FSDP2 path shards parent-first and FSDP2
    does not support.)
 3. transformers' input-require-grad hooks are kept off the frozen tower
-   (:func:`differad_rl.integrations.vision_cache.keep_frozen_tower_out_of_autograd`): its output
+   (:func:`differad_rl.integrations.qwen_vl.vision_cache.keep_frozen_tower_out_of_autograd`): its output
    carries no autograd graph, no tower block is recomputed or back-propagated, the language model's
    gradients are unchanged (nothing upstream of the tower is trainable);
 4. the optimizer (veRL's ``build_optimizer``) receives only the parameters that require grad, so
@@ -46,7 +46,7 @@ transformers' classes) calls ``model.visual(pixel_values, grid_thw=...)`` on eve
 micro-batch, in the old-log-prob, reference and update passes. With the tower frozen its output
 is a pure function of the image, so each engine gets a :class:`TowerPasses` router on its tower's
 ``forward``: while the cache is on, a call is answered by
-:class:`differad_rl.integrations.vision_cache.VisionFeatureCache` (each distinct image encoded once,
+:class:`differad_rl.integrations.qwen_vl.vision_cache.VisionFeatureCache` (each distinct image encoded once,
 in one tower call for the missing ones; copies and later passes served from memory), through a
 ``get_image_features`` view of the raw tower (:class:`_TowerView`), and the result is handed back in
 the tower's own output form. Lifetime: the actor's cache lives from a step's first actor pass to the
@@ -168,8 +168,8 @@ def freeze_for_fsdp(model: Any) -> FrozenTower:
     Raises:
         ValueError: the model has no ``visual`` sub-module.
     """
-    from differad_rl.integrations.loading import freeze_vision_tower, vision_tower
-    from differad_rl.integrations.vision_cache import keep_frozen_tower_out_of_autograd
+    from differad_rl.integrations.qwen_vl.loading import freeze_vision_tower, vision_tower
+    from differad_rl.integrations.qwen_vl.vision_cache import keep_frozen_tower_out_of_autograd
 
     tower = vision_tower(model)
     n = freeze_vision_tower(model)
@@ -234,7 +234,7 @@ class TowerPasses:
     """
 
     def __init__(self, tower: Any, *, cache: bool) -> None:
-        from differad_rl.integrations.vision_cache import VisionFeatureCache
+        from differad_rl.integrations.qwen_vl.vision_cache import VisionFeatureCache
 
         self.tower = tower
         self.raw_forward = tower.forward
@@ -390,7 +390,7 @@ def _patch_engine(module: Any) -> None:
         model = build_module(self)
         request = _REQUEST.get()
         if request.freeze:
-            from differad_rl.integrations.loading import vision_tower
+            from differad_rl.integrations.qwen_vl.loading import vision_tower
 
             frozen = freeze_for_fsdp(model)
             setattr(self, FROZEN_TOWER_ATTR, frozen)

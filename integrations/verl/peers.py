@@ -14,7 +14,7 @@ Same contract, ground truth and options as :func:`differad_rl.integrations.verl.
 Formulas and sources: :mod:`differad_rl.box_rewards`. Every sample returns ``{score, localization,
 format, iou}`` with ``localization`` = the peer reward, so the ``differad`` estimator's weights,
 veRL's ``filter_groups`` (``metric=localization``) and the resampling read it like the method's DCLR.
-Boxes are read only in the box format of the prompt ``family`` (``reward_kwargs.family``), as the
+Boxes are read only in the box format of ``prompt_family`` (``reward_kwargs.prompt_family``), as the
 method's reward reads them; the protocol keys (``iou``, ``acc_0.3``, ...) stay lenient.
 """
 
@@ -36,13 +36,13 @@ PEER_BOX_REWARDS: tuple[str, ...] = tuple(n for n, e in registry.REWARDS.items()
 
 
 @functools.lru_cache(maxsize=64)
-def _reward(box_reward: str, family: str | None, require_answer: bool, iou_threshold: float,
+def _reward(box_reward: str, prompt_family: str | None, require_answer: bool, iou_threshold: float,
             l1_threshold: float) -> Any:
     """The registry's reward ``box_reward`` on ground truth already in the model's space (cached)."""
     entry = registry.reward_entry(box_reward)
     thresholds = {"threshold": iou_threshold, "iou_threshold": iou_threshold, "l1_threshold": l1_threshold}
     own = {k: v for k, v in thresholds.items() if k in entry.options}
-    return registry.build_reward(box_reward, family=family, require_answer=require_answer, **own)
+    return registry.build_reward(box_reward, prompt_family=prompt_family, require_answer=require_answer, **own)
 
 
 def compute_score(
@@ -64,7 +64,7 @@ def compute_score(
         iou_threshold: threshold of ``"iou_threshold"`` and ``"matched_hits"`` (strict ``>``).
         l1_threshold: mean-L1 threshold of ``"matched_hits"``, in the model's coordinate units.
         **kwargs: the method reward's :class:`~differad_rl.integrations.verl.reward.RewardOptions`
-            (weights, ``space``, ``require_answer``, ``family``, pixel budget...; the DCLR parameters
+            (weights, ``space``, ``require_answer``, ``prompt_family``, pixel budget...; the DCLR parameters
             are unused).
 
     Returns:
@@ -85,7 +85,7 @@ def compute_score(
     options = _options_from_kwargs(kwargs)
     gt = ground_truth_boxes(ground_truth, extra_info, options).tolist()
     text = solution_str if isinstance(solution_str, str) else ""
-    reward = _reward(box_reward, options.family, options.require_answer, float(iou_threshold), float(l1_threshold))
+    reward = _reward(box_reward, options.prompt_family, options.require_answer, float(iou_threshold), float(l1_threshold))
     # the registry's reward: the box read in the prompt family's format, the core's scoring rules
     solution = [gt] if registry.reward_entry(box_reward).multi_box else [gt[0] if gt else [0.0, 0.0, 0.0, 0.0]]
     loc = float(reward([text], solution=solution)[0])

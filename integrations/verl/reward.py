@@ -15,8 +15,8 @@ in the model's coordinate space::
     format       = 1 if <think>…</think><answer>one box</answer> else 0
     score        = localization_weight · localization + format_weight · format
 
-``p`` is read in the format of the prompt ``family`` (default ``"reasoning"``: ``(x1,y1),(x2,y2)``),
-the rule of the format reward too (:data:`differad_rl.prompts.FAMILY_BOX_FORMATS`).
+``p`` is read in the format of ``prompt_family`` (default ``"reasoning"``: ``(x1,y1),(x2,y2)``),
+the rule of the format reward too (:data:`differad_rl.prompts.PROMPT_BOX_FORMATS`).
 
 **Evaluation-protocol indicators** (docs/method.md §8), so that veRL's validation logs — which average every
 returned key per data source — carry held-out mIoU, Acc@0.3 and F1@0.3. They follow the protocol:
@@ -71,7 +71,7 @@ import torch
 
 from differad_rl.coords import DEFAULT_FACTOR, DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, SPACES, box_to_model_grid, check_space
 from differad_rl.parsing import BoxFormat, answer_boxes, first_box, is_well_formatted, parse_boxes
-from differad_rl.prompts import FAMILY_BOX_FORMATS, box_format
+from differad_rl.prompts import PROMPT_BOX_FORMATS, box_format
 from differad_rl.boxes import PAPER_DCLR, CenterNorm, SizeTerm
 from differad_rl.rewards import DCLRConfig, gt_row_error, multi_box_score, score_box
 
@@ -103,8 +103,8 @@ class RewardOptions:
         space, gt_space, min_pixels, max_pixels: defaults for the per-sample metadata (module
             docstring); the ground truth / extra_info override them.
         factor: the processor's resize factor (patch size × merge size; 28 for Qwen2/2.5-VL).
-        family: the prompt family whose box format the reward and the format check accept
-            (:data:`differad_rl.prompts.FAMILY_BOX_FORMATS`, default ``"reasoning"``; ``None``: any).
+        prompt_family: the prompt family whose box format the reward and the format check accept
+            (:data:`differad_rl.prompts.PROMPT_BOX_FORMATS`, default ``"reasoning"``; ``None``: any).
     """
 
     localization_weight: float = 1.0
@@ -121,7 +121,7 @@ class RewardOptions:
     min_pixels: int = DEFAULT_MIN_PIXELS
     max_pixels: int = DEFAULT_MAX_PIXELS
     factor: int = DEFAULT_FACTOR
-    family: str | None = "reasoning"
+    prompt_family: str | None = "reasoning"
 
     def __post_init__(self) -> None:
         for name in ("localization_weight", "format_weight"):
@@ -139,9 +139,9 @@ class RewardOptions:
             raise ValueError(f"reward_kwargs.min_pixels={self.min_pixels} must be <= max_pixels={self.max_pixels}")
         _check_space(self.space, "reward_kwargs.space")
         _check_gt_space(self.gt_space, "reward_kwargs.gt_space")
-        if self.family is not None and self.family not in FAMILY_BOX_FORMATS:
-            raise ValueError(f"reward_kwargs.family must be one of {', '.join(FAMILY_BOX_FORMATS)} or null, "
-                             f"got {self.family!r}")
+        if self.prompt_family is not None and self.prompt_family not in PROMPT_BOX_FORMATS:
+            raise ValueError(f"reward_kwargs.prompt_family must be one of {', '.join(PROMPT_BOX_FORMATS)} or null, "
+                             f"got {self.prompt_family!r}")
         _ = self.dclr  # validates w_center / w_area / eps / center_norm / size_term (raises ValueError)
 
     @functools.cached_property
@@ -151,7 +151,7 @@ class RewardOptions:
 
     @functools.cached_property
     def fmt(self) -> BoxFormat | None:
-        return box_format(self.family)
+        return box_format(self.prompt_family)
 
     @classmethod
     def known_options(cls) -> tuple[str, ...]:
