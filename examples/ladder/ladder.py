@@ -193,7 +193,7 @@ def build_model(args: argparse.Namespace, work: Path) -> str:
     """The untrained tiny Qwen3-VL of the run (``--init``: a checkpoint to continue from)."""
     if args.init:
         return args.init
-    from differad_rl.integrations.tiny_qwen_vl import (
+    from differad_rl.integrations.qwen_vl.tiny import (
         LEARNER_ARCH,
         TinyArch,
         tiny_model_for,
@@ -419,11 +419,11 @@ def main(argv: list[str] | None = None) -> int:
     res_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     train, test = rung_data(args, work)
-    from differad_rl.integrations.loading import (
+    from differad_rl.integrations.qwen_vl.loading import (
         keep_tiny_manifest,
         load_model_and_processor,
     )
-    from differad_rl.integrations.predict import PredictConfig, predict_records
+    from differad_rl.integrations.qwen_vl.predict import PredictConfig, predict_records
 
     from differad_rl.eval.protocol import EvalConfig, evaluate_records, read_predictions
 
