@@ -54,6 +54,7 @@ __all__ = [
     "SIZE_BINS",
     "DemoConfig",
     "build_demo_pairs",
+    "contrast_color",
     "load_source_image",
     "render_pair",
 ]
@@ -209,7 +210,7 @@ def _box_dims(rng: np.random.Generator, size: int, bin_idx: int) -> tuple[float,
     return max(bh, 3.0), max(bw, 3.0)
 
 
-def _contrast_color(img: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def contrast_color(img: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """A colour that stands out from the masked region: dark on bright regions and vice versa."""
     mean = float(img[mask].mean()) if mask.any() else 0.5
     base = rng.uniform(0.0, 0.2) if mean > 0.45 else rng.uniform(0.8, 1.0)
@@ -264,10 +265,10 @@ def _draw_defect(
         return img, np.zeros((size, size), dtype=bool)
     m3 = mask[..., None]
     if kind == "scratch":
-        color = _contrast_color(img, mask, rng)
+        color = contrast_color(img, mask, rng)
         out = np.where(m3, 0.15 * img + 0.85 * color, img)
     elif kind == "stain":
-        color = _contrast_color(img, mask, rng)
+        color = contrast_color(img, mask, rng)
         alpha = rng.uniform(0.55, 0.8)
         mottling = 0.15 * rng.standard_normal((size, size, 1))
         out = np.where(m3, np.clip((1 - alpha) * img + alpha * color + mottling * alpha, 0, 1), img)

@@ -34,7 +34,7 @@ import numpy as np
 from differad_rl.data.atomic import atomic_write_bytes, atomic_write_text
 from differad_rl.eval.protocol import EvalResult
 
-__all__ = ["VISUAL_FILES", "jsonable", "select_cases", "write_metrics_json", "write_report"]
+__all__ = ["VISUAL_FILES", "draw_case", "jsonable", "select_cases", "write_metrics_json", "write_report"]
 
 _METRIC_COLUMNS = ("n", "miou", "acc", "f1", "precision", "recall", "invalid_rate")
 #: The files of the visual report (removed by a run without it).
@@ -123,7 +123,10 @@ def _load_image(path: str) -> np.ndarray | None:
         return None
 
 
-def _draw_case(ax: Any, result: EvalResult, i: int) -> None:
+def draw_case(ax: Any, result: EvalResult, i: int) -> None:
+    """Draw case ``i`` of ``result`` on matplotlib axes ``ax``: the target image (or a note when it cannot
+    be read), the ground-truth boxes in lime and the predicted box in red (none for an unparsable answer or
+    the zero box), titled with the id, the IoU, the truth and the kind of answer."""
     from matplotlib.patches import Rectangle
 
     img = _load_image(result.targets[i]) if i < len(result.targets) else None
@@ -161,7 +164,7 @@ def _cases_png(result: EvalResult, worst: np.ndarray, best: np.ndarray) -> bytes
             for c in range(cols):
                 ax = fig.add_subplot(2, cols, r * cols + c + 1)
                 if c < len(idx):
-                    _draw_case(ax, result, int(idx[c]))
+                    draw_case(ax, result, int(idx[c]))
                     bar.update(1)
                 else:
                     ax.axis("off")

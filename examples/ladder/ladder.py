@@ -84,7 +84,7 @@ def square_pairs(out: Path, rung: str, *, n: int, seed: int, split: str, size: i
     Pair ``i`` draws from ``default_rng([seed, i])`` (train and held-out sets use different seeds)."""
     from tqdm.auto import tqdm
 
-    from differad_rl.data.demo import DEFAULT_CATEGORIES, _contrast_color
+    from differad_rl.data.demo import DEFAULT_CATEGORIES, contrast_color
 
     out = out.absolute()  # write_pairs stores paths relative to the JSONL's folder
     done = out / "pairs.jsonl"
@@ -109,7 +109,7 @@ def square_pairs(out: Path, rung: str, *, n: int, seed: int, split: str, size: i
         mask = np.zeros((size, size), dtype=bool)
         mask[y1:y1 + s, x1:x1 + s] = True
         tgt = bg.copy()
-        tgt[mask] = 1.0 if background == "grey" else _contrast_color(bg, mask, rng)
+        tgt[mask] = 1.0 if background == "grey" else contrast_color(bg, mask, rng)
         ref_path, tgt_path = img_dir / f"{i:05d}_ref.png", img_dir / f"{i:05d}_tgt.png"
         if rung != "r1":
             _png(bg, ref_path)
@@ -307,11 +307,11 @@ def answers_png(result: Any, path: Path, title: str, k: int = 8) -> None:
     """The first ``k`` held-out targets with the ground truth (green) and the greedy answer (red)."""
     from matplotlib.figure import Figure
 
-    from differad_rl.eval.report import _draw_case
+    from differad_rl.eval.report import draw_case
 
     fig = Figure(figsize=(2.0 * k / 2, 4.6))
     for j in range(min(k, len(result.ids))):
-        _draw_case(fig.add_subplot(2, k // 2, j + 1), result, j)
+        draw_case(fig.add_subplot(2, k // 2, j + 1), result, j)
     fig.suptitle(title, fontsize=8)
     fig.tight_layout()
     import io
