@@ -47,6 +47,29 @@ def test_square_pairs_put_one_square_in_the_target_only(ladder, tmp_path, rung):
     assert [r.box for r in again] == [r.box for r in recs]
 
 
+@pytest.mark.parametrize("background", ["random", "grey", "dark-white", "grey-bw"])
+def test_backgrounds_fix_or_vary_the_two_colours_as_documented(ladder, tmp_path, background):
+    """The two factors between ``grey`` (passes) and ``random`` (fails): is the background's colour fixed,
+    is the square's? Each background varies exactly the ones it says."""
+    from PIL import Image
+
+    recs = ladder.square_pairs(tmp_path / background, "r2", n=12, seed=1, split="train", size=64, square=(8, 20),
+                               background=background)
+    bgs, sqs = [], []
+    for r in recs:
+        x1, y1, x2, y2 = r.box
+        tgt = np.asarray(Image.open(r.target).convert("RGB"), dtype=np.float64) / 255
+        bgs.append(tgt[0, 0] if (x1, y1) != (0, 0) else tgt[-1, -1])
+        sqs.append(tgt[(y1 + y2) // 2, (x1 + x2) // 2])
+        assert np.abs(sqs[-1] - bgs[-1]).max() > 0.25  # high contrast whatever the colours
+    bg_varies = np.ptp(np.array(bgs), axis=0).max() > 0.1
+    sq_varies = np.ptp(np.array(sqs), axis=0).max() > 0.1
+    assert (bg_varies, sq_varies) == {"random": (True, True), "grey": (False, False),
+                                      "dark-white": (True, False), "grey-bw": (False, True)}[background]
+    if background == "dark-white":
+        assert np.array(bgs).max() <= 0.6 + 1 / 255 and np.allclose(sqs, 1.0)
+
+
 def test_best_constant_box_beats_the_mean_box_on_its_training_pairs(ladder, tmp_path):
     from differad_rl.eval.comparison import mean_relative_box
     from differad_rl.eval.metrics import sample_ious
@@ -78,3 +101,43 @@ def test_sincos_positions_code_rows_and_columns(ladder):
     assert np.allclose(w[0, :, 16:], w[5, :, 16:])  # the second half the column only
     flat = w.reshape(64, 32)
     assert len({tuple(np.round(r, 5)) for r in flat}) == 64  # every cell has its own code
+
+
+def test_square_cells_match_a_pixel_raster(ladder):
+    from differad_rl.data.records import PairRecord
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        size, grid = 128, int(rng.choice([2, 4, 6]))
+        s = int(rng.integers(1, 60))
+        x1, y1 = (int(v) for v in rng.integers(0, size - s + 1, size=2))
+        rec = PairRecord(id="a", reference="r.png", target="t.png", boxes=[[x1, y1, x1 + s, y1 + s]], width=size, category="plain",
+                         height=size)
+        mask = np.zeros((size, size), bool)
+        mask[y1:y1 + s, x1:x1 + s] = True
+        cell = size / grid
+        want = [mask[int(r * cell):int((r + 1) * cell), int(c * cell):int((c + 1) * cell)].any()
+                for r in range(grid) for c in range(grid)] if size % grid == 0 else None
+        got = ladder.square_cells(rec, grid, grid)
+        assert got.shape == (grid * grid,) and got.any()
+        if want is not None:
+            assert got.tolist() == want
+
+
+def test_square_attention_splits_each_heads_target_attention(ladder, tmp_path):
+    from differad_rl.integrations.qwen_vl.loading import load_model_and_processor
+    from differad_rl.integrations.qwen_vl.tiny import tiny_model_for
+
+    recs = ladder.square_pairs(tmp_path / "r1", "r1", n=3, seed=0, split="test", size=128, square=(16, 40))
+    model, processor = load_model_and_processor(str(tiny_model_for("qwen3_vl", min_pixels=128 * 128,
+                                                                  max_pixels=128 * 128)))
+    att = ladder.square_attention(model, processor, recs)
+    share, mass = np.array(att["share"]), np.array(att["target_mass"])
+    layers = model.config.text_config.num_hidden_layers
+    assert share.shape == mass.shape and share.shape[0] == layers
+    assert ((0 <= share) & (share <= 1)).all() and ((0 < mass) & (mass <= 1 + 1e-9)).all()
+    assert att["chance"] == pytest.approx(np.mean([ladder.square_cells(r, 4, 4).mean() for r in recs]))
+    maps = att["maps"]  # the best head's attention over the 4 × 4 target grid, normalised per record
+    assert maps.shape == (3, 4, 4) and np.allclose(maps.sum(axis=(1, 2)), 1.0)
+    on = [maps[j].ravel()[ladder.square_cells(r, 4, 4)].sum() for j, r in enumerate(recs)]
+    assert att["best_share"] == pytest.approx(np.mean(on)) == pytest.approx(share.max())

@@ -78,8 +78,12 @@ def _photo_window(rng: np.random.Generator, size: int, category: str) -> np.ndar
 def square_pairs(out: Path, rung: str, *, n: int, seed: int, split: str, size: int,
                  square: tuple[int, int], background: str = "random") -> list[PairRecord]:
     """R1-R3 pairs: one axis-aligned high-contrast square of side ``square`` px in the target
-    (``background`` of R1/R2: ``random`` — a plain random colour, the square dark on bright and bright on
-    dark; ``grey`` — always mid grey with a white square, so the square is known by its colour alone).
+    (``background`` of R1/R2, two factors: is the background's colour fixed, is the square's?
+    ``random`` — a plain random colour, the square dark on bright and bright on dark (both vary);
+    ``grey`` — always mid grey with a white square (neither varies: the square is known by its colour);
+    ``dark-white`` — a random dark colour (each channel in [0, 0.6]) with a white square (the background
+    varies, the square does not); ``grey-bw`` — mid grey with a square drawn like ``random``'s, near black or
+    near white with a tint, each half the time (the square varies, the background does not)).
 
     Pair ``i`` draws from ``default_rng([seed, i])`` (train and held-out sets use different seeds)."""
     from tqdm.auto import tqdm
@@ -102,14 +106,21 @@ def square_pairs(out: Path, rung: str, *, n: int, seed: int, split: str, size: i
             bg = _photo_window(rng, size, category)
         else:
             category = "plain"
-            colour = np.full(3, 0.5) if background == "grey" else rng.uniform(0, 1, size=3)
+            colour = (np.full(3, 0.5) if background in ("grey", "grey-bw") else
+                      rng.uniform(0, 0.6, size=3) if background == "dark-white" else rng.uniform(0, 1, size=3))
             bg = np.broadcast_to(colour, (size, size, 3)).copy()
         s = int(rng.integers(square[0], square[1] + 1))
         x1, y1 = int(rng.integers(0, size - s + 1)), int(rng.integers(0, size - s + 1))
         mask = np.zeros((size, size), dtype=bool)
         mask[y1:y1 + s, x1:x1 + s] = True
         tgt = bg.copy()
-        tgt[mask] = 1.0 if background == "grey" else contrast_color(bg, mask, rng)
+        if background in ("grey", "dark-white"):
+            tgt[mask] = 1.0
+        elif background == "grey-bw":  # contrast_color's two modes, chosen by a coin instead of the background
+            base = rng.uniform(0.0, 0.2) if rng.random() < 0.5 else rng.uniform(0.8, 1.0)
+            tgt[mask] = np.clip(base + rng.uniform(-0.15, 0.15, size=3), 0.0, 1.0)
+        else:
+            tgt[mask] = contrast_color(bg, mask, rng)
         ref_path, tgt_path = img_dir / f"{i:05d}_ref.png", img_dir / f"{i:05d}_tgt.png"
         if rung != "r1":
             _png(bg, ref_path)
@@ -133,7 +144,8 @@ def rung_data(args: argparse.Namespace, work: Path) -> tuple[list[PairRecord], l
         test = sft_cold_start.demo_or_data(None, root, split="test", **demo)
         return train, test
     sq = tuple(args.square)
-    tag = f"{args.rung}_px{args.image_size}_sq{sq[0]}-{sq[1]}" + ("_grey" if args.background == "grey" else "")
+    tag = f"{args.rung}_px{args.image_size}_sq{sq[0]}-{sq[1]}" + ("" if args.background == "random" else
+                                                                  f"_{args.background}")
     root = Path(args.data_root)
     train = square_pairs(root / f"{tag}_train_s{args.data_seed}_n{args.n_train}", args.rung, n=args.n_train,
                          seed=args.data_seed, split="train", size=args.image_size, square=sq,
@@ -303,6 +315,91 @@ def sincos_positions(model: Any, scale: float) -> None:
         emb.weight.copy_((scale * code).to(emb.weight.dtype))
 
 
+def square_cells(record: PairRecord, rows: int, cols: int) -> np.ndarray:
+    """``(rows * cols,)`` bool, raster order: which of the target's visual tokens (a ``rows × cols`` grid over
+    the image) overlap the record's box."""
+    x1, y1, x2, y2 = np.asarray(record.box, dtype=np.float64) / np.tile([record.width, record.height], 2)
+    r, c = np.divmod(np.arange(rows * cols), cols)
+    return (c / cols < x2) & ((c + 1) / cols > x1) & (r / rows < y2) & ((r + 1) / rows > y1)
+
+
+def square_attention(model: Any, processor: Any, records: list[PairRecord]) -> dict[str, Any]:
+    """Where the language model looks when it writes a coordinate digit: the protocol's prompt plus the
+    shipped answer, teacher-forced, with eager attention; for every query position whose next token is a
+    digit, each layer's and head's attention over the *target's* visual tokens is split into the share on
+    the tokens that overlap the square and the rest.
+
+    Returns ``share[l][h]`` (mean over records and digit positions of square-token mass / target-token
+    mass), ``chance`` (the mean fraction of target tokens that overlap the square: what a head that
+    ignores content gets), ``target_mass[l][h]`` (mass on the target's tokens at all), the best
+    ``(layer, head)`` by share, and ``maps`` (``(N, rows, cols)`` of that head, for the picture)."""
+    import torch
+    from PIL import Image
+
+    from differad_rl.integrations.qwen_vl.predict import PredictConfig, protocol_messages
+    from differad_rl.integrations.trl import coordinate_spec
+
+    spec = coordinate_spec(processor)
+    tok = processor.tokenizer
+    pad_id = tok.convert_tokens_to_ids("<|image_pad|>")
+    digits = {i for i in range(len(tok)) if tok.decode([i]).strip().isdigit()}
+    merge = int(processor.image_processor.merge_size)
+    prompt = processor.apply_chat_template(protocol_messages(PredictConfig().prompt), tokenize=False,
+                                           add_generation_prompt=True)
+    model.set_attn_implementation("eager")
+    model.eval()
+    shares, masses, chances, per_head_maps = [], [], [], []
+    with torch.inference_mode():
+        for r in records:
+            imgs = [Image.open(r.reference).convert("RGB"), Image.open(r.target).convert("RGB")]
+            n_prompt = processor(text=[prompt], images=imgs, return_tensors="pt")["input_ids"].shape[1]
+            enc = processor(text=[prompt + sft_cold_start.answer_text(r, spec)], images=imgs, return_tensors="pt")
+            ids = enc["input_ids"][0]
+            att = model(**enc, output_attentions=True).attentions  # layers × (1, heads, T, T)
+            vis = (ids == pad_id).nonzero()[:, 0]
+            tgt = vis[len(vis) // 2:]
+            _, gh, gw = (int(v) for v in enc["image_grid_thw"][1])
+            rows, cols = gh // merge, gw // merge
+            on = torch.from_numpy(square_cells(r, rows, cols))
+            qs = [q for q in range(n_prompt - 1, len(ids) - 1) if int(ids[q + 1]) in digits]
+            a = torch.stack([layer[0][:, qs][:, :, tgt] for layer in att]).double()  # (L, H, Q, tokens)
+            mass = a.sum(-1)
+            shares.append((a[..., on].sum(-1) / mass.clamp_min(1e-12)).mean(-1).numpy())
+            masses.append(mass.mean(-1).numpy())
+            chances.append(float(on.double().mean()))
+            per_head_maps.append((a / mass[..., None].clamp_min(1e-12)).mean(2).reshape(*a.shape[:2], rows, cols)
+                                 .numpy())
+    share = np.mean(shares, axis=0)
+    layer, head = (int(v) for v in np.unravel_index(int(np.argmax(share)), share.shape))
+    return {"share": share.tolist(), "target_mass": np.mean(masses, axis=0).tolist(),
+            "chance": float(np.mean(chances)), "best": [layer, head], "best_share": float(share[layer, head]),
+            "maps": np.stack([m[layer, head] for m in per_head_maps])}
+
+
+def attention_png(records: list[PairRecord], att: dict[str, Any], path: Path, title: str, k: int = 8) -> None:
+    """The first ``k`` held-out targets under the best head's attention (over the target's visual tokens,
+    at the digit positions), the square in green."""
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+    from PIL import Image
+
+    fig = Figure(figsize=(2.0 * k / 2, 4.6))
+    for j, r in enumerate(records[:k]):
+        ax = fig.add_subplot(2, k // 2, j + 1)
+        ax.imshow(np.asarray(Image.open(r.target).convert("RGB")), extent=(0, r.width, r.height, 0))
+        ax.imshow(att["maps"][j], extent=(0, r.width, r.height, 0), cmap="magma", alpha=0.55, vmin=0, vmax=1)
+        x1, y1, x2, y2 = r.box
+        ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor="lime", linewidth=1.5))
+        ax.set_xticks([]), ax.set_yticks([])
+    fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80)
+    atomic_write_bytes(path, buf.getvalue())
+
+
 def answers_png(result: Any, path: Path, title: str, k: int = 8) -> None:
     """The first ``k`` held-out targets with the ground truth (green) and the greedy answer (red)."""
     from matplotlib.figure import Figure
@@ -341,8 +438,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="px the processor resizes every image to (0 = --image-size): more visual tokens per defect")
     p.add_argument("--square", type=int, nargs=2, default=(16, 40), metavar=("MIN", "MAX"),
                    help="side of the square in px (r1-r3)")
-    p.add_argument("--background", default="random", choices=("random", "grey"),
-                   help="r1/r2: a random plain colour (default) or always mid grey with a white square")
+    p.add_argument("--background", default="random", choices=("random", "grey", "dark-white", "grey-bw"),
+                   help="r1/r2: a random plain colour with a dark or bright square (default); mid grey with a white "
+                        "square; a random dark colour with a white square; mid grey with a dark or bright square")
     p.add_argument("--hidden", type=int, default=0, help="text width (0 = LEARNER_ARCH)")
     p.add_argument("--layers", type=int, default=0, help="text depth (0 = LEARNER_ARCH)")
     p.add_argument("--vision-hidden", type=int, default=0, help="vision width (0 = LEARNER_ARCH)")
@@ -356,6 +454,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="no SFT: fit a ridge readout of the box from the (untrained or --init) visual tokens")
     p.add_argument("--probe-tokens", default="all", choices=("all", "odd"),
                    help="--probe: all tokens by slot, or the content of the odd target token alone")
+    p.add_argument("--attention", action="store_true",
+                   help="no SFT: where the trained run --name (its checkpoint under runs/ladder/work/) looks when it "
+                        "writes a digit; writes results/<name>/attention.{json,png} beside its results.json")
     p.add_argument("--seed", type=int, default=0, help="model init + SFT seed")
     p.add_argument("--data-seed", type=int, default=0, help="training pairs' seed (held out: +1000; r4: the demo seed)")
     p.add_argument("--data-root", default="runs/ladder/data")
@@ -372,7 +473,7 @@ def results_table(root: Path = HERE / "results") -> str:
     head = ("| run | rung | what (changes from the defaults) | held-out mIoU | Acc@0.3 | unparsable | distinct answers | best constant | "
             "margin | passes |\n|---|---|---|---:|---:|---:|---:|---:|---:|---|\n")
     defaults = vars(parse_args(["--table"]))
-    skip = {"rung", "name", "table", "probe", "probe_tokens", "force", "smoke", "data_root"}
+    skip = {"rung", "name", "table", "probe", "probe_tokens", "attention", "force", "smoke", "data_root"}
 
     def changes(cmd: str) -> str:
         given = vars(parse_args(cmd.split("ladder.py", 1)[1].split()))
@@ -398,6 +499,34 @@ def results_table(root: Path = HERE / "results") -> str:
     return head + "\n".join(rows) + "\n"
 
 
+def attention_main(args: argparse.Namespace) -> int:
+    """``--attention``: :func:`square_attention` of a trained run's checkpoint on its held-out pairs."""
+    from differad_rl.integrations.qwen_vl.loading import load_model_and_processor
+
+    root = Path("runs/ladder") / ("smoke" if args.smoke else "work") / args.name
+    res_dir = Path("runs/ladder/smoke") / args.name if args.smoke else HERE / "results" / args.name
+    ckpt = Path(args.init) if args.init else root / "checkpoint"
+    if not ckpt.is_dir():
+        raise SystemExit(f"--attention: no checkpoint at {ckpt}; train the run first (same --name and options)")
+    if args.smoke:
+        args.n_train, args.n_test = 16, 8
+    _, test = rung_data(args, root)
+    model, processor = load_model_and_processor(str(ckpt))
+    att = square_attention(model, processor, test)
+    layer, head = att["best"]
+    summary = {k: v for k, v in att.items() if k != "maps"}
+    summary.update(name=args.name, rung=args.rung, n_test=len(test), checkpoint=str(ckpt),
+                   lift=att["best_share"] / att["chance"],
+                   command="OMP_NUM_THREADS=1 python examples/ladder/ladder.py " + " ".join(sys.argv[1:]))
+    res_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(res_dir / "attention.json", json.dumps(summary, indent=2) + "\n")
+    attention_png(test, att, res_dir / "attention.png",
+                  f"{args.name}: layer {layer} head {head} at the digits, {att['best_share']:.2f} of its target "
+                  f"attention on the square (chance {att['chance']:.2f})")
+    print(json.dumps({k: summary[k] for k in ("name", "best", "best_share", "chance", "lift")}))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.table:
@@ -407,6 +536,8 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
+    if args.attention:
+        return attention_main(args)
     if args.smoke:
         args.steps, args.n_train, args.n_test = 4, 16, 8
         res_dir = Path("runs/ladder/smoke") / args.name
