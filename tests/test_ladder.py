@@ -111,8 +111,8 @@ def test_square_cells_match_a_pixel_raster(ladder):
         size, grid = 128, int(rng.choice([2, 4, 6]))
         s = int(rng.integers(1, 60))
         x1, y1 = (int(v) for v in rng.integers(0, size - s + 1, size=2))
-        rec = PairRecord(id="a", reference="r.png", target="t.png", boxes=[[x1, y1, x1 + s, y1 + s]], width=size, category="plain",
-                         height=size)
+        rec = PairRecord(id="a", reference="r.png", target="t.png", boxes=[[x1, y1, x1 + s, y1 + s]], width=size,
+                         height=size, category="plain")
         mask = np.zeros((size, size), bool)
         mask[y1:y1 + s, x1:x1 + s] = True
         cell = size / grid
@@ -141,3 +141,31 @@ def test_square_attention_splits_each_heads_target_attention(ladder, tmp_path):
     assert maps.shape == (3, 4, 4) and np.allclose(maps.sum(axis=(1, 2)), 1.0)
     on = [maps[j].ravel()[ladder.square_cells(r, 4, 4)].sum() for j, r in enumerate(recs)]
     assert att["best_share"] == pytest.approx(np.mean(on)) == pytest.approx(share.max())
+
+
+def test_contrast_patches_remove_a_plain_images_colour(ladder):
+    import torch
+    from PIL import Image
+
+    from differad_rl.integrations.qwen_vl.loading import load_model_and_processor
+    from differad_rl.integrations.qwen_vl.tiny import tiny_model_for
+
+    model, processor = load_model_and_processor(str(tiny_model_for("qwen3_vl", min_pixels=128 * 128,
+                                                                  max_pixels=128 * 128)))
+    imgs = [Image.new("RGB", (128, 128), c) for c in ((200, 30, 30), (20, 90, 160))]
+    square = np.full((128, 128, 3), 40, np.uint8)
+    square[32:64, 64:96] = 250
+    imgs.append(Image.fromarray(square))
+
+    def tokens():
+        enc = processor.image_processor(images=imgs, return_tensors="pt")
+        with torch.inference_mode():
+            out = model.model.get_image_features(enc["pixel_values"], enc["image_grid_thw"]).pooler_output
+        return [o.clone() for o in out]
+
+    before = tokens()
+    assert not torch.allclose(before[0], before[1], atol=1e-4)  # the colour is in every token
+    ladder.contrast_patches(model)
+    after = tokens()
+    assert torch.allclose(after[0], after[1], atol=1e-5)  # two plain colours: the same tokens
+    assert not torch.allclose(after[2], after[0], atol=1e-3)  # the square still shows

@@ -264,9 +264,17 @@ def _ridge_predict(fit: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray], x
 
 def probe_predictions(model: Any, processor: Any, train: list[PairRecord], test: list[PairRecord],
                       tokens: str = "all", ridges: tuple[float, ...] = (0.01, 0.1, 1.0)) -> tuple[Any, float]:
-    """A ridge-regression readout of the relative box (x1, y1, x2, y2; the zero box for a normal pair)
-    from :func:`visual_features`: does the position reach the visual tokens? The ridge strength is chosen
-    on the last fifth of ``train`` (never on ``test``), then refitted on all of ``train``.
+    """A ridge-regression readout of the relative box from :func:`visual_features`: does the position reach
+    the visual tokens? See :func:`ridge_box_predictions`."""
+    xtr, xte = visual_features(model, processor, train, tokens), visual_features(model, processor, test, tokens)
+    return ridge_box_predictions(xtr, train, xte, test, ridges)
+
+
+def ridge_box_predictions(xtr: np.ndarray, train: list[PairRecord], xte: np.ndarray, test: list[PairRecord],
+                          ridges: tuple[float, ...] = (0.01, 0.1, 1.0)) -> tuple[Any, float]:
+    """A ridge-regression readout of the relative box (x1, y1, x2, y2; the zero box for a normal pair) from
+    features ``xtr`` (``(len(train), F)``) and ``xte``. The ridge strength is chosen on the last fifth of
+    ``train`` (never on ``test``), then refitted on all of ``train``.
     Returns ``(pixel predictions for test, chosen ridge)``."""
     from differad_rl.eval.metrics import sample_ious
     from differad_rl.eval.protocol import Predictions
@@ -280,7 +288,6 @@ def probe_predictions(model: Any, processor: Any, train: list[PairRecord], test:
         size = np.array([[r.width, r.height] for r in rs], dtype=np.float64)
         return np.concatenate([lo * size, hi * size], axis=1)
 
-    xtr, xte = visual_features(model, processor, train, tokens), visual_features(model, processor, test, tokens)
     ytr = rel(train)
     cut = len(train) * 4 // 5
     val = train[cut:]
@@ -313,6 +320,29 @@ def sincos_positions(model: Any, scale: float) -> None:
     code = torch.nn.functional.pad(code, (0, dim - code.shape[1]))
     with torch.no_grad():
         emb.weight.copy_((scale * code).to(emb.weight.dtype))
+
+
+def contrast_patches(model: Any) -> None:
+    """A diagnostic lever, not Qwen-VL's architecture: subtract each image's mean patch embedding from its
+    patches (before the position code is added), so that a token's content says how its patch *differs* from
+    the rest of its image. On a plain background the background's patches become 0 and the square's patch
+    its contrast ``W (c_square - c_background)`` times the square's share of the patch: the background's
+    colour no longer enters any token. Two forward hooks on the vision tower (they live with ``model``; a
+    reloaded checkpoint needs them again)."""
+    visual = model.model.visual
+    sizes: list[int] = []
+
+    def grid(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        thw = kwargs["grid_thw"] if "grid_thw" in kwargs else args[1]
+        sizes[:] = [int(v) for v in thw.prod(-1).tolist()]
+
+    def centre(module: Any, args: tuple[Any, ...], out: Any) -> Any:
+        import torch
+
+        return torch.cat([part - part.mean(0, keepdim=True) for part in out.split(sizes)])
+
+    visual.register_forward_pre_hook(grid, with_kwargs=True)
+    visual.patch_embed.register_forward_hook(centre)
 
 
 def square_cells(record: PairRecord, rows: int, cols: int) -> np.ndarray:
@@ -376,21 +406,66 @@ def square_attention(model: Any, processor: Any, records: list[PairRecord]) -> d
             "maps": np.stack([m[layer, head] for m in per_head_maps])}
 
 
-def attention_png(records: list[PairRecord], att: dict[str, Any], path: Path, title: str, k: int = 8) -> None:
-    """The first ``k`` held-out targets under the best head's attention (over the target's visual tokens,
-    at the digit positions), the square in green."""
+def digit_hidden_states(model: Any, processor: Any, records: list[PairRecord]) -> np.ndarray:
+    """``(N, layers + 1, hidden)``: the language model's residual stream (embeddings, then every layer's
+    output) at the position that predicts the answer's *first* digit (the centre's x in the shipped answer),
+    teacher-forced on the protocol's prompt plus the shipped answer: nothing of the answer's digits is in
+    context yet, so whatever a linear readout finds there was read from the images."""
+    import torch
+    from PIL import Image
+
+    from differad_rl.integrations.qwen_vl.predict import PredictConfig, protocol_messages
+    from differad_rl.integrations.trl import coordinate_spec
+
+    spec = coordinate_spec(processor)
+    tok = processor.tokenizer
+    digits = {i for i in range(len(tok)) if tok.decode([i]).strip().isdigit()}
+    prompt = processor.apply_chat_template(protocol_messages(PredictConfig().prompt), tokenize=False,
+                                           add_generation_prompt=True)
+    model.eval()
+    out = []
+    with torch.inference_mode():
+        for r in records:
+            imgs = [Image.open(r.reference).convert("RGB"), Image.open(r.target).convert("RGB")]
+            n_prompt = processor(text=[prompt], images=imgs, return_tensors="pt")["input_ids"].shape[1]
+            enc = processor(text=[prompt + sft_cold_start.answer_text(r, spec)], images=imgs, return_tensors="pt")
+            ids = enc["input_ids"][0]
+            q = next(q for q in range(n_prompt - 1, len(ids) - 1) if int(ids[q + 1]) in digits)
+            hs = model(**enc, output_hidden_states=True).hidden_states
+            out.append(torch.stack([h[0, q] for h in hs]).double().numpy())
+    return np.asarray(out)
+
+
+def hidden_probe(model: Any, processor: Any, train: list[PairRecord], test: list[PairRecord]) -> list[float]:
+    """Held-out mIoU of a ridge readout of the box from :func:`digit_hidden_states`, one per layer
+    (0 = the embeddings): where along the language model the square's position is (still) there."""
+    from differad_rl.eval.protocol import EvalConfig, evaluate_records
+
+    htr, hte = digit_hidden_states(model, processor, train), digit_hidden_states(model, processor, test)
+    return [float(evaluate_records(ridge_box_predictions(htr[:, layer], train, hte[:, layer], test)[0], test,
+                                   EvalConfig(family="pixel")).metrics["overall"]["miou"])
+            for layer in range(htr.shape[1])]
+
+
+def attention_png(records: list[PairRecord], att: dict[str, Any], path: Path, title: str, k: int = 6) -> None:
+    """The first ``k`` held-out targets (top row) above the best head's attention over their visual tokens at
+    the digit positions (bottom row, one cell a token, 0 black to 1 white); the square in green on both."""
     from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
     from PIL import Image
 
-    fig = Figure(figsize=(2.0 * k / 2, 4.6))
+    fig = Figure(figsize=(1.7 * k, 3.9))
     for j, r in enumerate(records[:k]):
-        ax = fig.add_subplot(2, k // 2, j + 1)
-        ax.imshow(np.asarray(Image.open(r.target).convert("RGB")), extent=(0, r.width, r.height, 0))
-        ax.imshow(att["maps"][j], extent=(0, r.width, r.height, 0), cmap="magma", alpha=0.55, vmin=0, vmax=1)
         x1, y1, x2, y2 = r.box
-        ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor="lime", linewidth=1.5))
-        ax.set_xticks([]), ax.set_yticks([])
+        for row, img in enumerate((np.asarray(Image.open(r.target).convert("RGB")), att["maps"][j])):
+            ax = fig.add_subplot(2, k, row * k + j + 1)
+            ax.imshow(img, extent=(0, r.width, r.height, 0), cmap="gray" if row else None, vmin=0, vmax=1,
+                      interpolation="nearest")
+            ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor="lime", linewidth=1.5))
+            ax.set_xticks([]), ax.set_yticks([])
+            if row:
+                on = float(att["maps"][j].ravel()[square_cells(r, *att["maps"][j].shape)].sum())
+                ax.set_title(f"{on:.2f} on the square", fontsize=7)
     fig.suptitle(title, fontsize=8)
     fig.tight_layout()
     import io
@@ -449,6 +524,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pos-init", default="learned", choices=("learned", "sincos"),
                    help="vision position embedding at the start: the build's random init, or a 2-D sin/cos code")
     p.add_argument("--pos-scale", type=float, default=1.0, help="--pos-init sincos: amplitude of the code")
+    p.add_argument("--patch-contrast", action="store_true",
+                   help="diagnostic lever: subtract each image's mean patch embedding (contrast_patches)")
     p.add_argument("--init", default=None, help="start from this checkpoint (curriculum) instead of a fresh build")
     p.add_argument("--probe", action="store_true",
                    help="no SFT: fit a ridge readout of the box from the (untrained or --init) visual tokens")
@@ -456,7 +533,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="--probe: all tokens by slot, or the content of the odd target token alone")
     p.add_argument("--attention", action="store_true",
                    help="no SFT: where the trained run --name (its checkpoint under runs/ladder/work/) looks when it "
-                        "writes a digit; writes results/<name>/attention.{json,png} beside its results.json")
+                        "writes a digit, and a ridge readout of the box from each layer's hidden state before the "
+                        "first digit; writes results/<name>/attention.{json,png} beside its results.json")
+    p.add_argument("--probe-train", type=int, default=500,
+                   help="--attention: training pairs the hidden-state readout is fitted on")
     p.add_argument("--seed", type=int, default=0, help="model init + SFT seed")
     p.add_argument("--data-seed", type=int, default=0, help="training pairs' seed (held out: +1000; r4: the demo seed)")
     p.add_argument("--data-root", default="runs/ladder/data")
@@ -473,7 +553,7 @@ def results_table(root: Path = HERE / "results") -> str:
     head = ("| run | rung | what (changes from the defaults) | held-out mIoU | Acc@0.3 | unparsable | distinct answers | best constant | "
             "margin | passes |\n|---|---|---|---:|---:|---:|---:|---:|---:|---|\n")
     defaults = vars(parse_args(["--table"]))
-    skip = {"rung", "name", "table", "probe", "probe_tokens", "attention", "force", "smoke", "data_root"}
+    skip = {"rung", "name", "table", "probe", "probe_tokens", "probe_train", "attention", "force", "smoke", "data_root"}
 
     def changes(cmd: str) -> str:
         given = vars(parse_args(cmd.split("ladder.py", 1)[1].split()))
@@ -510,9 +590,13 @@ def attention_main(args: argparse.Namespace) -> int:
         raise SystemExit(f"--attention: no checkpoint at {ckpt}; train the run first (same --name and options)")
     if args.smoke:
         args.n_train, args.n_test = 16, 8
-    _, test = rung_data(args, root)
+    train, test = rung_data(args, root)
     model, processor = load_model_and_processor(str(ckpt))
+    if args.patch_contrast:
+        contrast_patches(model)
     att = square_attention(model, processor, test)
+    att["hidden_probe_miou"] = hidden_probe(model, processor, train[:args.probe_train], test)
+    att["best_constant_miou"] = max(r.metrics["overall"]["miou"] for r in constant_results(train, test).values())
     layer, head = att["best"]
     summary = {k: v for k, v in att.items() if k != "maps"}
     summary.update(name=args.name, rung=args.rung, n_test=len(test), checkpoint=str(ckpt),
@@ -523,7 +607,8 @@ def attention_main(args: argparse.Namespace) -> int:
     attention_png(test, att, res_dir / "attention.png",
                   f"{args.name}: layer {layer} head {head} at the digits, {att['best_share']:.2f} of its target "
                   f"attention on the square (chance {att['chance']:.2f})")
-    print(json.dumps({k: summary[k] for k in ("name", "best", "best_share", "chance", "lift")}))
+    print(json.dumps({k: summary[k] for k in ("name", "best", "best_share", "chance", "lift", "hidden_probe_miou",
+                                              "best_constant_miou")}))
     return 0
 
 
@@ -562,6 +647,8 @@ def main(argv: list[str] | None = None) -> int:
     model, processor = load_model_and_processor(model_path)
     if args.pos_init == "sincos":
         sincos_positions(model, args.pos_scale)
+    if args.patch_contrast:
+        contrast_patches(model)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{args.rung}: {len(train)} train / {len(test)} held-out pairs, {n_params:,} parameters", flush=True)
     if args.probe:
