@@ -362,7 +362,8 @@ def square_attention(model: Any, processor: Any, records: list[PairRecord]) -> d
     Returns ``share[l][h]`` (mean over records and digit positions of square-token mass / target-token
     mass), ``chance`` (the mean fraction of target tokens that overlap the square: what a head that
     ignores content gets), ``target_mass[l][h]`` (mass on the target's tokens at all), the best
-    ``(layer, head)`` by share, and ``maps`` (``(N, rows, cols)`` of that head, for the picture)."""
+    ``(layer, head)`` by share (both from 0; the README and pictures count layers from 1), and ``maps``
+    (``(N, rows, cols)`` of that head, for the picture)."""
     import torch
     from PIL import Image
 
@@ -579,6 +580,22 @@ def results_table(root: Path = HERE / "results") -> str:
     return head + "\n".join(rows) + "\n"
 
 
+def attention_table(root: Path = HERE / "results") -> str:
+    """One Markdown row per run with an ``attention.json`` (``--attention``): the greedy figure beside where
+    the best head looks and what each layer's hidden state holds before the first digit."""
+    head = ("| run | held-out mIoU (greedy) | margin | best head | its target attention on the square | "
+            "chance | hidden-state readout mIoU, layers 1→last | best constant |\n"
+            "|---|---:|---:|---|---:|---:|---|---:|\n")
+    rows = []
+    for path in sorted(root.glob("*/attention.json")):
+        a = json.loads(path.read_text())
+        r = json.loads((path.parent / "results.json").read_text())
+        probe = " / ".join(f"{v:.2f}" for v in a["hidden_probe_miou"][1:])
+        rows.append(f"| {a['name']} | {r['model']['miou']:.3f} | {r['margin']:+.3f} | {tuple(a['best'])} | "
+                    f"{a['best_share']:.2f} | {a['chance']:.2f} | {probe} | {a['best_constant_miou']:.3f} |")
+    return head + "\n".join(rows) + "\n"
+
+
 def attention_main(args: argparse.Namespace) -> int:
     """``--attention``: :func:`square_attention` of a trained run's checkpoint on its held-out pairs."""
     from differad_rl.integrations.qwen_vl.loading import load_model_and_processor
@@ -605,7 +622,7 @@ def attention_main(args: argparse.Namespace) -> int:
     res_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(res_dir / "attention.json", json.dumps(summary, indent=2) + "\n")
     attention_png(test, att, res_dir / "attention.png",
-                  f"{args.name}: layer {layer} head {head} at the digits, {att['best_share']:.2f} of its target "
+                  f"{args.name}: layer {layer + 1} head {head} at the digits, {att['best_share']:.2f} of its target "
                   f"attention on the square (chance {att['chance']:.2f})")
     print(json.dumps({k: summary[k] for k in ("name", "best", "best_share", "chance", "lift", "hidden_probe_miou",
                                               "best_constant_miou")}))
@@ -616,6 +633,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.table:
         print(results_table())
+        print(attention_table())
         return 0
     import torch
 
