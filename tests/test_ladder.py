@@ -141,6 +141,11 @@ def test_square_attention_splits_each_heads_target_attention(ladder, tmp_path):
     assert maps.shape == (3, 4, 4) and np.allclose(maps.sum(axis=(1, 2)), 1.0)
     on = [maps[j].ravel()[ladder.square_cells(r, 4, 4)].sum() for j, r in enumerate(recs)]
     assert att["best_share"] == pytest.approx(np.mean(on)) == pytest.approx(share.max())
+    hs = ladder.digit_hidden_states(model, processor, recs)
+    assert hs.shape == (3, layers + 1, model.config.text_config.hidden_size)
+    # the position before the first digit holds the same token, "(", in every answer: equal embeddings,
+    # while the layers above it have seen different images
+    assert np.allclose(hs[:, 0], hs[0, 0]) and not np.allclose(hs[:, -1], hs[0, -1])
 
 
 def test_contrast_patches_remove_a_plain_images_colour(ladder):

@@ -38,6 +38,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -353,17 +354,11 @@ def square_cells(record: PairRecord, rows: int, cols: int) -> np.ndarray:
     return (c / cols < x2) & ((c + 1) / cols > x1) & (r / rows < y2) & ((r + 1) / rows > y1)
 
 
-def square_attention(model: Any, processor: Any, records: list[PairRecord]) -> dict[str, Any]:
-    """Where the language model looks when it writes a coordinate digit: the protocol's prompt plus the
-    shipped answer, teacher-forced, with eager attention; for every query position whose next token is a
-    digit, each layer's and head's attention over the *target's* visual tokens is split into the share on
-    the tokens that overlap the square and the rest.
-
-    Returns ``share[l][h]`` (mean over records and digit positions of square-token mass / target-token
-    mass), ``chance`` (the mean fraction of target tokens that overlap the square: what a head that
-    ignores content gets), ``target_mass[l][h]`` (mass on the target's tokens at all), the best
-    ``(layer, head)`` by share (both from 0; the README and pictures count layers from 1), and ``maps``
-    (``(N, rows, cols)`` of that head, for the picture)."""
+def teacher_forced(model: Any, processor: Any, records: list[PairRecord], **outputs: bool) -> Iterator[
+        tuple[PairRecord, Any, list[int], Any]]:
+    """For each record: the protocol's prompt plus the shipped answer, one forward pass (``outputs``: e.g.
+    ``output_attentions=True``). Yields ``(record, processor inputs, digit positions, model outputs)``; the digit
+    positions are the query positions whose *next* token is a digit of the answer."""
     import torch
     from PIL import Image
 
@@ -372,34 +367,48 @@ def square_attention(model: Any, processor: Any, records: list[PairRecord]) -> d
 
     spec = coordinate_spec(processor)
     tok = processor.tokenizer
-    pad_id = tok.convert_tokens_to_ids("<|image_pad|>")
     digits = {i for i in range(len(tok)) if tok.decode([i]).strip().isdigit()}
-    merge = int(processor.image_processor.merge_size)
     prompt = processor.apply_chat_template(protocol_messages(PredictConfig().prompt), tokenize=False,
                                            add_generation_prompt=True)
-    model.set_attn_implementation("eager")
     model.eval()
-    shares, masses, chances, per_head_maps = [], [], [], []
     with torch.inference_mode():
         for r in records:
             imgs = [Image.open(r.reference).convert("RGB"), Image.open(r.target).convert("RGB")]
             n_prompt = processor(text=[prompt], images=imgs, return_tensors="pt")["input_ids"].shape[1]
             enc = processor(text=[prompt + sft_cold_start.answer_text(r, spec)], images=imgs, return_tensors="pt")
             ids = enc["input_ids"][0]
-            att = model(**enc, output_attentions=True).attentions  # layers × (1, heads, T, T)
-            vis = (ids == pad_id).nonzero()[:, 0]
-            tgt = vis[len(vis) // 2:]
-            _, gh, gw = (int(v) for v in enc["image_grid_thw"][1])
-            rows, cols = gh // merge, gw // merge
-            on = torch.from_numpy(square_cells(r, rows, cols))
             qs = [q for q in range(n_prompt - 1, len(ids) - 1) if int(ids[q + 1]) in digits]
-            a = torch.stack([layer[0][:, qs][:, :, tgt] for layer in att]).double()  # (L, H, Q, tokens)
-            mass = a.sum(-1)
-            shares.append((a[..., on].sum(-1) / mass.clamp_min(1e-12)).mean(-1).numpy())
-            masses.append(mass.mean(-1).numpy())
-            chances.append(float(on.double().mean()))
-            per_head_maps.append((a / mass[..., None].clamp_min(1e-12)).mean(2).reshape(*a.shape[:2], rows, cols)
-                                 .numpy())
+            yield r, enc, qs, model(**enc, **outputs)
+
+
+def square_attention(model: Any, processor: Any, records: list[PairRecord]) -> dict[str, Any]:
+    """Where the language model looks when it writes a coordinate digit (:func:`teacher_forced`, eager
+    attention): for every digit position, each layer's and head's attention over the *target's* visual
+    tokens is split into the share on the tokens that overlap the square and the rest.
+
+    Returns ``share[l][h]`` (mean over records and digit positions of square-token mass / target-token
+    mass), ``chance`` (the mean fraction of target tokens that overlap the square: what a head that
+    ignores content gets), ``target_mass[l][h]`` (mass on the target's tokens at all), the best
+    ``(layer, head)`` by share (both from 0; the README and pictures count layers from 1), and ``maps``
+    (``(N, rows, cols)`` of that head, for the picture)."""
+    import torch
+
+    pad_id = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    merge = int(processor.image_processor.merge_size)
+    model.set_attn_implementation("eager")
+    shares, masses, chances, per_head_maps = [], [], [], []
+    for r, enc, qs, out in teacher_forced(model, processor, records, output_attentions=True):
+        vis = (enc["input_ids"][0] == pad_id).nonzero()[:, 0]
+        tgt = vis[len(vis) // 2:]
+        _, gh, gw = (int(v) for v in enc["image_grid_thw"][1])
+        rows, cols = gh // merge, gw // merge
+        on = torch.from_numpy(square_cells(r, rows, cols))
+        a = torch.stack([layer[0][:, qs][:, :, tgt] for layer in out.attentions]).double()  # (L, H, Q, tokens)
+        mass = a.sum(-1)
+        shares.append((a[..., on].sum(-1) / mass.clamp_min(1e-12)).mean(-1).numpy())
+        masses.append(mass.mean(-1).numpy())
+        chances.append(float(on.double().mean()))
+        per_head_maps.append((a / mass[..., None].clamp_min(1e-12)).mean(2).reshape(*a.shape[:2], rows, cols).numpy())
     share = np.mean(shares, axis=0)
     layer, head = (int(v) for v in np.unravel_index(int(np.argmax(share)), share.shape))
     return {"share": share.tolist(), "target_mass": np.mean(masses, axis=0).tolist(),
@@ -410,31 +419,12 @@ def square_attention(model: Any, processor: Any, records: list[PairRecord]) -> d
 def digit_hidden_states(model: Any, processor: Any, records: list[PairRecord]) -> np.ndarray:
     """``(N, layers + 1, hidden)``: the language model's residual stream (embeddings, then every layer's
     output) at the position that predicts the answer's *first* digit (the centre's x in the shipped answer),
-    teacher-forced on the protocol's prompt plus the shipped answer: nothing of the answer's digits is in
-    context yet, so whatever a linear readout finds there was read from the images."""
+    teacher-forced (:func:`teacher_forced`): nothing of the answer's digits is in context yet, so whatever a
+    linear readout finds there was read from the images."""
     import torch
-    from PIL import Image
 
-    from differad_rl.integrations.qwen_vl.predict import PredictConfig, protocol_messages
-    from differad_rl.integrations.trl import coordinate_spec
-
-    spec = coordinate_spec(processor)
-    tok = processor.tokenizer
-    digits = {i for i in range(len(tok)) if tok.decode([i]).strip().isdigit()}
-    prompt = processor.apply_chat_template(protocol_messages(PredictConfig().prompt), tokenize=False,
-                                           add_generation_prompt=True)
-    model.eval()
-    out = []
-    with torch.inference_mode():
-        for r in records:
-            imgs = [Image.open(r.reference).convert("RGB"), Image.open(r.target).convert("RGB")]
-            n_prompt = processor(text=[prompt], images=imgs, return_tensors="pt")["input_ids"].shape[1]
-            enc = processor(text=[prompt + sft_cold_start.answer_text(r, spec)], images=imgs, return_tensors="pt")
-            ids = enc["input_ids"][0]
-            q = next(q for q in range(n_prompt - 1, len(ids) - 1) if int(ids[q + 1]) in digits)
-            hs = model(**enc, output_hidden_states=True).hidden_states
-            out.append(torch.stack([h[0, q] for h in hs]).double().numpy())
-    return np.asarray(out)
+    return np.asarray([torch.stack([h[0, qs[0]] for h in out.hidden_states]).double().numpy()
+                       for _, _, qs, out in teacher_forced(model, processor, records, output_hidden_states=True)])
 
 
 def hidden_probe(model: Any, processor: Any, train: list[PairRecord], test: list[PairRecord]) -> list[float]:
@@ -591,7 +581,7 @@ def attention_table(root: Path = HERE / "results") -> str:
         a = json.loads(path.read_text())
         r = json.loads((path.parent / "results.json").read_text())
         probe = " / ".join(f"{v:.2f}" for v in a["hidden_probe_miou"][1:])
-        rows.append(f"| {a['name']} | {r['model']['miou']:.3f} | {r['margin']:+.3f} | {tuple(a['best'])} | "
+        rows.append(f"| {a['name']} | {r['model']['miou']:.3f} | {r['margin']:+.3f} | layer {a['best'][0] + 1}, head {a['best'][1]} | "
                     f"{a['best_share']:.2f} | {a['chance']:.2f} | {probe} | {a['best_constant_miou']:.3f} |")
     return head + "\n".join(rows) + "\n"
 
