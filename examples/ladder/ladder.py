@@ -376,9 +376,9 @@ def teacher_forced(model: Any, processor: Any, records: list[PairRecord], **outp
             imgs = [Image.open(r.reference).convert("RGB"), Image.open(r.target).convert("RGB")]
             n_prompt = processor(text=[prompt], images=imgs, return_tensors="pt")["input_ids"].shape[1]
             enc = processor(text=[prompt + sft_cold_start.answer_text(r, spec)], images=imgs, return_tensors="pt")
-            ids = enc["input_ids"][0]
-            qs = [q for q in range(n_prompt - 1, len(ids) - 1) if int(ids[q + 1]) in digits]
-            yield r, enc, qs, model(**enc, **outputs)
+            ids = enc["input_ids"][0].tolist()
+            qs = [q for q in range(n_prompt - 1, len(ids) - 1) if ids[q + 1] in digits]
+            yield r, enc, qs, model(**enc.to(model.device), **outputs)
 
 
 def square_attention(model: Any, processor: Any, records: list[PairRecord]) -> dict[str, Any]:
@@ -403,7 +403,7 @@ def square_attention(model: Any, processor: Any, records: list[PairRecord]) -> d
         _, gh, gw = (int(v) for v in enc["image_grid_thw"][1])
         rows, cols = gh // merge, gw // merge
         on = torch.from_numpy(square_cells(r, rows, cols))
-        a = torch.stack([layer[0][:, qs][:, :, tgt] for layer in out.attentions]).double()  # (L, H, Q, tokens)
+        a = torch.stack([layer[0][:, qs][:, :, tgt] for layer in out.attentions]).double().cpu()  # (L, H, Q, tokens)
         mass = a.sum(-1)
         shares.append((a[..., on].sum(-1) / mass.clamp_min(1e-12)).mean(-1).numpy())
         masses.append(mass.mean(-1).numpy())
@@ -423,7 +423,7 @@ def digit_hidden_states(model: Any, processor: Any, records: list[PairRecord]) -
     linear readout finds there was read from the images."""
     import torch
 
-    return np.asarray([torch.stack([h[0, qs[0]] for h in out.hidden_states]).double().numpy()
+    return np.asarray([torch.stack([h[0, qs[0]] for h in out.hidden_states]).double().cpu().numpy()
                        for _, _, qs, out in teacher_forced(model, processor, records, output_hidden_states=True)])
 
 
@@ -528,6 +528,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "first digit; writes results/<name>/attention.{json,png} beside its results.json")
     p.add_argument("--probe-train", type=int, default=500,
                    help="--attention: training pairs the hidden-state readout is fitted on")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                   help="where SFT runs (fp32 either way; the figures committed here are all from the CPU)")
     p.add_argument("--seed", type=int, default=0, help="model init + SFT seed")
     p.add_argument("--data-seed", type=int, default=0, help="training pairs' seed (held out: +1000; r4: the demo seed)")
     p.add_argument("--data-root", default="runs/ladder/data")
@@ -544,7 +546,7 @@ def results_table(root: Path = HERE / "results") -> str:
     head = ("| run | rung | what (changes from the defaults) | held-out mIoU | Acc@0.3 | unparsable | distinct answers | best constant | "
             "margin | passes |\n|---|---|---|---:|---:|---:|---:|---:|---:|---|\n")
     defaults = vars(parse_args(["--table"]))
-    skip = {"rung", "name", "table", "probe", "probe_tokens", "probe_train", "attention", "force", "smoke", "data_root"}
+    skip = {"rung", "name", "table", "probe", "probe_tokens", "probe_train", "attention", "device", "force", "smoke", "data_root"}
 
     def changes(cmd: str) -> str:
         given = vars(parse_args(cmd.split("ladder.py", 1)[1].split()))
@@ -685,7 +687,8 @@ def main(argv: list[str] | None = None) -> int:
     t1 = time.time()
     trainer = sft_cold_start.run_sft(model, processor, train, work, max_steps=args.steps, batch_size=args.batch_size,
                                      learning_rate=args.lr, lr_scheduler=args.schedule, seed=args.seed,
-                                     logging_steps=max(1, args.steps // 20))
+                                     logging_steps=max(1, args.steps // 20), use_cpu=args.device == "cpu",
+                                     bf16=False, gradient_checkpointing=False)  # fp32 on every device
     sft_cold_start.answer_text = _SHIPPED_ANSWER
     train_s = time.time() - t1
     ckpt = work / "checkpoint"
