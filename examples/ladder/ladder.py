@@ -346,6 +346,72 @@ def contrast_patches(model: Any) -> None:
     visual.patch_embed.register_forward_hook(centre)
 
 
+def pretrain_tower(model: Any, processor: Any, train: list[PairRecord], test: list[PairRecord], *, steps: int,
+                   batch: int = 32, lr: float = 1e-3, seed: int = 0) -> dict[str, Any]:
+    """A lever on the vision side: train the vision tower, before SFT, to make the square findable and its
+    position readable by *one attention head*, which is what the language model must do with it. On each
+    target image's visual tokens ``T`` (``n × d``) a throw-away head reads ``v = softmax(T W_k q / √d)ᵀ T W_v``
+    and predicts the relative box ``sigmoid(W_o v)``; tower and head are trained with AdamW on the L1 box
+    error over the training pairs' targets (``steps`` steps of ``batch`` images). The head is then dropped;
+    the tower keeps its weights for SFT. Returns the head's held-out mIoU (the protocol's, pixel boxes): can the
+    tower, given a direct signal, put the square's position where one head can read it?"""
+    import torch
+    from PIL import Image
+
+    from differad_rl.eval.protocol import EvalConfig, Predictions, evaluate_records
+
+    def encode(rs: list[PairRecord]) -> tuple[list[Any], list[Any]]:
+        enc = processor.image_processor(images=[Image.open(r.target).convert("RGB") for r in rs], return_tensors="pt")
+        grid = enc["image_grid_thw"]
+        return list(enc["pixel_values"].split(grid.prod(-1).tolist())), list(grid)
+
+    def rel(rs: list[PairRecord]) -> Any:
+        return torch.tensor(np.array([np.asarray(r.box, dtype=np.float64) / np.tile([r.width, r.height], 2)
+                                      for r in rs]), dtype=torch.float32)
+
+    visual = model.model.visual
+    dim = int(model.config.text_config.hidden_size)
+    gen = torch.Generator().manual_seed(seed)
+    head = torch.nn.ModuleDict({"k": torch.nn.Linear(dim, dim), "v": torch.nn.Linear(dim, dim),
+                                "o": torch.nn.Linear(dim, 4)})
+    query = torch.nn.Parameter(torch.randn(dim, generator=gen) / dim ** 0.5)
+    params = [*visual.parameters(), *head.parameters(), query]
+    opt = torch.optim.AdamW(params, lr=lr)
+    px_tr, grid_tr = encode(train)
+    y_tr = rel(train)
+
+    def predict(px: list[Any], grid: list[Any]) -> Any:
+        toks = model.model.get_image_features(torch.cat(px), torch.stack(grid)).pooler_output
+        out = []
+        for t in toks:
+            a = torch.softmax(head["k"](t) @ query / dim ** 0.5, dim=0)
+            out.append(torch.sigmoid(head["o"](a @ head["v"](t))))
+        return torch.stack(out)
+
+    model.train()
+    from tqdm.auto import trange
+
+    losses = []
+    for _ in trange(steps, desc="tower pretraining", unit="step"):
+        idx = torch.randint(len(train), (batch,), generator=gen).tolist()
+        loss = (predict([px_tr[i] for i in idx], [grid_tr[i] for i in idx]) - y_tr[idx]).abs().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    with torch.no_grad():
+        px_te, grid_te = encode(test)
+        pred = predict(px_te, grid_te).double().numpy()
+    lo, hi = np.minimum(pred[:, :2], pred[:, 2:]), np.maximum(pred[:, :2], pred[:, 2:])
+    size = np.array([[r.width, r.height] for r in test], dtype=np.float64)
+    n = len(test)
+    boxes = np.concatenate([lo * size, hi * size], axis=1)
+    res = evaluate_records(Predictions(ids=[r.id for r in test], outputs=[None] * n, boxes=boxes,
+                                       given=np.ones(n, bool)), test, EvalConfig(family="pixel"))
+    return {"head_miou": float(res.metrics["overall"]["miou"]), "loss_first": losses[0], "loss_last": losses[-1],
+            "steps": steps, "batch": batch, "lr": lr}
+
+
 def square_cells(record: PairRecord, rows: int, cols: int) -> np.ndarray:
     """``(rows * cols,)`` bool, raster order: which of the target's visual tokens (a ``rows × cols`` grid over
     the image) overlap the record's box."""
@@ -517,6 +583,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pos-scale", type=float, default=1.0, help="--pos-init sincos: amplitude of the code")
     p.add_argument("--patch-contrast", action="store_true",
                    help="diagnostic lever: subtract each image's mean patch embedding (contrast_patches)")
+    p.add_argument("--tower-pretrain", type=int, default=0, metavar="STEPS",
+                   help="lever: first train the vision tower through a one-head attention readout of the box "
+                        "(pretrain_tower) for STEPS steps, then SFT as usual")
     p.add_argument("--init", default=None, help="start from this checkpoint (curriculum) instead of a fresh build")
     p.add_argument("--probe", action="store_true",
                    help="no SFT: fit a ridge readout of the box from the (untrained or --init) visual tokens")
@@ -682,6 +751,10 @@ def main(argv: list[str] | None = None) -> int:
                     f"{args.name}: probe held-out mIoU {row['miou']:.3f} (best constant {best:.3f})")
         print(table)
         return 0
+    tower = pretrain_tower(model, processor, train, test, steps=args.tower_pretrain, seed=args.seed) \
+        if args.tower_pretrain else None
+    if tower:
+        print(json.dumps({"tower_pretrain": tower}), flush=True)
     if args.answer == "bare":
         sft_cold_start.answer_text = bare_answer_text  # sft_rows looks it up at call time
     t1 = time.time()
@@ -722,6 +795,8 @@ def main(argv: list[str] | None = None) -> int:
         "passes": bool(model_row["miou"] - best["miou"] >= PASS_MARGIN),
         "distinct_answers": distinct, "unparsable_rate": model_row["invalid_rate"],
     }
+    if tower:
+        summary["tower_pretrain"] = tower
     table = comparison_table(results)
     atomic_write_text(res_dir / "results.json", json.dumps(summary, indent=2) + "\n")
     atomic_write_text(res_dir / "comparison.md", f"# {args.name} ({args.rung})\n\n`{summary['command']}`\n\n{table}")
