@@ -176,17 +176,18 @@ def test_contrast_patches_remove_a_plain_images_colour(ladder):
     assert not torch.allclose(after[2], after[0], atol=1e-3)  # the square still shows
 
 
-def test_pretrain_tower_trains_the_tower_only(ladder, tmp_path):
+@pytest.mark.parametrize("pairs", [False, True], ids=["target", "pairs"])
+def test_pretrain_tower_trains_the_tower_only(ladder, tmp_path, pairs):
     import torch
 
     from differad_rl.integrations.qwen_vl.loading import load_model_and_processor
     from differad_rl.integrations.qwen_vl.tiny import tiny_model_for
 
-    recs = ladder.square_pairs(tmp_path / "r1", "r1", n=10, seed=0, split="train", size=128, square=(16, 40))
+    recs = ladder.square_pairs(tmp_path / "r2", "r2", n=10, seed=0, split="train", size=128, square=(16, 40))
     model, processor = load_model_and_processor(str(tiny_model_for("qwen3_vl", min_pixels=128 * 128,
                                                                   max_pixels=128 * 128)))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    out = ladder.pretrain_tower(model, processor, recs[:8], recs[8:], steps=3, batch=4)
+    out = ladder.pretrain_tower(model, processor, recs[:8], recs[8:], steps=3, batch=4, pairs=pairs)
     assert set(out) >= {"head_miou", "loss_first", "loss_last"} and 0.0 <= out["head_miou"] <= 1.0
     after = model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}

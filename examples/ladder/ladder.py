@@ -347,23 +347,32 @@ def contrast_patches(model: Any) -> None:
 
 
 def pretrain_tower(model: Any, processor: Any, train: list[PairRecord], test: list[PairRecord], *, steps: int,
-                   batch: int = 32, lr: float = 1e-3, seed: int = 0) -> dict[str, Any]:
+                   batch: int = 32, lr: float = 1e-3, seed: int = 0, pairs: bool = False) -> dict[str, Any]:
     """A lever on the vision side: train the vision tower, before SFT, to make the square findable and its
     position readable by *one attention head*, which is what the language model must do with it. On each
     target image's visual tokens ``T`` (``n × d``) a throw-away head reads ``v = softmax(T W_k q / √d)ᵀ T W_v``
     and predicts the relative box ``sigmoid(W_o v)``; tower and head are trained with AdamW on the L1 box
     error over the training pairs' targets (``steps`` steps of ``batch`` images). The head is then dropped;
     the tower keeps its weights for SFT. Returns the head's held-out mIoU (the protocol's, pixel boxes): can the
-    tower, given a direct signal, put the square's position where one head can read it?"""
+    tower, given a direct signal, put the square's position where one head can read it?
+
+    ``pairs=True``: the head compares the two images slot by slot, ``T ← T + R W_r`` (``R`` the reference's
+    tokens at the same slots; ``W_r`` can learn ``-I``, i.e. a difference), for rungs whose defect is defined
+    only against the reference."""
     import torch
     from PIL import Image
 
     from differad_rl.eval.protocol import EvalConfig, Predictions, evaluate_records
 
     def encode(rs: list[PairRecord]) -> tuple[list[Any], list[Any]]:
-        enc = processor.image_processor(images=[Image.open(r.target).convert("RGB") for r in rs], return_tensors="pt")
+        """Per record, the target's (``pairs``: the target's then the reference's) patches and grid rows."""
+        paths = [q for r in rs for q in ((r.target, r.reference) if pairs else (r.target,))]
+        enc = processor.image_processor(images=[Image.open(q).convert("RGB") for q in paths], return_tensors="pt")
         grid = enc["image_grid_thw"]
-        return list(enc["pixel_values"].split(grid.prod(-1).tolist())), list(grid)
+        px = enc["pixel_values"].split(grid.prod(-1).tolist())
+        per = 2 if pairs else 1
+        return ([torch.cat(px[per * i:per * i + per]) for i in range(len(rs))],
+                [grid[per * i:per * i + per] for i in range(len(rs))])
 
     def rel(rs: list[PairRecord]) -> Any:
         return torch.tensor(np.array([np.asarray(r.box, dtype=np.float64) / np.tile([r.width, r.height], 2)
@@ -373,7 +382,7 @@ def pretrain_tower(model: Any, processor: Any, train: list[PairRecord], test: li
     dim = int(model.config.text_config.hidden_size)
     gen = torch.Generator().manual_seed(seed)
     head = torch.nn.ModuleDict({"k": torch.nn.Linear(dim, dim), "v": torch.nn.Linear(dim, dim),
-                                "o": torch.nn.Linear(dim, 4)})
+                                "o": torch.nn.Linear(dim, 4), "r": torch.nn.Linear(dim, dim, bias=False)})
     query = torch.nn.Parameter(torch.randn(dim, generator=gen) / dim ** 0.5)
     params = [*visual.parameters(), *head.parameters(), query]
     opt = torch.optim.AdamW(params, lr=lr)
@@ -381,7 +390,9 @@ def pretrain_tower(model: Any, processor: Any, train: list[PairRecord], test: li
     y_tr = rel(train)
 
     def predict(px: list[Any], grid: list[Any]) -> Any:
-        toks = model.model.get_image_features(torch.cat(px), torch.stack(grid)).pooler_output
+        toks = model.model.get_image_features(torch.cat(px), torch.cat(grid)).pooler_output
+        if pairs:  # target, reference, target, reference, ...
+            toks = [toks[i] + head["r"](toks[i + 1]) for i in range(0, len(toks), 2)]
         out = []
         for t in toks:
             a = torch.softmax(head["k"](t) @ query / dim ** 0.5, dim=0)
@@ -586,6 +597,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tower-pretrain", type=int, default=0, metavar="STEPS",
                    help="lever: first train the vision tower through a one-head attention readout of the box "
                         "(pretrain_tower) for STEPS steps, then SFT as usual")
+    p.add_argument("--tower-pairs", action="store_true",
+                   help="--tower-pretrain: the readout compares target and reference tokens slot by slot")
     p.add_argument("--init", default=None, help="start from this checkpoint (curriculum) instead of a fresh build")
     p.add_argument("--probe", action="store_true",
                    help="no SFT: fit a ridge readout of the box from the (untrained or --init) visual tokens")
@@ -751,8 +764,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"{args.name}: probe held-out mIoU {row['miou']:.3f} (best constant {best:.3f})")
         print(table)
         return 0
-    tower = pretrain_tower(model, processor, train, test, steps=args.tower_pretrain, seed=args.seed) \
-        if args.tower_pretrain else None
+    tower = pretrain_tower(model, processor, train, test, steps=args.tower_pretrain, seed=args.seed,
+                           pairs=args.tower_pairs) if args.tower_pretrain else None
     if tower:
         print(json.dumps({"tower_pretrain": tower}), flush=True)
     if args.answer == "bare":
