@@ -670,6 +670,23 @@ def attention_table(root: Path = HERE / "results") -> str:
     return head + "\n".join(rows) + "\n"
 
 
+def tower_table(root: Path = HERE / "results") -> str:
+    """One Markdown row per run with ``--tower-pretrain``: the head's own figure beside the greedy one."""
+    head = ("| run | rung | seed | tower readout | head alone (held-out mIoU) | held-out mIoU (greedy) | best constant | "
+            "margin | distinct answers | passes |\n|---|---|---:|---|---:|---:|---:|---:|---:|---|\n")
+    rows = []
+    for path in sorted(root.glob("*/results.json")):
+        r = json.loads(path.read_text())
+        if "tower_pretrain" not in r:
+            continue
+        t, c = r["tower_pretrain"], r["config"]
+        best = max(k["miou"] for k in r["constants"])
+        rows.append(f"| {r['name']} | {r['rung']} | {c['seed']} | {t['steps']} steps, "
+                    f"{'pairs' if c.get('tower_pairs') else 'target'} | {t['head_miou']:.3f} | {r['model']['miou']:.3f} | "
+                    f"{best:.3f} | {r['margin']:+.3f} | {r['distinct_answers']} | {'yes' if r['passes'] else 'no'} |")
+    return head + "\n".join(rows) + "\n"
+
+
 def attention_main(args: argparse.Namespace) -> int:
     """``--attention``: :func:`square_attention` of a trained run's checkpoint on its held-out pairs."""
     from differad_rl.integrations.qwen_vl.loading import load_model_and_processor
@@ -708,6 +725,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.table:
         print(results_table())
         print(attention_table())
+        print(tower_table())
         return 0
     import torch
 
@@ -717,6 +735,7 @@ def main(argv: list[str] | None = None) -> int:
         return attention_main(args)
     if args.smoke:
         args.steps, args.n_train, args.n_test = 4, 16, 8
+        args.tower_pretrain = min(args.tower_pretrain, 4)
         res_dir = Path("runs/ladder/smoke") / args.name
     else:
         res_dir = HERE / "results" / args.name
