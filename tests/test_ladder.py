@@ -176,7 +176,7 @@ def test_contrast_patches_remove_a_plain_images_colour(ladder):
     assert not torch.allclose(after[2], after[0], atol=1e-3)  # the square still shows
 
 
-@pytest.mark.parametrize("pairs", [False, True], ids=["target", "pairs"])
+@pytest.mark.parametrize("pairs", [False, "slot", "match"])
 def test_pretrain_tower_trains_the_tower_only(ladder, tmp_path, pairs):
     import torch
 

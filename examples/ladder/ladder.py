@@ -347,7 +347,7 @@ def contrast_patches(model: Any) -> None:
 
 
 def pretrain_tower(model: Any, processor: Any, train: list[PairRecord], test: list[PairRecord], *, steps: int,
-                   batch: int = 32, lr: float = 1e-3, seed: int = 0, pairs: bool = False) -> dict[str, Any]:
+                   batch: int = 32, lr: float = 1e-3, seed: int = 0, pairs: bool | str = False) -> dict[str, Any]:
     """A lever on the vision side: train the vision tower, before SFT, to make the square findable and its
     position readable by *one attention head*, which is what the language model must do with it. On each
     target image's visual tokens ``T`` (``n × d``) a throw-away head reads ``v = softmax(T W_k q / √d)ᵀ T W_v``
@@ -356,9 +356,10 @@ def pretrain_tower(model: Any, processor: Any, train: list[PairRecord], test: li
     the tower keeps its weights for SFT. Returns the head's held-out mIoU (the protocol's, pixel boxes): can the
     tower, given a direct signal, put the square's position where one head can read it?
 
-    ``pairs=True``: the head compares the two images slot by slot, ``T ← T + R W_r`` (``R`` the reference's
-    tokens at the same slots; ``W_r`` can learn ``-I``, i.e. a difference), for rungs whose defect is defined
-    only against the reference."""
+    ``pairs="slot"`` (or ``True``): the head compares the two images slot by slot, ``T ← T + R W_r`` (``R`` the
+    reference's tokens at the same slots; ``W_r`` can learn ``-I``, i.e. a difference), for rungs whose defect is
+    defined only against the reference. ``pairs="match"``: each target token is compared with its best-matching
+    reference tokens instead, ``T ← T + softmax(T W_m (R W_m)ᵀ / √d) R W_r`` (robust to a shift between the two)."""
     import torch
     from PIL import Image
 
@@ -382,7 +383,8 @@ def pretrain_tower(model: Any, processor: Any, train: list[PairRecord], test: li
     dim = int(model.config.text_config.hidden_size)
     gen = torch.Generator().manual_seed(seed)
     head = torch.nn.ModuleDict({"k": torch.nn.Linear(dim, dim), "v": torch.nn.Linear(dim, dim),
-                                "o": torch.nn.Linear(dim, 4), "r": torch.nn.Linear(dim, dim, bias=False)})
+                                "o": torch.nn.Linear(dim, 4), "r": torch.nn.Linear(dim, dim, bias=False),
+                                "m": torch.nn.Linear(dim, dim, bias=False)})
     query = torch.nn.Parameter(torch.randn(dim, generator=gen) / dim ** 0.5)
     params = [*visual.parameters(), *head.parameters(), query]
     opt = torch.optim.AdamW(params, lr=lr)
@@ -392,7 +394,12 @@ def pretrain_tower(model: Any, processor: Any, train: list[PairRecord], test: li
     def predict(px: list[Any], grid: list[Any]) -> Any:
         toks = model.model.get_image_features(torch.cat(px), torch.cat(grid)).pooler_output
         if pairs:  # target, reference, target, reference, ...
-            toks = [toks[i] + head["r"](toks[i + 1]) for i in range(0, len(toks), 2)]
+            compared = []
+            for t, r in zip(toks[0::2], toks[1::2]):
+                if pairs == "match":
+                    r = torch.softmax(head["m"](t) @ head["m"](r).T / dim ** 0.5, dim=-1) @ r
+                compared.append(t + head["r"](r))
+            toks = compared
         out = []
         for t in toks:
             a = torch.softmax(head["k"](t) @ query / dim ** 0.5, dim=0)
@@ -597,8 +604,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tower-pretrain", type=int, default=0, metavar="STEPS",
                    help="lever: first train the vision tower through a one-head attention readout of the box "
                         "(pretrain_tower) for STEPS steps, then SFT as usual")
-    p.add_argument("--tower-pairs", action="store_true",
-                   help="--tower-pretrain: the readout compares target and reference tokens slot by slot")
+    p.add_argument("--tower-pairs", nargs="?", const="slot", default="", choices=("", "slot", "match"),
+                   help="--tower-pretrain: the readout compares target and reference tokens slot by slot (slot, the "
+                        "flag alone) or each target token with its best-matching reference tokens (match)")
     p.add_argument("--init", default=None, help="start from this checkpoint (curriculum) instead of a fresh build")
     p.add_argument("--probe", action="store_true",
                    help="no SFT: fit a ridge readout of the box from the (untrained or --init) visual tokens")
@@ -681,8 +689,10 @@ def tower_table(root: Path = HERE / "results") -> str:
             continue
         t, c = r["tower_pretrain"], r["config"]
         best = max(k["miou"] for k in r["constants"])
-        rows.append(f"| {r['name']} | {r['rung']} | {c['seed']} | {t['steps']} steps, "
-                    f"{'pairs' if c.get('tower_pairs') else 'target'} | {t['head_miou']:.3f} | {r['model']['miou']:.3f} | "
+        pairs = c.get("tower_pairs")
+        readout = "target" if not pairs else "pairs, " + ("slot" if pairs is True else pairs)
+        rows.append(f"| {r['name']} | {r['rung']} | {c['seed']} | {t['steps']} steps, {readout} | "
+                    f"{t['head_miou']:.3f} | {r['model']['miou']:.3f} | "
                     f"{best:.3f} | {r['margin']:+.3f} | {r['distinct_answers']} | {'yes' if r['passes'] else 'no'} |")
     return head + "\n".join(rows) + "\n"
 
