@@ -388,7 +388,6 @@ def pretrain_tower(model: Any, processor: Any, train: list[PairRecord], test: li
     query = torch.nn.Parameter(torch.randn(dim, generator=gen) / dim ** 0.5)
     params = [*visual.parameters(), *head.parameters(), query]
     opt = torch.optim.AdamW(params, lr=lr)
-    px_tr, grid_tr = encode(train)
     y_tr = rel(train)
 
     def predict(px: list[Any], grid: list[Any]) -> Any:
@@ -412,7 +411,7 @@ def pretrain_tower(model: Any, processor: Any, train: list[PairRecord], test: li
     losses = []
     for _ in trange(steps, desc="tower pretraining", unit="step"):
         idx = torch.randint(len(train), (batch,), generator=gen).tolist()
-        loss = (predict([px_tr[i] for i in idx], [grid_tr[i] for i in idx]) - y_tr[idx]).abs().mean()
+        loss = (predict(*encode([train[i] for i in idx])) - y_tr[idx]).abs().mean()  # encoded per batch: ~0 memory
         opt.zero_grad()
         loss.backward()
         opt.step()
