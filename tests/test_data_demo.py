@@ -190,3 +190,38 @@ def test_size_bins_choose_the_defect_sizes(tmp_path):
     assert manifest["params"]["size_bins"] == ["large"]
     with pytest.raises(ValueError, match="size_bins"):
         DemoConfig(size_bins=("huge",))
+
+
+def test_nuisance_switches_give_a_clean_aligned_set_with_the_same_defects(tmp_path):
+    """max_shift = max_rotation_deg = max_scale = 0 and photometric=False: the two images are equal outside the
+    defects, and the boxes are the default set's (every draw is still made)."""
+    from differad_rl.data.demo import DemoConfig, build_demo_pairs
+    from differad_rl.data.records import load_pairs
+
+    kw = dict(n_pairs=16, size=64, multi_every=0, progress=False, workers=1)
+    noisy = load_pairs(build_demo_pairs(tmp_path / "noisy", **kw))
+    clean_path = build_demo_pairs(tmp_path / "clean", max_shift=0, max_rotation_deg=0, max_scale=0,
+                                  photometric=False, **kw)
+    clean = load_pairs(clean_path)
+    assert [r.boxes for r in clean] == [r.boxes for r in noisy]
+    assert [r.id for r in clean] == [r.id for r in noisy]
+    for r in clean:
+        ref = np.asarray(Image.open(r.reference), dtype=np.int16)
+        tgt = np.asarray(Image.open(r.target), dtype=np.int16)
+        outside = np.ones(ref.shape[:2], dtype=bool)
+        for x1, y1, x2, y2 in r.boxes:
+            outside[y1:y2, x1:x2] = False
+            assert np.abs(ref - tgt)[y1:y2, x1:x2].max() > 30
+        assert np.abs(ref - tgt)[outside].max() == 0, r.id
+    params = json.loads((tmp_path / "clean" / "manifest.json").read_text())["params"]
+    assert params["photometric"] is False and params["max_scale"] == 0
+    default = json.loads((tmp_path / "noisy" / "manifest.json").read_text())["params"]
+    assert "photometric" not in default and "max_scale" not in default  # older manifests stay valid
+    assert _data_cli(["demo-data", "--out", str(tmp_path / "cli"), "--clean", "--n-pairs", "16", "--size", "64",
+                      "--quiet", "--workers", "1"]) == 0
+    cli = json.loads((tmp_path / "cli" / "manifest.json").read_text())["params"]
+    assert cli["photometric"] is False and cli["max_shift"] == cli["max_rotation_deg"] == cli["max_scale"] == 0
+    with pytest.raises(ValueError, match="max_scale"):
+        DemoConfig(max_scale=-0.1)
+    with pytest.raises(ValueError, match="photometric"):
+        DemoConfig(photometric="no")

@@ -193,3 +193,28 @@ def test_pretrain_tower_trains_the_tower_only(ladder, tmp_path, pairs):
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(".visual." in k or k.startswith("visual.") for k in changed)
     assert any("patch_embed" in k for k in changed)  # the gradient reaches the first layer of the tower
+
+
+@pytest.mark.parametrize("nuisance", ["none", "geometric", "photometric"])
+def test_r4_factors_keep_the_demo_sets_defects_and_drop_what_they_say(ladder, tmp_path, nuisance):
+    """--nuisance / --normal-fraction: the same defects and boxes as R4, minus the named nuisance (and normals)."""
+    import json
+
+    from PIL import Image
+
+    base = ["--rung", "r4", "--name", "t", "--n-train", "12", "--n-test", "4", "--data-root", str(tmp_path)]
+    full = ladder.rung_data(ladder.parse_args(base), tmp_path)
+    split = ladder.rung_data(ladder.parse_args(base + ["--nuisance", nuisance]), tmp_path)
+    assert [r.boxes for r in split[0] + split[1]] == [r.boxes for r in full[0] + full[1]]
+    params = json.loads(next(tmp_path.glob(f"r4_*_{nuisance}/demo_pairs/manifest.json")).read_text())["params"]
+    assert params.get("photometric", True) is (nuisance == "photometric")
+    assert (params["max_shift"] == 0) is (nuisance != "geometric")
+    for r in split[0]:
+        ref = np.asarray(Image.open(r.reference), dtype=np.int16)
+        tgt = np.asarray(Image.open(r.target), dtype=np.int16)
+        outside = np.ones(ref.shape[:2], dtype=bool)
+        for x1, y1, x2, y2 in r.boxes:
+            outside[y1:y2, x1:x2] = False
+        assert bool(np.abs(ref - tgt)[outside].max() == 0) is (nuisance == "none")
+    no_normals = ladder.rung_data(ladder.parse_args(base + ["--normal-fraction", "0"]), tmp_path)
+    assert not any(r.is_normal for r in no_normals[0] + no_normals[1])

@@ -49,6 +49,7 @@ def _demo_data_run(args: argparse.Namespace) -> int:
             workers=args.workers,
             progress=not args.quiet,
             force=args.force,
+            **({"max_shift": 0.0, "max_rotation_deg": 0.0, "max_scale": 0.0, "photometric": False} if args.clean else {}),
         )
     except ValueError as exc:
         print(f"differad-rl demo-data: error: {exc}", file=sys.stderr)
@@ -127,6 +128,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--test-fraction", type=float, default=0.25, help="share of test pairs (default 0.25)")
     p.add_argument("--normal-fraction", type=float, default=0.25, help="share of normal pairs (default 0.25)")
     p.add_argument("--workers", type=int, default=None, help="rendering processes (default min(4, CPUs))")
+    p.add_argument("--clean", action="store_true",
+                   help="no nuisance: no shift, rotation, scale, lighting or noise, so the two images of a pair are "
+                        "equal outside the defects (the same windows, defects and boxes as without --clean)")
     p.add_argument("--force", action="store_true", help="rebuild even if a matching set exists")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_demo_data)

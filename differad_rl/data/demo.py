@@ -6,7 +6,7 @@ Every example and many tests use it, so it needs no network and no download. For
 1. A **category** is one source photograph. A random window of it (random zoom) is rendered twice:
    the *reference* view and the *target* view. The target view is displaced by a small random
    affine nuisance — shift of up to ``max_shift`` pixels, rotation up to ``max_rotation_deg``,
-   scale ±2 % — so the two images are aligned only approximately.
+   scale ± ``max_scale`` (2 %) — so the two images are aligned only approximately.
 2. Anomalous targets get one (sometimes two) **synthetic defects** drawn in target pixels:
    ``scratch`` (thin curved line), ``stain`` (Perlin-edged coloured blob), ``texture`` (Perlin
    blob filled with a *foreign* texture from another category, the paper's recipe) or ``hole``
@@ -16,7 +16,12 @@ Every example and many tests use it, so it needs no network and no download. For
 3. Both images get mild **photometric nuisance** (the target: brightness ±0.06, contrast ×0.9–1.1,
    gamma 0.9–1.1, a smooth uneven-lighting field of ±3–8 %, sometimes a slight blur; both:
    Gaussian noise σ ≤ 0.02), on normal and anomalous targets alike, so a naive pixel difference
-   lights up everywhere and is not enough.
+   lights up everywhere and is not enough (``photometric=False`` turns it off).
+
+With ``max_shift = max_rotation_deg = max_scale = 0`` and ``photometric=False`` the two images are equal outside
+the defects (an aligned, clean set for debugging a pipeline or splitting what makes the task hard); every
+random draw is still made, so such a set has the same windows, defects and boxes as the default one, up to the
+view's margin for the shift.
 
 A share ``normal_fraction`` of pairs are normal (``boxes = []``). Ids are
 ``<category>/<defect>/<index>`` (``defect = "good"`` for normal pairs, ``"multi"`` for two defects),
@@ -101,6 +106,8 @@ class DemoConfig:
     max_rotation_deg: float = 1.5
     multi_every: int = 8
     size_bins: tuple[str, ...] = tuple(b[0] for b in SIZE_BINS)
+    max_scale: float = 0.02
+    photometric: bool = True
 
     def __post_init__(self) -> None:
         if self.n_pairs < 1:
@@ -121,6 +128,10 @@ class DemoConfig:
             raise ValueError(
                 f"max_shift and max_rotation_deg must be >= 0, got {self.max_shift}, {self.max_rotation_deg}"
             )
+        if not 0.0 <= self.max_scale < 0.5:
+            raise ValueError(f"max_scale must be in [0, 0.5) (a fraction: 0.02 = ±2 %), got {self.max_scale}")
+        if not isinstance(self.photometric, bool):
+            raise ValueError(f"photometric must be True or False, got {self.photometric!r}")
         names = [b[0] for b in SIZE_BINS]
         if not self.size_bins or any(b not in names for b in self.size_bins) or len(set(self.size_bins)) != len(
             self.size_bins
@@ -136,6 +147,9 @@ class DemoConfig:
             del d["size_bins"]
         else:
             d["size_bins"] = list(self.size_bins)
+        for name in ("max_scale", "photometric"):  # defaults: manifests of older sets stay valid
+            if getattr(self, name) == getattr(DemoConfig, name):
+                del d[name]
         d["version"] = DEMO_VERSION
         return d
 
@@ -352,7 +366,7 @@ def render_pair(spec: _PairSpec, cfg: DemoConfig) -> tuple[np.ndarray, np.ndarra
     reference = _view(src, size, zoom_px, origin, (0.0, 0.0), 0.0, 1.0)
     shift = tuple(rng.uniform(-cfg.max_shift, cfg.max_shift, size=2))
     angle = np.deg2rad(rng.uniform(-cfg.max_rotation_deg, cfg.max_rotation_deg))
-    target = _view(src, size, zoom_px, origin, shift, angle, rng.uniform(0.98, 1.02))
+    target = _view(src, size, zoom_px, origin, shift, angle, rng.uniform(1.0 - cfg.max_scale, 1.0 + cfg.max_scale))
     boxes: list[list[int]] = []
     if not spec.normal:
         union = np.zeros((size, size), dtype=bool)
@@ -363,8 +377,9 @@ def render_pair(spec: _PairSpec, cfg: DemoConfig) -> tuple[np.ndarray, np.ndarra
                 masks.append(mask)
                 union |= mask
         boxes = [mask_to_boxes(m, "all")[0] for m in masks]  # one box per defect (each is connected)
-    reference = _photometric(reference, rng, strong=False)
-    target = _photometric(target, rng, strong=True)
+    if cfg.photometric:  # the last draws of the pair: turning it off changes nothing above
+        reference = _photometric(reference, rng, strong=False)
+        target = _photometric(target, rng, strong=True)
     if spec.normal:
         defect = "good"
     elif len(boxes) > 1:
@@ -481,6 +496,10 @@ def build_demo_pairs(
     categories: Sequence[str] | None = None,
     size_bins: Sequence[str] | None = None,
     multi_every: int = 8,
+    max_shift: float = 3.0,
+    max_rotation_deg: float = 1.5,
+    max_scale: float = 0.02,
+    photometric: bool = True,
     progress: bool = True,
     force: bool = False,
 ) -> Path:
@@ -500,6 +519,10 @@ def build_demo_pairs(
         size_bins: names of the :data:`SIZE_BINS` the defects are drawn from (default: all four,
             tiny to large); e.g. ``("medium", "large")`` for defects of 3–15 % of the image.
         multi_every: every ``multi_every``-th anomalous pair gets a second, smaller defect (0 = never).
+        max_shift, max_rotation_deg, max_scale: the target view's affine nuisance (pixels, degrees, a
+            fraction of the scale); 0 turns each off.
+        photometric: the photometric nuisance (target lighting, contrast, gamma, blur; noise on both).
+            All four off: the two images are equal outside the defects.
         progress: show a tqdm bar.
         force: rebuild even if a matching set exists.
 
@@ -516,6 +539,10 @@ def build_demo_pairs(
         normal_fraction=normal_fraction,
         categories=tuple(categories) if categories is not None else DEFAULT_CATEGORIES,
         multi_every=multi_every,
+        max_shift=max_shift,
+        max_rotation_deg=max_rotation_deg,
+        max_scale=max_scale,
+        photometric=photometric,
         **_size_bins_option(size_bins),
     )
     out = Path(out_dir).absolute()  # image paths are written relative to it: never cwd-relative

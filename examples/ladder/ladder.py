@@ -13,7 +13,9 @@ from seeds the run never trained on, beside the constant predictors:
 - R3 ``r3``: R2 on the demo set's photographic backgrounds (``skimage.data`` windows), no shift,
   lighting or noise changes.
 - R4 ``r4``: the demo set as the main job uses it (``sft_cold_start.LEARNER_DEMO``; held out = its
-  ``test`` split, pairs whose seeds ``[seed, i]`` are never trained on).
+  ``test`` split, pairs whose seeds ``[seed, i]`` are never trained on). ``--nuisance`` and
+  ``--normal-fraction`` split it into its factors (the same windows and defects with the shift, the lighting
+  and noise, or the normal pairs taken away).
 
 A rung passes when the held-out mIoU beats the best constant predictor (zero box, training mean box,
 best constant box fitted on the training pairs) by at least 0.1.
@@ -140,7 +142,17 @@ def rung_data(args: argparse.Namespace, work: Path) -> tuple[list[PairRecord], l
         if args.n_train:
             demo["n_pairs"] = args.n_train + args.n_test
             demo["test_fraction"] = args.n_test / demo["n_pairs"]
-        root = Path(args.data_root) / f"r4_s{demo['seed']}_n{demo['n_pairs']}_px{demo['size']}"
+        tag = ""
+        if args.nuisance in ("none", "photometric"):  # R4 split into its factors: the same windows and defects
+            demo.update(max_shift=0.0, max_rotation_deg=0.0, max_scale=0.0)
+        if args.nuisance in ("none", "geometric"):
+            demo["photometric"] = False
+        if args.nuisance != "all":
+            tag += f"_{args.nuisance}"
+        if args.normal_fraction is not None:
+            demo["normal_fraction"] = args.normal_fraction
+            tag += f"_normal{args.normal_fraction:g}"
+        root = Path(args.data_root) / f"r4_s{demo['seed']}_n{demo['n_pairs']}_px{demo['size']}{tag}"
         train = sft_cold_start.demo_or_data(None, root, split="train", **demo)
         test = sft_cold_start.demo_or_data(None, root, split="test", **demo)
         return train, test
@@ -590,6 +602,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--background", default="random", choices=("random", "grey", "dark-white", "grey-bw"),
                    help="r1/r2: a random plain colour with a dark or bright square (default); mid grey with a white "
                         "square; a random dark colour with a white square; mid grey with a dark or bright square")
+    p.add_argument("--nuisance", default="all", choices=("all", "geometric", "photometric", "none"),
+                   help="r4: which of the demo set's nuisances the pairs keep (the target's shift, rotation and scale; "
+                        "its lighting, contrast, gamma, blur and both images' noise); none = the two images are equal "
+                        "outside the defects")
+    p.add_argument("--normal-fraction", type=float, default=None,
+                   help="r4: share of normal pairs (default: LEARNER_DEMO's 0.25)")
     p.add_argument("--hidden", type=int, default=0, help="text width (0 = LEARNER_ARCH)")
     p.add_argument("--layers", type=int, default=0, help="text depth (0 = LEARNER_ARCH)")
     p.add_argument("--vision-hidden", type=int, default=0, help="vision width (0 = LEARNER_ARCH)")
