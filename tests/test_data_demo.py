@@ -225,3 +225,17 @@ def test_nuisance_switches_give_a_clean_aligned_set_with_the_same_defects(tmp_pa
         DemoConfig(max_scale=-0.1)
     with pytest.raises(ValueError, match="photometric"):
         DemoConfig(photometric="no")
+
+
+def test_defect_kinds_choose_what_is_drawn(tmp_path):
+    from differad_rl.data.demo import DemoConfig, build_demo_pairs
+    from differad_rl.data.records import load_pairs
+
+    path = build_demo_pairs(tmp_path / "holes", n_pairs=24, size=64, defect_kinds=("hole", "stain"), multi_every=4,
+                            progress=False, workers=1)
+    defects = {r.defect for r in load_pairs(path)}
+    assert defects <= {"hole", "stain", "multi", "good"} and {"hole", "stain"} <= defects
+    manifest = json.loads((tmp_path / "holes" / "manifest.json").read_text())
+    assert manifest["params"]["defect_kinds"] == ["hole", "stain"]
+    with pytest.raises(ValueError, match="defect_kinds"):
+        DemoConfig(defect_kinds=("crack",))

@@ -216,5 +216,6 @@ def test_r4_factors_keep_the_demo_sets_defects_and_drop_what_they_say(ladder, tm
         for x1, y1, x2, y2 in r.boxes:
             outside[y1:y2, x1:x2] = False
         assert bool(np.abs(ref - tgt)[outside].max() == 0) is (nuisance == "none")
-    no_normals = ladder.rung_data(ladder.parse_args(base + ["--normal-fraction", "0"]), tmp_path)
-    assert not any(r.is_normal for r in no_normals[0] + no_normals[1])
+    no_normals = ladder.rung_data(ladder.parse_args(base + ["--normal-fraction", "0", "--defect-kinds", "hole"]),
+                                  tmp_path)
+    assert {r.defect for r in no_normals[0] + no_normals[1]} == {"hole"}

@@ -108,6 +108,7 @@ class DemoConfig:
     size_bins: tuple[str, ...] = tuple(b[0] for b in SIZE_BINS)
     max_scale: float = 0.02
     photometric: bool = True
+    defect_kinds: tuple[str, ...] = DEFECT_KINDS
 
     def __post_init__(self) -> None:
         if self.n_pairs < 1:
@@ -130,6 +131,10 @@ class DemoConfig:
             )
         if not 0.0 <= self.max_scale < 0.5:
             raise ValueError(f"max_scale must be in [0, 0.5) (a fraction: 0.02 = ±2 %), got {self.max_scale}")
+        if not self.defect_kinds or any(k not in DEFECT_KINDS for k in self.defect_kinds) or len(
+            set(self.defect_kinds)
+        ) != len(self.defect_kinds):
+            raise ValueError(f"defect_kinds must be distinct names out of {list(DEFECT_KINDS)}, got {list(self.defect_kinds)}")
         if not isinstance(self.photometric, bool):
             raise ValueError(f"photometric must be True or False, got {self.photometric!r}")
         names = [b[0] for b in SIZE_BINS]
@@ -147,9 +152,11 @@ class DemoConfig:
             del d["size_bins"]
         else:
             d["size_bins"] = list(self.size_bins)
-        for name in ("max_scale", "photometric"):  # defaults: manifests of older sets stay valid
+        for name in ("max_scale", "photometric", "defect_kinds"):  # defaults: manifests of older sets stay valid
             if getattr(self, name) == getattr(DemoConfig, name):
                 del d[name]
+        if "defect_kinds" in d:
+            d["defect_kinds"] = list(self.defect_kinds)
         d["version"] = DEMO_VERSION
         return d
 
@@ -406,7 +413,8 @@ def _plan(cfg: DemoConfig) -> list[_PairSpec]:
     # defect kind × size bin cycle over anomalous pairs, in a seeded order
     anomalous = np.nonzero(~normal)[0]
     bin_ids = [i for i, b in enumerate(SIZE_BINS) if b[0] in cfg.size_bins]
-    combos = [(k, b) for b in bin_ids for k in range(len(DEFECT_KINDS))]
+    kind_ids = [i for i, k in enumerate(DEFECT_KINDS) if k in cfg.defect_kinds]
+    combos = [(k, b) for b in bin_ids for k in kind_ids]
     perm = rng.permutation(len(combos))
     kinds: dict[int, tuple[str, ...]] = {}
     bins: dict[int, tuple[int, ...]] = {}
@@ -414,7 +422,7 @@ def _plan(cfg: DemoConfig) -> list[_PairSpec]:
         k, b = combos[perm[j % len(combos)]]
         ks, bs = [DEFECT_KINDS[k]], [b]
         if cfg.multi_every and j % cfg.multi_every == cfg.multi_every - 1:
-            ks.append(DEFECT_KINDS[int(rng.integers(len(DEFECT_KINDS)))])
+            ks.append(DEFECT_KINDS[kind_ids[int(rng.integers(len(kind_ids)))]])
             bs.append(bin_ids[int(rng.integers(0, min(2, len(bin_ids))))])  # the two smallest allowed bins
         kinds[int(i)], bins[int(i)] = tuple(ks), tuple(bs)
     # split held out by pair, stratified by (category, normal): strata are shuffled and laid end to
@@ -500,6 +508,7 @@ def build_demo_pairs(
     max_rotation_deg: float = 1.5,
     max_scale: float = 0.02,
     photometric: bool = True,
+    defect_kinds: Sequence[str] | None = None,
     progress: bool = True,
     force: bool = False,
 ) -> Path:
@@ -523,6 +532,7 @@ def build_demo_pairs(
             fraction of the scale); 0 turns each off.
         photometric: the photometric nuisance (target lighting, contrast, gamma, blur; noise on both).
             All four off: the two images are equal outside the defects.
+        defect_kinds: names of the :data:`DEFECT_KINDS` drawn (default: all four), e.g. ``("hole",)``.
         progress: show a tqdm bar.
         force: rebuild even if a matching set exists.
 
@@ -543,6 +553,7 @@ def build_demo_pairs(
         max_rotation_deg=max_rotation_deg,
         max_scale=max_scale,
         photometric=photometric,
+        **({} if defect_kinds is None else {"defect_kinds": tuple(defect_kinds)}),
         **_size_bins_option(size_bins),
     )
     out = Path(out_dir).absolute()  # image paths are written relative to it: never cwd-relative

@@ -15,7 +15,7 @@ from seeds the run never trained on, beside the constant predictors:
 - R4 ``r4``: the demo set as the main job uses it (``sft_cold_start.LEARNER_DEMO``; held out = its
   ``test`` split, pairs whose seeds ``[seed, i]`` are never trained on). ``--nuisance`` and
   ``--normal-fraction`` split it into its factors (the same windows and defects with the shift, the lighting
-  and noise, or the normal pairs taken away).
+  and noise, or the normal pairs taken away); ``--defect-kinds`` keeps some of the four defect kinds.
 
 A rung passes when the held-out mIoU beats the best constant predictor (zero box, training mean box,
 best constant box fitted on the training pairs) by at least 0.1.
@@ -152,6 +152,9 @@ def rung_data(args: argparse.Namespace, work: Path) -> tuple[list[PairRecord], l
         if args.normal_fraction is not None:
             demo["normal_fraction"] = args.normal_fraction
             tag += f"_normal{args.normal_fraction:g}"
+        if args.defect_kinds:
+            demo["defect_kinds"] = tuple(args.defect_kinds)
+            tag += "_" + "-".join(args.defect_kinds)
         root = Path(args.data_root) / f"r4_s{demo['seed']}_n{demo['n_pairs']}_px{demo['size']}{tag}"
         train = sft_cold_start.demo_or_data(None, root, split="train", **demo)
         test = sft_cold_start.demo_or_data(None, root, split="test", **demo)
@@ -533,6 +536,13 @@ def hidden_probe(model: Any, processor: Any, train: list[PairRecord], test: list
             for layer in range(htr.shape[1])]
 
 
+def miou_by_defect(ious: Any, records: list[PairRecord]) -> dict[str, float]:
+    """Held-out mIoU per defect kind (``good`` = the normal pairs, scored 1 for an empty answer)."""
+    kinds = np.array([r.defect or "unknown" for r in records])
+    ious = np.asarray(ious, dtype=np.float64)
+    return {str(k): float(ious[kinds == k].mean()) for k in sorted(set(kinds))}
+
+
 def attention_png(records: list[PairRecord], att: dict[str, Any], path: Path, title: str, k: int = 6) -> None:
     """The first ``k`` held-out targets (top row) above the best head's attention over their visual tokens at
     the digit positions (bottom row, one cell a token, 0 black to 1 white); the square in green on both."""
@@ -608,6 +618,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "outside the defects")
     p.add_argument("--normal-fraction", type=float, default=None,
                    help="r4: share of normal pairs (default: LEARNER_DEMO's 0.25)")
+    p.add_argument("--defect-kinds", nargs="+", default=None, choices=("scratch", "stain", "texture", "hole"),
+                   help="r4: draw only these defect kinds (default: all four)")
     p.add_argument("--hidden", type=int, default=0, help="text width (0 = LEARNER_ARCH)")
     p.add_argument("--layers", type=int, default=0, help="text depth (0 = LEARNER_ARCH)")
     p.add_argument("--vision-hidden", type=int, default=0, help="vision width (0 = LEARNER_ARCH)")
@@ -853,6 +865,7 @@ def main(argv: list[str] | None = None) -> int:
         "margin": model_row["miou"] - best["miou"],
         "passes": bool(model_row["miou"] - best["miou"] >= PASS_MARGIN),
         "distinct_answers": distinct, "unparsable_rate": model_row["invalid_rate"],
+        "miou_by_defect": miou_by_defect(model_res.ious, test),
     }
     if tower:
         summary["tower_pretrain"] = tower
