@@ -194,14 +194,22 @@ def test_size_bins_choose_the_defect_sizes(tmp_path):
 
 def test_nuisance_switches_give_a_clean_aligned_set_with_the_same_defects(tmp_path):
     """max_shift = max_rotation_deg = max_scale = 0 and photometric=False: the two images are equal outside the
-    defects, and the boxes are the default set's (every draw is still made)."""
-    from differad_rl.data.demo import DemoConfig, build_demo_pairs
+    defects, and the boxes are the default set's (every draw is still made). ``NO_NUISANCE`` is exactly the
+    geometric and the photometric switches together."""
+    from differad_rl.data.demo import (
+        NO_GEOMETRIC_NUISANCE,
+        NO_NUISANCE,
+        NO_PHOTOMETRIC_NUISANCE,
+        DemoConfig,
+        build_demo_pairs,
+    )
     from differad_rl.data.records import load_pairs
 
     kw = dict(n_pairs=16, size=64, multi_every=0, progress=False, workers=1)
     noisy = load_pairs(build_demo_pairs(tmp_path / "noisy", **kw))
-    clean_path = build_demo_pairs(tmp_path / "clean", max_shift=0, max_rotation_deg=0, max_scale=0,
-                                  photometric=False, **kw)
+    assert dict(NO_NUISANCE) == {**NO_GEOMETRIC_NUISANCE, **NO_PHOTOMETRIC_NUISANCE}
+    assert dict(NO_NUISANCE) == {"max_shift": 0, "max_rotation_deg": 0, "max_scale": 0, "photometric": False}
+    clean_path = build_demo_pairs(tmp_path / "clean", **NO_NUISANCE, **kw)
     clean = load_pairs(clean_path)
     assert [r.boxes for r in clean] == [r.boxes for r in noisy]
     assert [r.id for r in clean] == [r.id for r in noisy]

@@ -34,12 +34,8 @@ def _build_pairs(args: argparse.Namespace) -> int:
         return _interrupted("build-pairs")
 
 
-# ``demo-data --clean``: every nuisance switched off (the defects and boxes stay the same).
-_CLEAN_NUISANCE: dict[str, Any] = {"max_shift": 0.0, "max_rotation_deg": 0.0, "max_scale": 0.0, "photometric": False}
-
-
 def _demo_data_run(args: argparse.Namespace) -> int:
-    from differad_rl.data.demo import build_demo_pairs
+    from differad_rl.data.demo import NO_NUISANCE, build_demo_pairs
     from differad_rl.data.records import load_pairs
 
     try:
@@ -53,7 +49,7 @@ def _demo_data_run(args: argparse.Namespace) -> int:
             workers=args.workers,
             progress=not args.quiet,
             force=args.force,
-            **(_CLEAN_NUISANCE if args.clean else {}),
+            **(NO_NUISANCE if args.clean else {}),
         )
     except ValueError as exc:
         print(f"differad-rl demo-data: error: {exc}", file=sys.stderr)

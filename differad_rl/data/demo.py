@@ -42,10 +42,11 @@ import hashlib
 import io
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -56,6 +57,9 @@ from differad_rl.data.records import PairRecord, write_pairs
 __all__ = [
     "DEFAULT_CATEGORIES",
     "DEFECT_KINDS",
+    "NO_GEOMETRIC_NUISANCE",
+    "NO_NUISANCE",
+    "NO_PHOTOMETRIC_NUISANCE",
     "SIZE_BINS",
     "DemoConfig",
     "build_demo_pairs",
@@ -90,6 +94,13 @@ SIZE_BINS: tuple[tuple[str, float, float], ...] = (
     ("medium", 0.03, 0.08),
     ("large", 0.08, 0.15),
 )
+#: ``build_demo_pairs`` keyword arguments that switch a nuisance off (the windows, defects and boxes stay the
+#: same): the target view's affine displacement, the lighting and noise, and both (``demo-data --clean``).
+NO_GEOMETRIC_NUISANCE: Mapping[str, Any] = MappingProxyType(
+    {"max_shift": 0.0, "max_rotation_deg": 0.0, "max_scale": 0.0}
+)
+NO_PHOTOMETRIC_NUISANCE: Mapping[str, Any] = MappingProxyType({"photometric": False})
+NO_NUISANCE: Mapping[str, Any] = MappingProxyType({**NO_GEOMETRIC_NUISANCE, **NO_PHOTOMETRIC_NUISANCE})
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,7 @@ sys.path.insert(0, str(HERE.parent / "trl"))  # sft_cold_start: the project's SF
 import sft_cold_start
 
 from differad_rl.data.atomic import atomic_write_bytes, atomic_write_text
+from differad_rl.data.demo import NO_GEOMETRIC_NUISANCE, NO_PHOTOMETRIC_NUISANCE
 from differad_rl.data.records import PairRecord, load_pairs, write_pairs
 
 RUNGS = ("r1", "r2", "r3", "r4")
@@ -144,9 +145,9 @@ def rung_data(args: argparse.Namespace, work: Path) -> tuple[list[PairRecord], l
             demo["test_fraction"] = args.n_test / demo["n_pairs"]
         tag = ""
         if args.nuisance in ("none", "photometric"):  # R4 split into its factors: the same windows and defects
-            demo.update(max_shift=0.0, max_rotation_deg=0.0, max_scale=0.0)
+            demo.update(NO_GEOMETRIC_NUISANCE)
         if args.nuisance in ("none", "geometric"):
-            demo["photometric"] = False
+            demo.update(NO_PHOTOMETRIC_NUISANCE)
         if args.nuisance != "all":
             tag += f"_{args.nuisance}"
         if args.normal_fraction is not None:
