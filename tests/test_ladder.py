@@ -219,3 +219,25 @@ def test_r4_factors_keep_the_demo_sets_defects_and_drop_what_they_say(ladder, tm
     no_normals = ladder.rung_data(ladder.parse_args(base + ["--normal-fraction", "0", "--defect-kinds", "hole"]),
                                   tmp_path)
     assert {r.defect for r in no_normals[0] + no_normals[1]} == {"hole"}
+
+
+def test_defect_signal_measures_what_reaches_a_token(tmp_path):
+    """examples/ladder/defect_signal.py: clean sets have no signal outside the defect (floor 0), the recipe's
+    nuisance puts some there, and a hole changes more of its box than a thin scratch."""
+    import json
+
+    sys.path.insert(0, str(LADDER))
+    try:
+        defect_signal = importlib.import_module("defect_signal")
+    finally:
+        sys.path.remove(str(LADDER))
+    out = tmp_path / "out"
+    assert defect_signal.main(["--n-pairs", "8", "--data-root", str(tmp_path / "data"), "--out", str(out)]) == 0
+    result = json.loads((out / "results.json").read_text())
+    assert (out / "signal.png").stat().st_size > 0 and "example" not in result["kinds"]["hole"]
+    assert set(result["kinds"]) == {"scratch", "stain", "texture", "hole"}
+    for kind in result["kinds"].values():
+        assert kind["clean"]["token_floor"] == 0 and kind["clean"]["token_signal"] > 0
+        assert kind["nuisance"]["token_floor"] > 0.01
+    assert result["kinds"]["hole"]["clean"]["box_changed"] > 3 * result["kinds"]["scratch"]["clean"]["box_changed"]
+    assert defect_signal.main(["--n-pairs", "8", "--data-root", str(tmp_path / "data"), "--out", str(out)]) == 1
