@@ -241,3 +241,12 @@ def test_defect_signal_measures_what_reaches_a_token(tmp_path):
         assert kind["nuisance"]["token_floor"] > 0.01
     assert result["kinds"]["hole"]["clean"]["box_changed"] > 3 * result["kinds"]["scratch"]["clean"]["box_changed"]
     assert defect_signal.main(["--n-pairs", "8", "--data-root", str(tmp_path / "data"), "--out", str(out)]) == 1
+
+
+def test_tables_list_every_committed_run_and_skip_other_studies(ladder):
+    """``ladder.py --table`` reads every committed run; folders of other studies (``defect_signal``) are skipped."""
+    results = LADDER / "results"
+    runs = sorted(p.parent.name for p in results.glob("*/results.json") if p.parent.name != "defect_signal")
+    table = ladder.results_table(results)
+    assert [line.split(" | ")[0][2:] for line in table.splitlines()[2:]] == runs
+    assert "defect_signal" not in table and "defect_signal" not in ladder.tower_table(results)

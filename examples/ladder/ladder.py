@@ -661,6 +661,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def ladder_runs(root: Path = HERE / "results") -> Iterator[tuple[Path, dict[str, Any]]]:
+    """``(path, results)`` of every committed ladder run under ``root``, sorted by name (other studies' folders
+    beside them, e.g. ``defect_signal``, have no ``rung`` and are skipped)."""
+    for path in sorted(root.glob("*/results.json")):
+        r = json.loads(path.read_text())
+        if "rung" in r:
+            yield path, r
+
+
 def results_table(root: Path = HERE / "results") -> str:
     """One Markdown row per committed result (SFT runs and probes), sorted by name."""
     head = ("| run | rung | what (changes from the defaults) | held-out mIoU | Acc@0.3 | unparsable | distinct answers | best constant | "
@@ -672,12 +681,12 @@ def results_table(root: Path = HERE / "results") -> str:
         given = vars(parse_args(cmd.split("ladder.py", 1)[1].split()))
         diff = [f"{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, (list, tuple)) else v}"
                 for k, v in given.items() if k not in skip and v != defaults[k]
-                and not (isinstance(v, (list, tuple)) and list(v) == list(defaults[k]))]
+                and not (isinstance(v, (list, tuple)) and isinstance(defaults[k], (list, tuple))
+                         and list(v) == list(defaults[k]))]
         return ", ".join(diff) or "–"
 
     rows = []
-    for path in sorted(root.glob("*/results.json")):
-        r = json.loads(path.read_text())
+    for _, r in ladder_runs(root):
         if r.get("probe"):
             rows.append(f"| {r['name']} | {r['rung']} | probe ({r['probe']} tokens); {changes(r['command'])} | "
                         f"{r['probe_miou']:.3f} | "
@@ -713,8 +722,7 @@ def tower_table(root: Path = HERE / "results") -> str:
     head = ("| run | rung | seed | tower readout | head alone (held-out mIoU) | held-out mIoU (greedy) | best constant | "
             "margin | distinct answers | passes |\n|---|---|---:|---|---:|---:|---:|---:|---:|---|\n")
     rows = []
-    for path in sorted(root.glob("*/results.json")):
-        r = json.loads(path.read_text())
+    for _, r in ladder_runs(root):
         if "tower_pretrain" not in r:
             continue
         t, c = r["tower_pretrain"], r["config"]
