@@ -661,13 +661,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def ladder_runs(root: Path = HERE / "results") -> Iterator[tuple[Path, dict[str, Any]]]:
-    """``(path, results)`` of every committed ladder run under ``root``, sorted by name (other studies' folders
+def ladder_runs(root: Path = HERE / "results") -> Iterator[dict[str, Any]]:
+    """The ``results.json`` of every committed ladder run under ``root``, sorted by name (other studies' folders
     beside them, e.g. ``defect_signal``, have no ``rung`` and are skipped)."""
     for path in sorted(root.glob("*/results.json")):
         r = json.loads(path.read_text())
         if "rung" in r:
-            yield path, r
+            yield r
 
 
 def results_table(root: Path = HERE / "results") -> str:
@@ -686,7 +686,7 @@ def results_table(root: Path = HERE / "results") -> str:
         return ", ".join(diff) or "–"
 
     rows = []
-    for _, r in ladder_runs(root):
+    for r in ladder_runs(root):
         if r.get("probe"):
             rows.append(f"| {r['name']} | {r['rung']} | probe ({r['probe']} tokens); {changes(r['command'])} | "
                         f"{r['probe_miou']:.3f} | "
@@ -722,7 +722,7 @@ def tower_table(root: Path = HERE / "results") -> str:
     head = ("| run | rung | seed | tower readout | head alone (held-out mIoU) | held-out mIoU (greedy) | best constant | "
             "margin | distinct answers | passes |\n|---|---|---:|---|---:|---:|---:|---:|---:|---|\n")
     rows = []
-    for _, r in ladder_runs(root):
+    for r in ladder_runs(root):
         if "tower_pretrain" not in r:
             continue
         t, c = r["tower_pretrain"], r["config"]
