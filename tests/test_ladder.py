@@ -16,13 +16,18 @@ ROOT = Path(__file__).resolve().parents[1]
 LADDER = ROOT / "examples" / "ladder"
 
 
-@pytest.fixture(scope="module")
-def ladder():
+def _ladder_module(name: str):
+    """Import ``examples/ladder/<name>.py`` (the folder is on ``sys.path`` only while importing)."""
     sys.path.insert(0, str(LADDER))
     try:
-        yield importlib.import_module("ladder")
+        return importlib.import_module(name)
     finally:
         sys.path.remove(str(LADDER))
+
+
+@pytest.fixture(scope="module")
+def ladder():
+    return _ladder_module("ladder")
 
 
 @pytest.mark.parametrize("rung", ["r1", "r2", "r3"])
@@ -226,11 +231,7 @@ def test_defect_signal_measures_what_reaches_a_token(tmp_path):
     nuisance puts some there, and a hole changes more of its box than a thin scratch."""
     import json
 
-    sys.path.insert(0, str(LADDER))
-    try:
-        defect_signal = importlib.import_module("defect_signal")
-    finally:
-        sys.path.remove(str(LADDER))
+    defect_signal = _ladder_module("defect_signal")
     out = tmp_path / "out"
     assert defect_signal.main(["--n-pairs", "8", "--data-root", str(tmp_path / "data"), "--out", str(out)]) == 0
     result = json.loads((out / "results.json").read_text())

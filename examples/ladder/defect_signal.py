@@ -48,38 +48,42 @@ def _rgb(path: str) -> np.ndarray:
         return np.asarray(im.convert("RGB"), dtype=np.float64) / 255.0
 
 
-def pair_signal(record: PairRecord, clean: PairRecord) -> dict[str, float]:
-    """The figures of one anomalous pair; ``clean`` is the same pair without nuisance (its mask: Δ > 0)."""
-    ref, tgt = _rgb(record.reference), _rgb(record.target)
-    diff = np.abs(tgt - ref).mean(-1)
+def pair_signal(record: PairRecord) -> dict[str, float]:
+    """The figures of one anomalous pair on ``|target - reference|``."""
+    diff = np.abs(_rgb(record.target) - _rgb(record.reference)).mean(-1)
     h, w = diff.shape
     x1, y1, x2, y2 = (int(v) for v in record.boxes[0])
     box = diff[y1:y2, x1:x2]
     cells = diff[: h // CELL * CELL, : w // CELL * CELL].reshape(h // CELL, CELL, w // CELL, CELL).mean((1, 3))
     touched = np.zeros(cells.shape, dtype=bool)
     touched[y1 // CELL: (y2 - 1) // CELL + 1, x1 // CELL: (x2 - 1) // CELL + 1] = True
-    clean_tgt = _rgb(clean.target)
-    mask = np.abs(clean_tgt - _rgb(clean.reference)).mean(-1) > 0.02
     return {
         "box_diff": float(box.mean()),
         "box_changed": float((box > 0.1).mean()),
         "token_signal": float(cells[touched].max()),
         "token_floor": float(cells[~touched].mean()) if (~touched).any() else float("nan"),
-        "defect_level": float(clean_tgt[mask].mean()) if mask.any() else float("nan"),
     }
 
 
+def defect_level(clean: PairRecord) -> float:
+    """The defect pixels' mean intensity in a clean pair (its mask: the pixels that differ, Δ > 0.02)."""
+    tgt = _rgb(clean.target)
+    mask = np.abs(tgt - _rgb(clean.reference)).mean(-1) > 0.02
+    return float(tgt[mask].mean()) if mask.any() else float("nan")
+
+
 def kind_signal(kind: str, n_pairs: int, root: Path) -> dict[str, Any]:
-    """Mean figures of one kind, clean and with the recipe's nuisance (the same defects and boxes)."""
+    """Mean figures of one kind, clean and with the recipe's nuisance (the same defects and boxes), and the
+    defects' intensity (the same in both settings: read off the clean pairs)."""
     demo = dict(sft_cold_start.LEARNER_DEMO, n_pairs=n_pairs, normal_fraction=0.0, defect_kinds=(kind,),
                 progress=False)
     noisy = load_pairs(build_demo_pairs(root / f"{kind}_nuisance", **demo))
     clean = load_pairs(build_demo_pairs(root / f"{kind}_clean", **demo, **NO_NUISANCE))
-    out: dict[str, Any] = {}
+    levels = [defect_level(r) for r in clean if r.boxes]
+    out: dict[str, Any] = {"defect_level": float(np.nanmean(levels)), "defect_level_spread": float(np.nanstd(levels))}
     for name, records in (("clean", clean), ("nuisance", noisy)):
-        rows = [pair_signal(r, c) for r, c in zip(records, clean) if r.boxes]
+        rows = [pair_signal(r) for r in records if r.boxes]
         figures: dict[str, Any] = {key: float(np.nanmean([row[key] for row in rows])) for key in rows[0]}
-        figures["defect_level_spread"] = float(np.nanstd([row["defect_level"] for row in rows]))
         figures["token_snr"] = (figures["token_signal"] / figures["token_floor"]
                                 if figures["token_floor"] > 0 else None)  # clean: no floor
         figures["pairs"] = len(rows)
@@ -140,10 +144,11 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {"command": command, "n_pairs": args.n_pairs, "kinds": {}}
     for kind in DEFECT_KINDS:
         result["kinds"][kind] = kind_signal(kind, args.n_pairs, Path(args.data_root))
-        c, n = result["kinds"][kind]["clean"], result["kinds"][kind]["nuisance"]
+        figures = result["kinds"][kind]
+        c, n = figures["clean"], figures["nuisance"]
         print(f"{kind:8s} box Δ {c['box_diff']:.3f} changed {c['box_changed']:.2f} token {c['token_signal']:.3f} "
               f"| nuisance: token {n['token_signal']:.3f} floor {n['token_floor']:.3f} SNR {n['token_snr'] or 0:.2f} "
-              f"| level {c['defect_level']:.2f} ± {c['defect_level_spread']:.2f}", flush=True)
+              f"| level {figures['defect_level']:.2f} ± {figures['defect_level_spread']:.2f}", flush=True)
     signal_png(result, out / "signal.png")
     for figures in result["kinds"].values():
         figures.pop("example")  # local image paths: the picture shows them
